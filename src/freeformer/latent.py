@@ -1,0 +1,228 @@
+"""The latent path of the Free Transformer (paper Section 3, Algorithm 2).
+
+Encoder (non-causal blocks queried by a learned constant ζ, reading block L/2's output),
+binary mapper (H Bernoulli bits → one of 2^H codes, with the paper's Eq. 8 gradient),
+post-sampler (2^H × D table, or a linear map of ±1 bits as an ablation), the per-token KL
+to the uniform prior in closed form, and the token-wise free-bits hinge.
+
+Notation: L_{t,h} are the bit logits, p = σ(L), code d = Σ_h 2^h B_h (bit h has weight 2^h),
+G_{t,d} = Π_h σ(±L_{t,h}) the probability of code d under independent bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from freeformer.layers import Block, RMSNorm
+
+# Budget, in elements, of each (tokens × codes) work buffer of the mapper backward. Three
+# such buffers live at once, so 2^20 elements (4 MiB in float32) keep the extra memory far
+# below the 64 MiB target at any N, H, D, while each matmul stays large enough to be fast.
+_CHUNK_ELEMENTS = 1 << 20
+_CODE_CHUNK_BITS = 10  # 1024 codes per chunk: W_j (1024 × D) is reused by every token row
+
+
+# ---------------------------------------------------------------------------------------
+# Codes and bits
+# ---------------------------------------------------------------------------------------
+def bit_matrix(n_bits: int, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> Tensor:
+    """(2^n_bits, n_bits) matrix whose row d holds the bits of d (bit h has weight 2^h)."""
+    d = torch.arange(1 << n_bits, device=device)
+    return ((d[:, None] >> torch.arange(n_bits, device=device)) & 1).to(dtype)
+
+
+def codes_to_bits(codes: Tensor, n_bits: int) -> Tensor:
+    """Integer codes (...) → {0, 1} float bits (..., n_bits)."""
+    return ((codes[..., None] >> torch.arange(n_bits, device=codes.device)) & 1).float()
+
+
+def sample_codes(bit_logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Draw B_h ~ Bernoulli(σ(L_h)) independently and return d = Σ_h 2^h B_h (int64)."""
+    p = torch.sigmoid(bit_logits.detach().float())
+    u = torch.rand(p.shape, generator=generator, device=p.device)
+    bits = (u < p).long()
+    weights = 1 << torch.arange(bit_logits.shape[-1], device=p.device)
+    return (bits * weights).sum(-1)
+
+
+def uniform_codes(shape: tuple[int, ...], n_bits: int, device: torch.device | str | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Codes from the uniform prior P(Z_t) = 2^-H, independently per position."""
+    return torch.randint(0, 1 << n_bits, shape, device=device, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------
+# Binary mapper with the exact Eq. 8 gradient, never materialising tokens × 2^H
+# ---------------------------------------------------------------------------------------
+def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor) -> Tensor:
+    """d loss / d L for r = W^T (Y + G − sg(G)), computed in chunks.
+
+    For one token, with s_d = <W_d, dr> and u_d = s_d G_d, the exact gradient is
+        dL_h = Σ_d u_d (b_h(d) − p_h) = Σ_{d: b_h(d)=1} u_d − p_h Σ_d u_d.
+    Codes are split as d = j·2^k + c (k low bits c, high bits j), so G factorises as
+    G_d = G_low(c) · g_high(j). Per code chunk j: S = (dr ⊙ g_high(j)) W_j^T, U = S ⊙ G_low,
+    and one small matmul U @ [bits_low | 1] yields the low-bit sums and the chunk total;
+    the high-bit sums follow from the chunk totals. Everything is float32 (or float64 when
+    the inputs are), and G is formed as exp(log G) from log-sigmoids, so bf16 training
+    never underflows G. Work: 2·N·2^H·D FLOPs (the S matmuls) + O(N·2^H·(k+1)).
+    """
+    N, H = bit_logits.shape
+    f = torch.promote_types(bit_logits.dtype, torch.float32)
+    f = torch.promote_types(f, table.dtype)
+    dev = bit_logits.device
+    k = min(H, _CODE_CHUNK_BITS)
+    C, J = 1 << k, 1 << (H - k)
+    nt = max(1, min(N, _CHUNK_ELEMENTS // C))
+
+    L = bit_logits.to(f)
+    log_p, log_q = F.logsigmoid(L), F.logsigmoid(-L)  # log σ(L), log σ(−L)
+    p = torch.sigmoid(L)
+    bl = bit_matrix(k, f, dev)                          # (C, k)
+    bl_sel = torch.cat([bl, 1 - bl], dim=1)             # (C, 2k): picks log p or log q
+    bl_sum = torch.cat([bl, torch.ones(C, 1, dtype=f, device=dev)], dim=1)  # (C, k+1)
+    bh = bit_matrix(H - k, f, dev)                      # (J, H−k)
+    bh_sel = torch.cat([bh, 1 - bh], dim=1)             # (J, 2(H−k))
+    W = table.to(f)
+    dr = grad_r.to(f)
+
+    out = torch.empty(N, H, dtype=f, device=dev)
+    for t0 in range(0, N, nt):
+        t1 = min(N, t0 + nt)
+        lo = torch.cat([log_p[t0:t1, :k], log_q[t0:t1, :k]], dim=1)       # (n, 2k)
+        hi = torch.cat([log_p[t0:t1, k:], log_q[t0:t1, k:]], dim=1)       # (n, 2(H−k))
+        G_low = (lo @ bl_sel.T).exp_()                                     # (n, C)
+        g_high = (hi @ bh_sel.T).exp_()                                    # (n, J)
+        g = dr[t0:t1]
+        low_sums = torch.zeros(t1 - t0, k + 1, dtype=f, device=dev)
+        totals = torch.empty(t1 - t0, J, dtype=f, device=dev)
+        for j in range(J):
+            S = (g * g_high[:, j:j + 1]) @ W[j * C:(j + 1) * C].T            # (n, C)
+            R = S.mul_(G_low) @ bl_sum                                      # (n, k+1)
+            low_sums += R
+            totals[:, j] = R[:, k]
+        high_sums = totals @ bh                                            # (n, H−k)
+        total = low_sums[:, k:]                                            # Σ_d u_d
+        out[t0:t1] = torch.cat([low_sums[:, :k], high_sums], dim=1) - p[t0:t1] * total
+    return out
+
+
+class _BinaryMapper(torch.autograd.Function):
+    """Forward: r = W[d] (a row lookup). Backward: the gradient of W^T (Y + G − sg(G))."""
+
+    @staticmethod
+    def forward(ctx, bit_logits: Tensor, table: Tensor, codes: Tensor) -> Tensor:
+        ctx.save_for_backward(bit_logits, table, codes)
+        return F.embedding(codes, table)
+
+    @staticmethod
+    def backward(ctx, grad_r: Tensor):
+        bit_logits, table, codes = ctx.saved_tensors
+        H, D = bit_logits.shape[-1], table.shape[1]
+        g = grad_r.reshape(-1, D)
+        grad_logits = grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = _mapper_logit_grad(bit_logits.reshape(-1, H), table, g)
+            grad_logits = grad_logits.to(bit_logits.dtype).view_as(bit_logits)
+        if ctx.needs_input_grad[1]:
+            # G − sg(G) is exactly 0 in the forward value, so only the one-hot reaches W.
+            grad_table = torch.zeros_like(table).index_add_(0, codes.reshape(-1),
+                                                            g.to(table.dtype))
+        return grad_logits, grad_table, None
+
+
+def binary_mapper(bit_logits: Tensor, table: Tensor,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Sample codes from the bit logits and embed them with the paper's Eq. 8 gradient.
+
+    bit_logits: (..., H); table: (2^H, D). Returns ``(r, codes)`` with r: (..., D) equal to
+    ``table[codes]`` in value, and gradients to both inputs equal to those of the dense
+    ``(one_hot(codes) + G − G.detach()) @ table`` — without ever allocating tokens × 2^H.
+    """
+    H = bit_logits.shape[-1]
+    if table.shape[0] != 1 << H:
+        raise ValueError(f"table has {table.shape[0]} rows; 2^H = {1 << H} for H = {H} bit logits")
+    codes = sample_codes(bit_logits, generator)
+    return _BinaryMapper.apply(bit_logits, table, codes), codes
+
+
+# ---------------------------------------------------------------------------------------
+# KL to the uniform prior and free bits (paper Eq. 4–5)
+# ---------------------------------------------------------------------------------------
+def kl_per_token(bit_logits: Tensor) -> Tensor:
+    """KL(Q(Z_t | S) || uniform) in nats, in closed form: Σ_h (log 2 − h_b(σ(L_{t,h}))).
+
+    Q factorises over bits and the uniform prior over 2^H codes is uniform over each bit,
+    so the KL is a sum of per-bit terms. Computed in float32 from log-sigmoids (stable for
+    large |L|). Shape: bit_logits (..., H) → (...).
+    """
+    L = bit_logits.float()
+    p = torch.sigmoid(L)
+    entropy = -(p * F.logsigmoid(L) + (1 - p) * F.logsigmoid(-L))
+    return (math.log(2.0) - entropy).sum(-1)
+
+
+def free_bits_loss(kl_tokens: Tensor, kappa_nats: float) -> Tensor:
+    """Token-wise free bits: mean_t max(0, KL_t − κ). No β, no schedule (paper Section 3.3)."""
+    return (kl_tokens - kappa_nats).clamp(min=0).mean()
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------
+class LatentEncoder(nn.Module):
+    """Non-causal blocks whose queries are a learned constant ζ and whose keys/values are x.
+
+    ζ is the same for every position, but RoPE rotates the queries by their position, so
+    the attention pattern — hence the posterior — differs by position (a ζ without position
+    would give every token the same Q). Output: H bit logits per position.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float,
+                 n_blocks: int, n_bits: int) -> None:
+        super().__init__()
+        self.zeta = nn.Parameter(torch.zeros(dim))
+        self.blocks = nn.ModuleList(
+            Block(dim, n_heads, n_kv_heads, hidden, eps) for _ in range(n_blocks))
+        self.norm = RMSNorm(dim, eps)
+        self.readout = nn.Linear(dim, n_bits, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        h = self.zeta.to(x.dtype).expand_as(x)
+        for block in self.blocks:
+            # Every encoder block reads the decoder's x; its queries carry the encoder state.
+            h = block(h, cos, sin, kv=x, causal=False)
+        return self.readout(self.norm(h))
+
+
+class PostSampler(nn.Module):
+    """Code → D-vector r. "table": the paper's linear map of the one-hot (a 2^H × D table).
+    "bits": r = W_b (2B − 1), linear in ±1 bits — an ablation with H × D parameters."""
+
+    def __init__(self, dim: int, n_bits: int, kind: str) -> None:
+        super().__init__()
+        self.kind, self.n_bits = kind, n_bits
+        shape = (1 << n_bits, dim) if kind == "table" else (dim, n_bits)
+        self.weight = nn.Parameter(torch.zeros(shape))
+
+    def sample(self, bit_logits: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Posterior sample with the Eq. 8 gradient to the bit logits; returns (r, codes)."""
+        if self.kind == "table":
+            return binary_mapper(bit_logits, self.weight, generator)
+        codes = sample_codes(bit_logits, generator)
+        # For r linear in the bits, Σ_d G_d r(d) = W_b (2p − 1): Eq. 8's G − sg(G) term then
+        # contributes exactly the gradient of the mean, so this is the same estimator.
+        mean = 2 * torch.sigmoid(bit_logits.float()) - 1
+        s = 2 * codes_to_bits(codes, self.n_bits) - 1 + mean - mean.detach()
+        return F.linear(s.to(self.weight.dtype), self.weight), codes
+
+    def embed(self, codes: Tensor) -> Tensor:
+        """r for given codes (prior draws or pinned codes); no gradient path to any encoder."""
+        if self.kind == "table":
+            return F.embedding(codes, self.weight)
+        return F.linear(2 * codes_to_bits(codes, self.n_bits).to(self.weight.dtype) - 1,
+                        self.weight)

@@ -1,0 +1,122 @@
+"""Transformer building blocks shared by the decoder and the latent encoder.
+
+Pre-norm blocks (RMSNorm) with RoPE grouped-query attention through
+``F.scaled_dot_product_attention`` and a SwiGLU MLP (paper Section 3: the baseline is a
+Llama-style decoder). A block may read its keys/values from a different input than its
+queries: the Free Transformer's block L/2+1 takes queries from x and keys/values from x + r,
+and the encoder takes queries from ζ and keys/values from x (paper Algorithm 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 (bf16 sums of squares lose precision), return the input dtype.
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables of shape (max_len, head_dim // 2) for rotary embeddings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (first half, second half) of the last dim. x: (B, T, h, hd); cos/sin: (T, hd/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, hd/2), broadcast over heads
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).type_as(x)
+
+
+class LayerKV:
+    """Preallocated keys/values of one attention layer: (B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v = k, v
+
+    def update(self, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v (B, h, t, hd) at positions [pos, pos+t) and return all keys/values so far."""
+        t = k.shape[2]
+        self.k[:, :, pos:pos + t] = k
+        self.v[:, :, pos:pos + t] = v
+        return self.k[:, :, :pos + t], self.v[:, :, :pos + t]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        # Keys and values share one matmul: they always read the same input.
+        self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, xq: Tensor, xkv: Tensor, cos: Tensor, sin: Tensor, causal: bool,
+                cache: LayerKV | None = None, pos: int = 0) -> Tensor:
+        B, T, _ = xq.shape
+        q = self.wq(xq).view(B, T, self.n_heads, self.head_dim)
+        k, v = self.wkv(xkv).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
+        mask = None
+        if cache is not None:
+            k, v = cache.update(pos, k, v)
+        S = k.shape[2]
+        if causal and S != T:
+            if T == 1:
+                causal = False  # one new query attends to every cached key
+            else:  # a chunk after cached positions: query i sees keys ≤ pos + i
+                qi = torch.arange(pos, pos + T, device=xq.device)[:, None]
+                mask = torch.arange(S, device=xq.device)[None, :] <= qi
+                causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(dim, 2 * hidden, bias=False)  # gate and up in one matmul
+        self.w_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block; ``kv`` (default: x) is the key/value input of attention.
+
+    The attention norm is applied to both inputs, so with kv = x this is the ordinary block,
+    and with r = 0 the Free Transformer's injection block equals the baseline's.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = Attention(dim, n_heads, n_kv_heads)
+        self.mlp_norm = RMSNorm(dim, eps)
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor | None = None,
+                causal: bool = True, cache: LayerKV | None = None, pos: int = 0) -> Tensor:
+        h = self.attn_norm(x)
+        hkv = h if kv is None else self.attn_norm(kv)
+        x = x + self.attn(h, hkv, cos, sin, causal, cache, pos)
+        return x + self.mlp(self.mlp_norm(x))

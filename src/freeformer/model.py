@@ -1,0 +1,254 @@
+"""The Free Transformer and its matched baseline (architecture only).
+
+Forward pass, paper Algorithm 2:
+  x = embed(tokens); x = blocks[0 : L/2](x)                       (causal)
+  codes: from the encoder over x (training, prefill), the uniform prior, or given
+  r = post_sampler(codes)
+  x = blocks[L/2](queries = x, keys/values = x + r)               (r never joins the residual)
+  x = blocks[L/2+1 : L](x); logits = readout(norm(x))
+With ``latent=False`` the same code is the plain decoder; shared parameters are drawn from
+one generator in one order, so a baseline and a Free Transformer built with the same seed
+start from identical shared weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from freeformer.config import ModelConfig
+from freeformer.errors import DataError
+from freeformer.latent import (LatentEncoder, PostSampler, free_bits_loss, kl_per_token,
+                               uniform_codes)
+from freeformer.layers import Block, RMSNorm, rope_tables
+
+if TYPE_CHECKING:
+    from freeformer.generate import KVCache
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    """What ``FreeTransformer.forward`` returns, whatever the flags.
+
+    ``kl`` is the mean per-token KL(Q || uniform) in nats and ``kl_loss`` the free-bits term;
+    both are 0 when no encoder posterior was used (baseline, prior or pinned codes).
+    ``loss = ce + kl_loss`` when targets are given, else None.
+    """
+
+    logits: Tensor
+    loss: Tensor | None
+    ce: Tensor | None
+    kl: Tensor
+    kl_loss: Tensor
+    codes: Tensor | None = None
+    """(B, T) latent codes used at each position (None for the baseline)."""
+    kl_tokens: Tensor | None = None
+    """(B, T) per-token KL in nats when the encoder ran."""
+
+
+class FreeTransformer(nn.Module):
+    def __init__(self, config: ModelConfig, *, seed: int = 0) -> None:
+        super().__init__()
+        c = self.config = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.dim)
+        self.blocks = nn.ModuleList(
+            Block(c.dim, c.n_heads, c.n_kv_heads, c.mlp_hidden, c.norm_eps)
+            for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.encoder = self.post_sampler = None
+        if c.latent:
+            self.encoder = LatentEncoder(c.dim, c.n_heads, c.n_kv_heads, c.mlp_hidden,
+                                         c.norm_eps, c.encoder_layers, c.latent_bits)
+            self.post_sampler = PostSampler(c.dim, c.latent_bits, c.latent_embedding)
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if self.tok_emb.weight.device.type != "meta":
+            self.init_weights(seed)
+
+    # -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init from ``seed``, identical on every device.
+
+        Draws happen on the CPU from explicit generators and are copied to the parameters'
+        device. Shared parameters come from one stream in a fixed order; latent-path
+        parameters from a second stream, so they never shift the shared draws.
+        """
+        c = self.config
+        g = torch.Generator().manual_seed(seed)
+        gl = torch.Generator().manual_seed(seed + 1_000_003)
+
+        def normal(p: Tensor, std: float, gen: torch.Generator) -> None:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * c.n_layers)
+
+        def init_block(b: Block, gen: torch.Generator) -> None:
+            normal(b.attn.wq.weight, std, gen)
+            normal(b.attn.wkv.weight, std, gen)
+            normal(b.attn.wo.weight, out_std, gen)
+            normal(b.mlp.w_in.weight, std, gen)
+            normal(b.mlp.w_out.weight, out_std, gen)
+            b.attn_norm.weight.fill_(1.0)
+            b.mlp_norm.weight.fill_(1.0)
+
+        normal(self.tok_emb.weight, c.embed_init_std, g)
+        for b in self.blocks:
+            init_block(b, g)
+        self.norm.weight.fill_(1.0)
+        if self.head is not None:
+            normal(self.head.weight, std, g)
+        if c.latent:
+            lstd = c.resolved_latent_init_std
+            normal(self.encoder.zeta, lstd, gl)
+            for b in self.encoder.blocks:
+                init_block(b, gl)
+            self.encoder.norm.weight.fill_(1.0)
+            # Small readout: bit logits start near 0, so Q starts near uniform (KL ≈ 0).
+            normal(self.encoder.readout.weight, std, gl)
+            # r must start at the residual stream's scale or the decoder learns to ignore it.
+            ps_std = lstd if c.latent_embedding == "table" else lstd / math.sqrt(c.latent_bits)
+            normal(self.post_sampler.weight, ps_std, gl)
+
+    # -------------------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.post_sampler is not None:
+                n -= self.post_sampler.weight.numel()
+        return n
+
+    def _check_tokens(self, tokens: Tensor, pos: int) -> None:
+        c = self.config
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise DataError(f"tokens must be an integer tensor, got {tokens.dtype}")
+        if tokens.dim() != 2:
+            raise DataError(f"tokens must have shape (B, T), got {tuple(tokens.shape)}")
+        T = tokens.shape[1]
+        if pos + T > c.max_seq_len:
+            raise DataError(f"sequence of {pos + T} tokens exceeds max_seq_len={c.max_seq_len}; "
+                            "shorten the input or raise model.max_seq_len")
+        if T == 0:
+            raise DataError("tokens is empty (T = 0)")
+        if not torch.compiler.is_compiling():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= c.vocab_size:
+                bad = hi if hi >= c.vocab_size else lo
+                raise DataError(f"token id {bad} is outside [0, vocab_size={c.vocab_size})")
+
+    def _pinned_codes(self, latents: Tensor, B: int, T: int, device: torch.device) -> Tensor:
+        c = self.config
+        if latents.dtype not in (torch.int64, torch.int32):
+            raise DataError(f"latent codes must be an integer tensor, got {latents.dtype}")
+        if latents.dim() == 1:
+            latents = latents.expand(B, -1)
+        if tuple(latents.shape) != (B, T):
+            raise DataError(f"latent codes have shape {tuple(latents.shape)}; expected ({B}, {T}) "
+                            f"or ({T},)")
+        if not torch.compiler.is_compiling():
+            lo, hi = int(latents.min()), int(latents.max())
+            if lo < 0 or hi >= c.n_codes:
+                raise DataError(f"latent code {hi if hi >= c.n_codes else lo} is outside "
+                                f"[0, 2^H={c.n_codes})")
+        return latents.to(device=device, dtype=torch.long)
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None,
+                latents: Tensor | str | None = None, *,
+                generator: torch.Generator | None = None,
+                cache: KVCache | None = None, last_logits_only: bool = False) -> ModelOutput:
+        """Run the model on ``tokens`` (B, T) or (T,).
+
+        latents: None → codes sampled from the encoder's posterior (training and prefill);
+        "prior" → uniform codes per token; a LongTensor (B, T) or (T,) → those codes.
+        ``generator`` drives every latent draw. ``cache`` (see generate.py) makes this a
+        prefill or decode step at position ``cache.pos``; encoder latents then need the
+        whole prompt in one call, since the encoder is non-causal.
+        """
+        c = self.config
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+            targets = targets[None] if targets is not None else None
+        pos = cache.pos if cache is not None else 0
+        self._check_tokens(tokens, pos)
+        B, T = tokens.shape
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        layer_cache = (lambda i: cache.layers[i]) if cache is not None else (lambda i: None)
+
+        x = self.tok_emb(tokens)
+        for i in range(c.inject_layer):
+            x = self.blocks[i](x, cos, sin, cache=layer_cache(i), pos=pos)
+
+        zero = x.new_zeros((), dtype=torch.float32)
+        kl = kl_loss = zero
+        codes = kl_tokens = None
+        kv = None
+        if c.latent:
+            if latents is None:
+                if pos != 0:
+                    raise ValueError("encoder latents need the whole prompt in one call "
+                                     "(the encoder is non-causal); pass codes or 'prior'")
+                bit_logits = self.encoder(x, cos, sin)
+                r, codes = self.post_sampler.sample(bit_logits, generator)
+                kl_tokens = kl_per_token(bit_logits)
+                kl = kl_tokens.mean()
+                kl_loss = free_bits_loss(kl_tokens, c.free_bits_nats)
+            else:
+                if isinstance(latents, str):
+                    if latents != "prior":
+                        raise DataError(f"latents={latents!r}: use None (encoder), 'prior' "
+                                        "or a tensor of codes")
+                    codes = uniform_codes((B, T), c.latent_bits, x.device, generator)
+                else:
+                    codes = self._pinned_codes(latents, B, T, x.device)
+                r = self.post_sampler.embed(codes)
+            kv = x + r.to(x.dtype)  # r enters only the keys/values of block L/2+1
+        elif isinstance(latents, Tensor):
+            raise DataError("latent codes given to a baseline model (latent=false), which has none")
+        elif latents not in (None, "prior"):
+            raise DataError(f"latents={latents!r}: use None, 'prior' or a tensor of codes")
+
+        x = self.blocks[c.inject_layer](x, cos, sin, kv=kv, cache=layer_cache(c.inject_layer),
+                                        pos=pos)
+        for i in range(c.inject_layer + 1, c.n_layers):
+            x = self.blocks[i](x, cos, sin, cache=layer_cache(i), pos=pos)
+        if last_logits_only:
+            x = x[:, -1:]
+        h = self.norm(x)
+        logits = F.linear(h, self.tok_emb.weight) if self.head is None else self.head(h)
+
+        ce = loss = None
+        if targets is not None:
+            if targets.shape != tokens.shape:
+                raise DataError(f"targets shape {tuple(targets.shape)} != tokens shape "
+                                f"{tuple(tokens.shape)}")
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                 ignore_index=IGNORE_INDEX)
+            loss = ce + kl_loss
+        if cache is not None:
+            cache.pos = pos + T
+        return ModelOutput(logits=logits, loss=loss, ce=ce, kl=kl, kl_loss=kl_loss,
+                           codes=codes, kl_tokens=kl_tokens)
+
+    # -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 latents: Tensor | None = None, prefill: str = "encoder",
+                 generator: torch.Generator | None = None, eos_id: int | None = None,
+                 return_latents: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Sample continuations with a KV cache; see :func:`freeformer.generate.generate`."""
+        from freeformer.generate import generate
+
+        return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, latents=latents, prefill=prefill, generator=generator,
+                        eos_id=eos_id, return_latents=return_latents)

@@ -1,0 +1,234 @@
+"""Model invariants: causality, encoder non-causality, matched baseline, injection point."""
+
+import pytest
+import torch
+
+from freeformer import FreeTransformer, ModelConfig
+from freeformer.errors import ConfigError, DataError
+
+CFG = ModelConfig.preset("debug")
+
+
+def tokens(B=2, T=12, seed=0, vocab=CFG.vocab_size):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_output_fields_and_loss_decomposition():
+    m = FreeTransformer(CFG)
+    x = tokens()
+    out = m(x, x, generator=torch.Generator().manual_seed(0))
+    assert out.logits.shape == (2, 12, CFG.vocab_size)
+    assert out.codes.shape == (2, 12) and out.kl_tokens.shape == (2, 12)
+    torch.testing.assert_close(out.loss, out.ce + out.kl_loss)
+    torch.testing.assert_close(out.kl, out.kl_tokens.mean())
+    no_targets = m(x, generator=torch.Generator().manual_seed(0))
+    assert no_targets.loss is None and no_targets.ce is None
+    torch.testing.assert_close(no_targets.logits, out.logits)
+
+
+def test_decoder_is_causal_given_pinned_latents():
+    m = FreeTransformer(CFG)
+    x = tokens(B=1, T=16)
+    codes = torch.randint(0, CFG.n_codes, (1, 16), generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[0, 9:] = (y[0, 9:] + 1) % CFG.vocab_size
+    c2 = codes.clone()
+    c2[0, 9:] = (c2[0, 9:] + 1) % CFG.n_codes
+    a, b = m(x, latents=codes).logits, m(y, latents=c2).logits
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-6)
+    assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-4
+
+
+def test_latent_code_changes_logits_from_its_position_on():
+    m = FreeTransformer(CFG)
+    x = tokens(B=1, T=10)
+    codes = torch.zeros(1, 10, dtype=torch.long)
+    c2 = codes.clone()
+    c2[0, 6] = 5
+    a, b = m(x, latents=codes).logits, m(x, latents=c2).logits
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=1e-6)
+    assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-4
+
+
+def encoder_logits(m, x):
+    c = m.config
+    T = x.shape[1]
+    cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+    h = m.tok_emb(x)
+    for b in m.blocks[:c.inject_layer]:
+        h = b(h, cos, sin)
+    return m.encoder(h, cos, sin)
+
+
+def test_encoder_is_non_causal_and_position_dependent():
+    m = FreeTransformer(CFG)
+    x = tokens(B=1, T=16)
+    y = x.clone()
+    y[0, -1] = (y[0, -1] + 1) % CFG.vocab_size
+    a, b = encoder_logits(m, x), encoder_logits(m, y)
+    # Changing the last token changes the posterior at the first position (it sees the future).
+    assert (a[0, 0] - b[0, 0]).abs().max() > 1e-6
+    # ζ is one constant query: with no rotation (cos = 1, sin = 0) every position gets the
+    # same attention pattern, hence the same posterior; RoPE makes the posteriors differ.
+    # Sharpen the encoder's attention (as training does; at init its logits are ~0.05 and
+    # every position sees a near-uniform average).
+    with torch.no_grad():
+        m.encoder.blocks[0].attn.wq.weight.mul_(30)
+    a = encoder_logits(m, x)
+    T = x.shape[1]
+    h = m.tok_emb(x)
+    for blk in m.blocks[:CFG.inject_layer]:
+        h = blk(h, m.rope_cos[:T], m.rope_sin[:T])
+    flat = m.encoder(h, torch.ones_like(m.rope_cos[:T]), torch.zeros_like(m.rope_sin[:T]))[0]
+    assert (flat - flat[0]).abs().max() < 1e-5
+    e = a[0]
+    assert (e - e[0]).abs().max() > 1e-2
+
+
+def test_training_forward_reports_kl_of_encoder_posterior():
+    m = FreeTransformer(CFG)
+    x = tokens()
+    out = m(x, x, generator=torch.Generator().manual_seed(0))
+    from freeformer.latent import kl_per_token
+    torch.testing.assert_close(out.kl_tokens, kl_per_token(encoder_logits(m, x)))
+    prior = m(x, x, latents="prior", generator=torch.Generator().manual_seed(0))
+    assert prior.kl.item() == 0 and prior.kl_loss.item() == 0
+    torch.testing.assert_close(prior.loss, prior.ce)
+
+
+def test_free_bits_loss_uses_kappa_in_nats():
+    m = FreeTransformer(CFG.replace(free_bits=0.0))
+    x = tokens()
+    out = m(x, x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.kl_loss, out.kl)  # κ = 0: the hinge is the KL itself
+
+
+def test_baseline_is_plain_decoder_with_matched_init():
+    base = FreeTransformer(CFG.replace(latent=False), seed=7)
+    ft = FreeTransformer(CFG, seed=7)
+    assert base.encoder is None and base.post_sampler is None
+    fts = ft.state_dict()
+    for name, p in base.state_dict().items():
+        assert torch.equal(p, fts[name]), name  # shared parameters identical at init
+    assert set(fts) - set(base.state_dict()) == {n for n in fts if n.startswith(
+        ("encoder.", "post_sampler."))}
+    # The baseline is embed → blocks (q = kv) → norm → readout, nothing else.
+    x = tokens()
+    T = x.shape[1]
+    h = base.tok_emb(x)
+    for b in base.blocks:
+        h = b(h, base.rope_cos[:T], base.rope_sin[:T])
+    ref = base.head(base.norm(h))
+    torch.testing.assert_close(base(x).logits, ref, rtol=0, atol=0)
+
+
+def test_zero_post_sampler_gives_baseline_logits():
+    base = FreeTransformer(CFG.replace(latent=False), seed=3)
+    ft = FreeTransformer(CFG, seed=3)
+    with torch.no_grad():
+        ft.post_sampler.weight.zero_()
+    x = tokens()
+    for latents in (None, "prior"):
+        torch.testing.assert_close(ft(x, latents=latents).logits, base(x).logits,
+                                   rtol=0, atol=0)
+
+
+def test_latent_never_enters_residual_stream():
+    """Only block L/2's keys/values see r: its queries' residual output is unchanged."""
+    m = FreeTransformer(CFG)
+    x = tokens(B=1, T=8)
+    seen = {}
+    blk = m.blocks[CFG.inject_layer]
+
+    def hook_fn(mod, args, kwargs, out):
+        seen["io"] = (args[0].clone(), kwargs["kv"].clone())
+
+    hook = blk.register_forward_hook(hook_fn, with_kwargs=True)
+    m(x, latents=torch.zeros(8, dtype=torch.long))
+    hook.remove()
+    x_in, kv = seen["io"]
+    torch.testing.assert_close(kv - x_in, m.post_sampler.weight[0].expand_as(x_in))
+
+
+def test_tied_embeddings_share_the_matrix():
+    m = FreeTransformer(CFG.replace(tie_embeddings=True))
+    assert m.head is None
+    n_untied = FreeTransformer(CFG).num_params()
+    assert n_untied - m.num_params() == CFG.vocab_size * CFG.dim
+
+
+def test_init_is_deterministic_and_seed_dependent():
+    a, b, c = FreeTransformer(CFG, seed=1), FreeTransformer(CFG, seed=1), FreeTransformer(CFG, seed=2)
+    for (n, p), q, r in zip(a.state_dict().items(), b.state_dict().values(),
+                            c.state_dict().values()):
+        assert torch.equal(p, q), n
+    assert not torch.equal(a.tok_emb.weight, c.tok_emb.weight)
+
+
+def test_post_sampler_starts_at_residual_scale():
+    # The latent path's init matters: a table far smaller than the activations is ignored.
+    m = FreeTransformer(CFG)
+    ratio = m.post_sampler.weight.std() / m.tok_emb.weight.std()
+    assert 0.8 < ratio < 1.25
+
+
+def test_bits_embedding_model_trains_a_step():
+    m = FreeTransformer(CFG.replace(latent_embedding="bits"))
+    assert m.post_sampler.weight.shape == (CFG.dim, CFG.latent_bits)
+    x = tokens()
+    out = m(x, x, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert m.encoder.readout.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(dim=30, n_heads=4), "n_heads"),
+    (dict(n_kv_heads=3), "n_kv_heads"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(n_layers=-2), "n_layers"),
+    (dict(latent_bits=30), "latent_bits"),
+    (dict(free_bits=-1), "free_bits"),
+    (dict(free_bits=20), "free_bits"),
+    (dict(inject_layer=0), "inject_layer"),
+    (dict(inject_layer=4), "inject_layer"),
+    (dict(latent_embedding="onehot"), "latent_embedding"),
+    (dict(dim="64"), "dim"),
+    (dict(latent="yes"), "latent"),
+    (dict(bogus=1), "bogus"),
+])
+def test_config_errors_name_the_field(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        CFG.replace(**bad)
+
+
+def test_config_presets_and_derived_fields():
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        ModelConfig.preset("nope")
+    p15 = ModelConfig.preset("paper-1.5b")
+    assert (p15.n_layers, p15.dim, p15.n_heads, p15.n_kv_heads, p15.tie_embeddings,
+            p15.vocab_size, p15.latent_bits, p15.inject_layer) == (28, 1536, 12, 2, True,
+                                                                   2**17, 16, 14)
+    p8 = ModelConfig.preset("paper-8b")
+    assert (p8.n_layers, p8.dim, p8.n_heads, p8.n_kv_heads) == (32, 4096, 32, 8)
+    assert ModelConfig(n_layers=6).inject_layer == 3
+    assert ModelConfig(n_layers=6).replace(n_layers=12).inject_layer == 6  # re-derived
+    assert ModelConfig(n_layers=6, inject_layer=2).replace(n_layers=12).inject_layer == 2
+    assert ModelConfig(free_bits=0.5).free_bits_nats == pytest.approx(0.34657359)
+    assert ModelConfig.from_dict(p15.to_dict()) == p15
+
+
+def test_bad_inputs_are_clear_errors():
+    m = FreeTransformer(CFG)
+    with pytest.raises(DataError, match="outside"):
+        m(torch.tensor([[1, 2, CFG.vocab_size]]))
+    with pytest.raises(DataError, match="max_seq_len"):
+        m(torch.zeros(1, CFG.max_seq_len + 1, dtype=torch.long))
+    with pytest.raises(DataError, match="integer"):
+        m(torch.zeros(1, 4))
+    with pytest.raises(DataError, match="latent code"):
+        m(torch.zeros(1, 4, dtype=torch.long), latents=torch.full((4,), CFG.n_codes))
+    with pytest.raises(DataError, match="shape"):
+        m(torch.zeros(1, 4, dtype=torch.long), latents=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(DataError, match="baseline"):
+        FreeTransformer(CFG.replace(latent=False))(torch.zeros(1, 4, dtype=torch.long),
+                                                   latents=torch.zeros(4, dtype=torch.long))
