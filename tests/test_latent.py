@@ -128,6 +128,7 @@ def test_codes_bits_roundtrip():
 def test_bits_embedding_gradient_is_eq8_for_linear_embedding():
     """For r linear in ±1 bits, Eq. 8's gradient equals the dense formula on its 2^H table."""
     H, D = 4, 3
+    torch.manual_seed(0)
     ps = PostSampler(D, H, "bits").double()
     torch.nn.init.normal_(ps.weight)
     table = ((2 * bit_matrix(H, torch.float64) - 1) @ ps.weight.T).detach()  # (2^H, D)

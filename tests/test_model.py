@@ -82,7 +82,7 @@ def test_encoder_is_non_causal_and_position_dependent():
     flat = m.encoder(h, torch.ones_like(m.rope_cos[:T]), torch.zeros_like(m.rope_sin[:T]))[0]
     assert (flat - flat[0]).abs().max() < 1e-5
     e = a[0]
-    assert (e - e[0]).abs().max() > 1e-2
+    assert (e - e[0]).abs().max() > 1e-3  # ≫ the float noise of the flat case
 
 
 def test_training_forward_reports_kl_of_encoder_posterior():

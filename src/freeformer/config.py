@@ -63,7 +63,7 @@ class ModelConfig:
     latent_embedding: str = "table"
     """"table": the paper's 2^H × D post-sampler; "bits": linear in ±1 bits (ablation)."""
     latent_init_std: float | None = None
-    """Init std of the post-sampler rows (and ζ); None means the token embedding's std, so r
+    """Init std of the post-sampler rows; None means the token embedding's std, so r
     starts at the scale of the residual stream — a table at std 0.02 next to activations of
     scale 1 is ignored by the decoder (see docs/design.md)."""
 

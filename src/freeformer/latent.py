@@ -216,7 +216,8 @@ class PostSampler(nn.Module):
         codes = sample_codes(bit_logits, generator)
         # For r linear in the bits, Σ_d G_d r(d) = W_b (2p − 1): Eq. 8's G − sg(G) term then
         # contributes exactly the gradient of the mean, so this is the same estimator.
-        mean = 2 * torch.sigmoid(bit_logits.float()) - 1
+        mean = 2 * torch.sigmoid(bit_logits.to(torch.promote_types(bit_logits.dtype,
+                                                                   torch.float32))) - 1
         s = 2 * codes_to_bits(codes, self.n_bits) - 1 + mean - mean.detach()
         return F.linear(s.to(self.weight.dtype), self.weight), codes
 

@@ -109,7 +109,10 @@ class FreeTransformer(nn.Module):
             normal(self.head.weight, std, g)
         if c.latent:
             lstd = c.resolved_latent_init_std
-            normal(self.encoder.zeta, lstd, gl)
+            # ζ only sets the query direction (it is RMS-normed before wq), but it is also the
+            # encoder's residual stream: at scale 1 it would swamp the attention output and
+            # give every position the same posterior. Small, like the other projections.
+            normal(self.encoder.zeta, std, gl)
             for b in self.encoder.blocks:
                 init_block(b, gl)
             self.encoder.norm.weight.fill_(1.0)
