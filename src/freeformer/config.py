@@ -184,7 +184,7 @@ class ModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tiny, for tests: every code path, milliseconds per step.
-    "debug": dict(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=64,
+    "debug": dict(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128,
                   latent_bits=6, free_bits=0.5),
     # The synthetic experiment (paper Section 4.1; its model size is not given in the paper).
     # Chosen and measured in docs/synthetic/results.md.

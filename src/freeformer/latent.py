@@ -41,10 +41,14 @@ def codes_to_bits(codes: Tensor, n_bits: int) -> Tensor:
     return ((codes[..., None] >> torch.arange(n_bits, device=codes.device)) & 1).float()
 
 
-def sample_codes(bit_logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Draw B_h ~ Bernoulli(σ(L_h)) independently and return d = Σ_h 2^h B_h (int64)."""
+def sample_codes(bit_logits: Tensor, generator: torch.Generator | None = None,
+                 noise: Tensor | None = None) -> Tensor:
+    """Draw B_h ~ Bernoulli(σ(L_h)) independently and return d = Σ_h 2^h B_h (int64).
+
+    ``noise``: optional uniforms in [0, 1) of the logits' shape to use instead of fresh draws.
+    """
     p = torch.sigmoid(bit_logits.detach().float())
-    u = torch.rand(p.shape, generator=generator, device=p.device)
+    u = torch.rand(p.shape, generator=generator, device=p.device) if noise is None else noise
     bits = (u < p).long()
     weights = 1 << torch.arange(bit_logits.shape[-1], device=p.device)
     return (bits * weights).sum(-1)
@@ -135,8 +139,8 @@ class _BinaryMapper(torch.autograd.Function):
         return grad_logits, grad_table, None
 
 
-def binary_mapper(bit_logits: Tensor, table: Tensor,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def binary_mapper(bit_logits: Tensor, table: Tensor, generator: torch.Generator | None = None,
+                  noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sample codes from the bit logits and embed them with the paper's Eq. 8 gradient.
 
     bit_logits: (..., H); table: (2^H, D). Returns ``(r, codes)`` with r: (..., D) equal to
@@ -146,7 +150,7 @@ def binary_mapper(bit_logits: Tensor, table: Tensor,
     H = bit_logits.shape[-1]
     if table.shape[0] != 1 << H:
         raise ValueError(f"table has {table.shape[0]} rows; 2^H = {1 << H} for H = {H} bit logits")
-    codes = sample_codes(bit_logits, generator)
+    codes = sample_codes(bit_logits, generator, noise)
     return _BinaryMapper.apply(bit_logits, table, codes), codes
 
 
@@ -209,11 +213,12 @@ class PostSampler(nn.Module):
         shape = (1 << n_bits, dim) if kind == "table" else (dim, n_bits)
         self.weight = nn.Parameter(torch.zeros(shape))
 
-    def sample(self, bit_logits: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def sample(self, bit_logits: Tensor, generator: torch.Generator | None,
+               noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Posterior sample with the Eq. 8 gradient to the bit logits; returns (r, codes)."""
         if self.kind == "table":
-            return binary_mapper(bit_logits, self.weight, generator)
-        codes = sample_codes(bit_logits, generator)
+            return binary_mapper(bit_logits, self.weight, generator, noise)
+        codes = sample_codes(bit_logits, generator, noise)
         # For r linear in the bits, Σ_d G_d r(d) = W_b (2p − 1): Eq. 8's G − sg(G) term then
         # contributes exactly the gradient of the mean, so this is the same estimator.
         mean = 2 * torch.sigmoid(bit_logits.to(torch.promote_types(bit_logits.dtype,

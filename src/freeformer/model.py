@@ -51,6 +51,8 @@ class ModelOutput:
     """(B, T) latent codes used at each position (None for the baseline)."""
     kl_tokens: Tensor | None = None
     """(B, T) per-token KL in nats when the encoder ran."""
+    bit_logits: Tensor | None = None
+    """(B, T, H) the encoder's bit logits when it ran (for log Q(Z | S))."""
 
 
 class FreeTransformer(nn.Module):
@@ -68,11 +70,18 @@ class FreeTransformer(nn.Module):
             self.encoder = LatentEncoder(c.dim, c.n_heads, c.n_kv_heads, c.mlp_hidden,
                                          c.norm_eps, c.encoder_layers, c.latent_bits)
             self.post_sampler = PostSampler(c.dim, c.latent_bits, c.latent_embedding)
-        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         if self.tok_emb.weight.device.type != "meta":
+            self.reset_buffers()
             self.init_weights(seed)
+
+    def reset_buffers(self) -> None:
+        """(Re)build the RoPE tables on the parameters' device (after ``to_empty``)."""
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta)
+        device = self.tok_emb.weight.device
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     # -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -167,13 +176,15 @@ class FreeTransformer(nn.Module):
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None,
                 latents: Tensor | str | None = None, *,
-                generator: torch.Generator | None = None,
+                generator: torch.Generator | None = None, bit_noise: Tensor | None = None,
                 cache: KVCache | None = None, last_logits_only: bool = False) -> ModelOutput:
         """Run the model on ``tokens`` (B, T) or (T,).
 
         latents: None → codes sampled from the encoder's posterior (training and prefill);
         "prior" → uniform codes per token; a LongTensor (B, T) or (T,) → those codes.
-        ``generator`` drives every latent draw. ``cache`` (see generate.py) makes this a
+        ``generator`` drives every latent draw; ``bit_noise`` (B, T, H) uniforms in [0, 1)
+        may replace the posterior's draws (data-parallel training slices one global draw,
+        so any number of processes samples the same latents). ``cache`` (see generate.py) makes this a
         prefill or decode step at position ``cache.pos``; encoder latents then need the
         whole prompt in one call, since the encoder is non-causal.
         """
@@ -193,7 +204,7 @@ class FreeTransformer(nn.Module):
 
         zero = x.new_zeros((), dtype=torch.float32)
         kl = kl_loss = zero
-        codes = kl_tokens = None
+        codes = kl_tokens = bit_logits = None
         kv = None
         if c.latent:
             if latents is None:
@@ -201,7 +212,7 @@ class FreeTransformer(nn.Module):
                     raise ValueError("encoder latents need the whole prompt in one call "
                                      "(the encoder is non-causal); pass codes or 'prior'")
                 bit_logits = self.encoder(x, cos, sin)
-                r, codes = self.post_sampler.sample(bit_logits, generator)
+                r, codes = self.post_sampler.sample(bit_logits, generator, bit_noise)
                 kl_tokens = kl_per_token(bit_logits)
                 kl = kl_tokens.mean()
                 kl_loss = free_bits_loss(kl_tokens, c.free_bits_nats)
@@ -240,7 +251,7 @@ class FreeTransformer(nn.Module):
         if cache is not None:
             cache.pos = pos + T
         return ModelOutput(logits=logits, loss=loss, ce=ce, kl=kl, kl_loss=kl_loss,
-                           codes=codes, kl_tokens=kl_tokens)
+                           codes=codes, kl_tokens=kl_tokens, bit_logits=bit_logits)
 
     # -------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,5 @@
+import sys
+
+from freeformer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,277 @@
+"""The ``freeformer`` command: subcommands mapped onto library functions.
+
+User mistakes (:class:`freeformer.errors.UserError`) print one line to stderr and exit 2;
+set FREEFORMER_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from freeformer.errors import UserError
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a Free Transformer or a baseline",
+        description="Train from a shipped preset or a TOML config, with --section.key=value "
+                    "overrides (e.g. --train.max_steps=200 --model.free_bits=1/8). Sections: "
+                    "model, train, data (see docs/configuration.md or `freeformer config`).",
+        epilog="Distributed: torchrun --nproc_per_node=N -m freeformer train ... "
+               "--train.dist=ddp|fsdp")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="shipped config name (debug, synthetic, stdlib-code, "
+                                      "paper-1.5b, paper-8b)")
+    src.add_argument("--config", help="path to a TOML config")
+    p.add_argument("--out", help="run directory (default: runs/<preset or config name>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="honest validation metrics of a run or checkpoint",
+                       description="Prints CE with prior codes (what generation does), CE with "
+                                   "encoder codes (sees the future), KL bits, the ELBO and an "
+                                   "importance-sampled −log P(S); CE for a baseline.")
+    p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: config)")
+    p.add_argument("--k", type=int, default=None, help="importance samples (default: config)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample text from a run or checkpoint")
+    p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("-n", "--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--shared-latent", action="store_true",
+                   help="the N samples share one latent sequence (paper Fig. 4, green groups)")
+    p.add_argument("--prefill", choices=["encoder", "prior"], default="encoder",
+                   help="prompt codes from the encoder (paper) or the prior")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize text/JSONL into memmap shards",
+                       description="Text files, directories and JSONL → uint16/uint32 token "
+                                   "shards with a train/val split and manifest.json.")
+    p.add_argument("sources", nargs="+", metavar="SRC")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", default="byte",
+                   help="byte | bpe:VOCAB (trained here) | path/to/tokenizer.json")
+    p.add_argument("--include", action="append", default=None,
+                   help="glob of files to take from directories (repeatable; default *)")
+    p.add_argument("--exclude", action="append", default=None,
+                   help="glob to skip (repeatable; default: hidden files and directories)")
+    p.add_argument("--jsonl-field", default="text")
+    p.add_argument("--val-fraction", type=float, default=0.005)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="overlay CE and KL curves of runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output PNG")
+
+
+def _add_synthetic(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synthetic", help="reproduce the paper's synthetic experiment (Fig. 4)")
+    from freeformer.experiments.synthetic import add_arguments
+
+    add_arguments(p)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="benchmark evaluation through lm-evaluation-harness")
+    from freeformer.evaluation.cli import add_eval_arguments
+
+    add_eval_arguments(p)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="paper-style table: baseline vs Free Transformers")
+    from freeformer.evaluation.cli import add_compare_arguments
+
+    add_compare_arguments(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from freeformer import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="freeformer",
+        description="The Free Transformer (Fleuret, arXiv 2510.17558): train, generate, "
+                    "evaluate, reproduce the synthetic experiment.")
+    parser.add_argument("--version", action="version", version=f"freeformer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_train, _add_validate, _add_generate, _add_prepare, _add_plot):
+        add(sub)
+    for optional in (_add_synthetic, _add_eval, _add_compare):
+        try:
+            optional(sub)
+        except ImportError:  # a module of a later milestone that is not present
+            pass
+    return parser
+
+
+# ---------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from freeformer.runconfig import RunConfig, build_run_config, load_run_config
+    from freeformer.train import train
+
+    if args.resume:
+        if args.preset or args.config:
+            raise UserError("--resume takes its config from the run; drop --preset/--config")
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.json"
+        if not cfg_path.is_file():
+            raise UserError(f"{run_dir} is not a run directory (no config.json)")
+        import json
+
+        saved = json.loads(cfg_path.read_text())
+        saved.pop("version", None)
+        base = RunConfig.from_dict(saved)
+        cfg = build_run_config(base.to_dict(), overrides)
+        train(cfg, run_dir, resume=True, quiet=args.quiet)
+        return
+    if not args.preset and not args.config:
+        raise UserError("give --preset NAME or --config FILE.toml (see `freeformer train -h`)")
+    cfg = load_run_config(preset=args.preset, path=args.config, overrides=overrides)
+    name = args.preset or Path(args.config).stem
+    out = Path(args.out) if args.out else Path("runs") / name
+    train(cfg, out, quiet=args.quiet)
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    import torch
+
+    from freeformer.checkpoint import load_model
+    from freeformer.distributed import DistInfo
+    from freeformer.runconfig import RunConfig
+    from freeformer.train import build_data, evaluate, format_val
+
+    device = torch.device("cuda" if args.device == "cuda" or (
+        args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    model, ck = load_model(args.path, device)
+    saved = dict(ck.state["config"])
+    cfg = RunConfig.from_dict(saved)
+    tc = cfg.train
+    n = args.batches or tc.eval_batches
+    if n < 1 or (args.k is not None and args.k < 1):
+        raise UserError("--batches and --k must be ≥ 1")
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n))
+    _, val = build_data(cfg, DistInfo())
+    vals = evaluate(model, val, latent=cfg.model.latent, n_bits=cfg.model.latent_bits,
+                    k=args.k or tc.importance_samples, seed=tc.seed + 2, device=device)
+    print(format_val(ck.step, vals))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from freeformer.checkpoint import load_model, load_run_tokenizer
+
+    if args.num_samples < 1:
+        raise UserError(f"-n {args.num_samples}: expected at least 1 sample")
+    device = torch.device("cuda" if args.device == "cuda" or (
+        args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    model, ck = load_model(args.path, device)
+    tok = load_run_tokenizer(ck)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise UserError("--prompt is empty after tokenization")
+    prompt = torch.tensor(ids, dtype=torch.long, device=device)[None].expand(args.num_samples, -1)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    latents = None
+    c = model.config
+    if args.shared_latent:
+        if not c.latent:
+            raise UserError("--shared-latent needs a Free Transformer; this run is a baseline")
+        latents = torch.randint(0, c.n_codes, (1, prompt.shape[1] + args.max_new_tokens),
+                                generator=gen, device=device)
+    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, latents=latents,
+                         prefill=args.prefill, generator=gen, eos_id=tok.eos_id)
+    for i, row in enumerate(out.tolist()):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        if tok.eos_id is not None and tok.eos_id in row[len(ids):]:
+            row = row[:len(ids) + row[len(ids):].index(tok.eos_id)]
+        print(tok.decode(row))
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from freeformer.data.prepare import prepare
+
+    m = prepare(args.sources, args.out, tokenizer=args.tokenizer,
+                include=tuple(args.include or ("*",)),
+                exclude=tuple(args.exclude if args.exclude is not None else (".*",)),
+                jsonl_field=args.jsonl_field, val_fraction=args.val_fraction, seed=args.seed,
+                overwrite=args.overwrite)
+    n_train = sum(s["tokens"] for s in m["train"])
+    n_val = sum(s["tokens"] for s in m["val"])
+    print(f"wrote {args.out}: {n_train:,} train + {n_val:,} val tokens, vocab {m['vocab_size']}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from freeformer.plots import plot_runs
+
+    plot_runs(args.runs, args.out)
+    print(f"wrote {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args, rest = parser.parse_known_args(argv)
+        overrides = []
+        if args.command == "train":
+            i = 0
+            while i < len(rest):  # --section.key=value or --section.key value
+                a = rest[i]
+                if not a.startswith("--") or "." not in a.split("=", 1)[0]:
+                    parser.error(f"unrecognized argument {a!r} (overrides look like "
+                                 "--section.key=value)")
+                if "=" not in a:
+                    if i + 1 >= len(rest):
+                        raise UserError(f"override {a} needs a value: {a}=VALUE")
+                    a = f"{a}={rest[i + 1]}"
+                    i += 1
+                overrides.append(a[2:])
+                i += 1
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        handler = {"train": lambda: cmd_train(args, overrides),
+                   "validate": lambda: cmd_validate(args),
+                   "generate": lambda: cmd_generate(args),
+                   "prepare": lambda: cmd_prepare(args),
+                   "plot": lambda: cmd_plot(args)}.get(args.command)
+        if handler is None:
+            handler = lambda: args.func(args)  # noqa: E731 - subcommands that set func
+        handler()
+        return 0
+    except UserError as e:
+        if os.environ.get("FREEFORMER_DEBUG"):
+            raise
+        print(f"freeformer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("freeformer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Data parallelism applied from outside the model: torchrun init, DDP / FSDP2 wrapping,
+full (unsharded) state dicts for checkpoints, and metric reduction.
+
+The model file never imports ``torch.distributed``; everything distributed lives here.
+Launch: ``torchrun --nproc_per_node=N -m freeformer train ... --train.dist=ddp|fsdp``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from freeformer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    mode: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+def init_distributed(mode: str, device_type: str) -> DistInfo:
+    """Join the torchrun process group for ``mode`` in {"ddp", "fsdp"}; "none" is a no-op."""
+    if mode == "none":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("launched by torchrun with several processes but train.dist = "
+                              "'none'; pass --train.dist=ddp or --train.dist=fsdp")
+        return DistInfo()
+    if "RANK" not in os.environ:
+        raise ConfigError(f"train.dist = {mode!r} needs a torchrun launch: torchrun "
+                          "--nproc_per_node=N -m freeformer train ...")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return DistInfo(mode, rank, world, local)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP, or FSDP2 (``fully_shard`` per block — decoder and encoder — then the root)."""
+    if info.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.local_rank] if next(model.parameters()).is_cuda else None
+        return DDP(model, device_ids=ids)
+    if info.mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = list(model.blocks)
+        if getattr(model, "encoder", None) is not None:
+            blocks += list(model.encoder.blocks)
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    return model
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None
+                     ) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Unsharded, CPU model and name-keyed optimizer state dicts (collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer else None
+    return msd, osd
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict) -> None:
+    """Load a name-keyed full optimizer state into a plain, DDP or FSDP2-sharded model's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+
+
+def mean_across_ranks(values: dict[str, float], info: DistInfo, device: torch.device
+                      ) -> dict[str, float]:
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist())}
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

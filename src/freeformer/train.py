@@ -1,0 +1,512 @@
+"""Training: build functions, one step, honest validation, the loop, checkpoints and resume.
+
+One path serves a laptop CPU and a torchrun cluster: distribution is applied by
+``distributed.wrap_model``; data are sharded by rank so that any number of processes sees
+the same global batch; latent draws are sliced from one global draw for the same reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from freeformer import __version__
+from freeformer import distributed as D
+from freeformer.checkpoint import (Checkpoint, flatten_optimizer_state, load_checkpoint,
+                                   load_model_state, save_checkpoint,
+                                   unflatten_optimizer_state, write_json_atomic)
+from freeformer.errors import CheckpointError, ConfigError, UserError
+from freeformer.model import FreeTransformer
+from freeformer.runconfig import RunConfig, TrainConfig
+
+LOG2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------
+def resolve_device(tc: TrainConfig, info: D.DistInfo | None = None) -> torch.device:
+    if tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device = 'cuda' but CUDA is not available; use 'cpu' or 'auto'")
+        return torch.device("cuda", info.local_rank if info else 0)
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA by default; fp32 on CPU (CPU bf16 is slower and less exact)."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; no decay for norms, ζ, the token embedding and the post-sampler table
+    (rows of a lookup table that most steps do not touch would only shrink)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lookup = name.startswith(("tok_emb.", "post_sampler."))
+        (decay if p.dim() >= 2 and not lookup else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr,
+                             betas=(tc.beta1, tc.beta2), fused=on_cuda or None)
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio · lr``."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    span = max(1, tc.max_steps - tc.warmup_steps)
+    progress = min(1.0, (step - tc.warmup_steps) / span)
+    floor = tc.min_lr_ratio * tc.lr
+    return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def build_data(cfg: RunConfig, info: D.DistInfo):
+    """(training batches, validation batches) for the configured source."""
+    tc, dc = cfg.train, cfg.data
+    if tc.batch_size % info.world_size:
+        raise ConfigError(f"train.batch_size = {tc.batch_size} is not divisible by the "
+                          f"{info.world_size} processes")
+    if dc.source == "synthetic":
+        from freeformer.data.synthetic import SyntheticBatches
+
+        train = SyntheticBatches(tc.batch_size, tc.seed, info.rank, info.world_size)
+    else:
+        from freeformer.data.loader import TokenWindows
+
+        path = ensure_stdlib_data(dc.path) if dc.source == "stdlib" else dc.path
+        train = TokenWindows(path, "train", tc.seq_len, tc.batch_size, tc.seed, info.rank,
+                             info.world_size)
+        if train.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
+                              f"data's vocabulary ({train.vocab_size}); set "
+                              f"--model.vocab_size={train.vocab_size}")
+    return train, train.fixed_batches(tc.eval_batches)
+
+
+def ensure_stdlib_data(path: str) -> str:
+    """Prepare Python's own standard library source (byte tokenizer) into ``path`` once."""
+    if (Path(path) / "manifest.json").is_file():
+        return path
+    import sysconfig
+
+    from freeformer.data.prepare import prepare
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    prepare([stdlib], path, tokenizer="byte", include=("*.py",),
+            exclude=("site-packages", "dist-packages", "test", "tests", "idlelib"),
+            val_fraction=0.01, seed=0)
+    return path
+
+
+def micro_batches(tc: TrainConfig, info: D.DistInfo) -> int:
+    local = tc.batch_size // info.world_size
+    mb = tc.micro_batch_size or local
+    if local % mb:
+        raise ConfigError(f"train.micro_batch_size = {mb} must divide the per-process batch "
+                          f"{local} (batch_size / processes)")
+    return local // mb
+
+
+# ---------------------------------------------------------------------------------------
+# One step
+# ---------------------------------------------------------------------------------------
+def global_bit_noise(cfg: RunConfig, gen: torch.Generator, info: D.DistInfo,
+                     device: torch.device) -> Tensor | None:
+    """Uniforms for the posterior draws of the whole global batch; this rank's rows."""
+    if not cfg.model.latent:
+        return None
+    tc = cfg.train
+    u = torch.rand(tc.batch_size, tc.seq_len, cfg.model.latent_bits, generator=gen,
+                   device=gen.device)
+    b = tc.batch_size // info.world_size
+    return u[info.rank * b:(info.rank + 1) * b].to(device)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+               noise: Tensor | None, n_micro: int, tc: TrainConfig,
+               ctx: contextlib.AbstractContextManager) -> dict[str, float]:
+    """Forward/backward over ``n_micro`` micro-batches, clip, step. Returns mean metrics."""
+    sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "kl_loss": 0.0}
+    xs, ys = x.chunk(n_micro), y.chunk(n_micro)
+    ns = noise.chunk(n_micro) if noise is not None else [None] * n_micro
+    for i in range(n_micro):
+        sync = contextlib.nullcontext()
+        if i < n_micro - 1 and hasattr(model, "no_sync"):
+            sync = model.no_sync()  # DDP: all-reduce once, on the last micro-batch
+        with sync:
+            with ctx:
+                out = model(xs[i], ys[i], bit_noise=ns[i])
+            (out.loss / n_micro).backward()
+        for k in sums:
+            sums[k] += float(getattr(out, k).detach()) / n_micro
+    if tc.grad_clip > 0:
+        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------
+def log_q(bit_logits: Tensor, codes: Tensor) -> Tensor:
+    """log Q(Z = codes | S) per position: Σ_h log σ(±L_h)."""
+    bits = ((codes[..., None] >> torch.arange(bit_logits.shape[-1], device=codes.device)) & 1)
+    L = bit_logits.float()
+    return torch.where(bits.bool(), F.logsigmoid(L), F.logsigmoid(-L)).sum(-1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, latent: bool,
+             n_bits: int, k: int, seed: int, device: torch.device,
+             ctx: contextlib.AbstractContextManager = contextlib.nullcontext()) -> dict[str, float]:
+    """Validation metrics (nats per token unless named ``_bits``).
+
+    Free Transformer:
+      ce_prior      CE with codes from the uniform prior — what generation does.
+      ce_encoder    CE with codes from the encoder — it has seen the future tokens, so this
+                    is NOT the model's likelihood (it leaks the answer); reported for curves.
+      kl_bits       mean KL(Q || prior) per token, in bits.
+      elbo          ce_encoder + KL: an upper bound on −log P(S)/T, comparable to a baseline's CE.
+      nll_is        importance-sampled −log P(S)/T with k posterior samples (tighter bound).
+    Baseline: ce.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tot: dict[str, float] = {}
+    n_tok = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        B, T = x.shape
+        with ctx:
+            if not latent:
+                out = model(x, y)
+                vals = {"ce": float(out.ce)}
+            else:
+                prior = model(x, y, latents="prior", generator=gen)
+                weights, ce_enc, kl = [], 0.0, 0.0
+                for _ in range(k):
+                    out = model(x, y, generator=gen)
+                    nll_tok = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(),
+                                              reduction="none").view(B, T)
+                    # log w = log P(S|Z) + log P(Z) − log Q(Z|S), summed over the sequence.
+                    lw = (-nll_tok.sum(1) - T * n_bits * LOG2
+                          - log_q(out.bit_logits, out.codes).sum(1))
+                    weights.append(lw)
+                    ce_enc += float(out.ce) / k
+                    kl += float(out.kl) / k
+                lw = torch.stack(weights)  # (k, B)
+                log_ps = torch.logsumexp(lw, 0) - math.log(k)
+                vals = {"ce_prior": float(prior.ce), "ce_encoder": ce_enc, "kl_bits": kl / LOG2,
+                        "elbo": ce_enc + kl, "nll_is": float(-log_ps.sum() / (B * T))}
+        for key, v in vals.items():
+            tot[key] = tot.get(key, 0.0) + v * B * T
+        n_tok += B * T
+    model.train(was_training)
+    return {key: v / n_tok for key, v in tot.items()}
+
+
+class LatentMonitor:
+    """Warns when the KL sits far below κ for long (the latent is unused) or near H bits
+    (the latent copies the sequence). ``update`` returns a warning once per condition."""
+
+    def __init__(self, kappa_bits: float, n_bits: int, patience: int = 20) -> None:
+        self.kappa, self.n_bits, self.patience = kappa_bits, n_bits, patience
+        self.low = self.high = 0
+        self.warned: set[str] = set()
+
+    def update(self, step: int, kl_bits: float) -> str | None:
+        self.low = self.low + 1 if kl_bits < 0.1 * self.kappa else 0
+        self.high = self.high + 1 if kl_bits > 0.5 * self.n_bits else 0
+        if self.low >= self.patience and "low" not in self.warned:
+            self.warned.add("low")
+            return (f"step {step}: KL has stayed at {kl_bits:.4f} bits/token, far below "
+                    f"κ = {self.kappa:g} bits, for {self.low} logs: the decoder is not using Z")
+        if self.high >= self.patience and "high" not in self.warned:
+            self.warned.add("high")
+            return (f"step {step}: KL is {kl_bits:.2f} bits/token, near H = {self.n_bits} bits: "
+                    "the latent may be copying the sequence (generation will break)")
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl plus optional TensorBoard / W&B sinks (main process only)."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, enabled: bool, resume_step: int) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():
+            # Drop lines logged after the checkpoint we resume from: they will be re-made.
+            lines = self.path.read_text().splitlines()
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif not resume_step:
+            self.path.write_text("")
+        tc = cfg.train
+        if tc.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("train.tensorboard needs TensorBoard: "
+                                "pip install 'freeformer[logging]'") from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if tc.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("train.wandb needs Weights & Biases: "
+                                "pip install 'freeformer[logging]'") from None
+            self.wandb = wandb.init(project=tc.wandb_project, config=cfg.to_dict(),
+                                    dir=str(run_dir), resume="allow")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        prefix = "val/" if record.get("kind") == "val" else "train/"
+        scalars = {prefix + k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and k not in ("step", "kind")}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
+           f"{torch.get_num_threads()} torch threads"
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    last: dict[str, float]
+    val: dict[str, float]
+    tokens_per_s: float
+    run_dir: Path
+
+
+def _check_resume_compatible(ck: Checkpoint, cfg: RunConfig) -> None:
+    saved = ck.state["config"]
+    if saved["model"] != cfg.model.to_dict():
+        diff = [k for k in saved["model"] if saved["model"].get(k) != cfg.model.to_dict().get(k)]
+        raise CheckpointError(f"cannot resume: the model config differs from the checkpoint's "
+                              f"({', '.join(diff)})")
+    for key in ("batch_size", "seq_len", "seed"):
+        if saved["train"][key] != getattr(cfg.train, key):
+            raise CheckpointError(f"cannot resume: train.{key} = {getattr(cfg.train, key)} but "
+                                  f"the checkpoint used {saved['train'][key]}")
+    if saved["data"] != {"source": cfg.data.source, "path": cfg.data.path}:
+        raise CheckpointError("cannot resume: the data section differs from the checkpoint's")
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
+          quiet: bool = False) -> TrainResult:
+    """Train ``cfg`` into ``run_dir`` (or continue the run there with ``resume``)."""
+    tc = cfg.train
+    run_dir = Path(run_dir)
+    device = resolve_device(tc)
+    info = D.init_distributed(tc.dist, device.type)
+    try:
+        return _train(cfg, run_dir, resume, quiet, info)
+    finally:
+        D.shutdown(info)
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
+           info: D.DistInfo) -> TrainResult:
+    tc, mc = cfg.train, cfg.model
+    device = resolve_device(tc, info)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    ck = None
+    if resume:
+        ck = load_checkpoint(run_dir)
+        _check_resume_compatible(ck, cfg)
+    elif info.is_main:
+        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+            raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
+                            "it or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), "version": __version__})
+    n_micro = micro_batches(tc, info)
+    train_data, val_batches = build_data(cfg, info)
+    if info.is_main and cfg.data.source != "synthetic":
+        from freeformer.data.loader import load_manifest
+        from freeformer.data.tokenizer import load_tokenizer
+
+        data_path = cfg.data.path
+        load_tokenizer(data_path).save(run_dir / "tokenizer")
+        load_manifest(data_path)
+
+    model = FreeTransformer(mc, seed=tc.seed).to(device)
+    if ck is not None:
+        load_model_state(model, ck.model_state)  # before sharding: fully_shard keeps values
+    if tc.activation_checkpointing:
+        _enable_activation_checkpointing(model)
+    # FSDP2 swaps parameters for sharded ones, so the optimizer is built after wrapping.
+    wrapped = D.wrap_model(model, info)
+    optimizer = build_optimizer(model, tc)
+    gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
+    start, tokens = 0, 0
+    if ck is not None:
+        osd = unflatten_optimizer_state(ck.optimizer_tensors(), ck.state["param_groups"],
+                                        {n for n, _ in model.named_parameters()})
+        D.load_optimizer_state(model, optimizer, osd)
+        train_data.load_state_dict(ck.state["data"])
+        gen.set_state(torch.tensor(ck.state["rng"]["latent"], dtype=torch.uint8))
+        start, tokens = ck.step, int(ck.state["tokens"])
+    if tc.compile:
+        wrapped = torch.compile(wrapped)
+    ctx = autocast(device, tc.precision)
+    log = MetricsLog(run_dir, cfg, info.is_main, start)
+    monitor = LatentMonitor(mc.free_bits, mc.latent_bits) if mc.latent else None
+    tokens_per_step = tc.batch_size * tc.seq_len
+
+    def checkpoint(step: int) -> None:
+        msd, osd = D.full_state_dicts(model, optimizer)
+        if info.is_main:
+            otensors, groups = flatten_optimizer_state(osd)
+            state = {"config": cfg.to_dict(), "tokens": tokens, "data": train_data.state_dict(),
+                     "rng": {"latent": gen.get_state().tolist()}, "param_groups": groups,
+                     "version": __version__, "world_size": info.world_size}
+            save_checkpoint(run_dir, step, model_state=msd, optimizer_tensors=otensors,
+                            state=state, keep_last=tc.keep_last)
+        D.barrier(info)
+
+    def validate(step: int) -> dict[str, float]:
+        vals = evaluate(wrapped, val_batches, latent=mc.latent, n_bits=mc.latent_bits,
+                        k=tc.importance_samples, seed=tc.seed + 2, device=device, ctx=ctx)
+        vals = D.mean_across_ranks(vals, info, device)
+        log.write({"step": step, "kind": "val", "tokens": tokens, **vals})
+        return vals
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=tc.max_steps, initial=start, disable=quiet or not tc.progress
+               or not info.is_main, unit="step", dynamic_ncols=True)
+    wrapped.train()
+    last: dict[str, float] = {}
+    val: dict[str, float] = {}
+    t0, tok0 = time.perf_counter(), tokens
+    window_t, window_tok = t0, tokens
+    for step in range(start, tc.max_steps):
+        lr = lr_at(step, tc)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        x, y = train_data.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        noise = global_bit_noise(cfg, gen, info, device)
+        m = train_step(wrapped, optimizer, x, y, noise, n_micro, tc, ctx)
+        tokens += tokens_per_step
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            m = D.mean_across_ranks(m, info, device)
+            now = time.perf_counter()
+            tps = (tokens - window_tok) / max(now - window_t, 1e-9)
+            window_t, window_tok = now, tokens
+            last = {"loss": m["loss"], "ce": m["ce"], "kl_bits": m["kl"] / LOG2,
+                    "kl_loss": m["kl_loss"], "lr": lr, "tokens_per_s": tps,
+                    **({"grad_norm": m["grad_norm"]} if "grad_norm" in m else {})}
+            log.write({"step": done, "tokens": tokens, **last})
+            bar.set_postfix(loss=f"{m['loss']:.3f}", ce=f"{m['ce']:.3f}",
+                            kl_bits=f"{last['kl_bits']:.3f}", lr=f"{lr:.2e}",
+                            tok_s=f"{tps:,.0f}")
+            if monitor is not None and info.is_main and done > tc.warmup_steps:
+                warning = monitor.update(done, last["kl_bits"])
+                if warning:
+                    bar.write(f"warning: {warning}")
+        bar.update(1)
+        if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
+            val = validate(done)
+            bar.write(format_val(done, val))
+        if tc.ckpt_every and done % tc.ckpt_every == 0 and done != tc.max_steps:
+            checkpoint(done)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    end = max(start, tc.max_steps)
+    if start < tc.max_steps:
+        val = validate(end)
+        checkpoint(end)
+        if not quiet and info.is_main:
+            print(format_val(end, val))
+    log.close()
+    return TrainResult(end, tokens, last, val, (tokens - tok0) / max(elapsed, 1e-9), run_dir)
+
+
+def format_val(step: int, v: dict[str, float]) -> str:
+    if "ce" in v:
+        return f"val step {step}: ce {v['ce']:.4f} nats/token"
+    return (f"val step {step}: ce(prior codes) {v['ce_prior']:.4f} | ce(encoder codes, sees the "
+            f"future) {v['ce_encoder']:.4f} | KL {v['kl_bits']:.4f} bits | ELBO {v['elbo']:.4f} "
+            f"| IS −log P(S)/T {v['nll_is']:.4f} nats/token")
+
+
+def _enable_activation_checkpointing(model: FreeTransformer) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        fwd = block.forward
+
+        def wrapped(*args, _fwd=fwd, **kwargs):
+            if kwargs.get("cache") is not None or not torch.is_grad_enabled():
+                return _fwd(*args, **kwargs)
+            return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+
+        block.forward = wrapped
+
+
+def iter_metrics(run_dir: str | Path) -> Iterator[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} not found: is {run_dir} a training run directory?")
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{i} is not valid JSON") from None
