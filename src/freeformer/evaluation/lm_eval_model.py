@@ -1,0 +1,472 @@
+"""The Free Transformer as an lm-evaluation-harness model, registered as ``freeformer``.
+
+``simple_evaluate(model="freeformer", model_args="pretrained=RUN_DIR,latent_mode=prior")``, or
+an instance of :class:`FreeformerLM`. A baseline (``model.latent=false``) goes through the
+same code with no latents.
+
+Latents when scoring (``loglikelihood``, ``loglikelihood_rolling``). The model defines
+P(S) = E_Z[P(S | Z)], so a score needs codes for every position:
+
+* ``latent_mode="prior"`` (default): every position's code is drawn from the uniform prior,
+  as in generation. P(continuation | context) is estimated as the mean of the *probabilities*
+  over ``latent_samples`` = k draws: ``log (1/k) Σ_j P(cont | ctx, Z_j)``, a log-mean-exp of
+  the k per-request log-likelihoods (Jensen: slightly below log E_Z[P] in expectation; the gap
+  shrinks as k grows). A mean of log-probabilities would estimate E_Z[log P] instead, a
+  different, lower number.
+* ``latent_mode="encoder"``: the context's codes are sampled from the encoder run over the
+  context alone (a forward on the context tokens, ``latents=None``, as the paper's prefill
+  does); the continuation's positions get prior codes. The encoder is non-causal, so running
+  it over the continuation being scored would let the codes carry the answer to the decoder:
+  it never sees a continuation token. Same log-mean-exp over k draws.
+
+``is_greedy`` is the greedy flag under the first draw: whether greedy decoding with those
+codes (teacher-forced over the continuation) returns the continuation. Over a data set its
+mean is an unbiased estimate of how often greedy decoding with random latents produces it.
+
+Randomness never depends on batch composition or order: draw j of a request comes from a
+generator seeded by a hash of (``seed``, j, the context tokens fed to the model); it yields,
+for positions 0..max_seq_len-1, prior codes and the uniforms that sample the encoder's bits.
+The choices of one multiple-choice question therefore share their latents (common random
+numbers), and ``batch_size`` changes no number.
+
+Generation (``generate_until``): greedy unless the task asks ``do_sample`` (or a positive
+``temperature``); prompt codes from the encoder (``prefill="encoder"``, the paper) or the prior
+(``prefill="prior"``), a prior code for every new token; stops at an ``until`` string (which
+is cut from the output), at the end-of-sequence token, or after ``max_gen_toks`` tokens (the
+task's value, else the model argument).
+
+Inputs longer than ``max_seq_len`` keep their last tokens (the continuation is kept whole
+when it fits; a generation prompt keeps at least half the window, so generation may stop at
+the window's end before ``max_gen_toks``); ``loglikelihood_rolling`` scores long documents in disjoint windows
+(``lm_eval.utils.get_rolling_token_windows``) and sums the windows' estimates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from array import array
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from freeformer.errors import UserError
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as exc:  # the optional ``eval`` extra
+    raise ImportError(f"lm-eval is not importable ({exc}); pip install 'freeformer[eval]'") from exc
+
+log = logging.getLogger(__name__)
+
+LATENT_MODES = ("prior", "encoder")
+PREFILL_MODES = ("encoder", "prior")
+DEFAULT_BATCH_SIZE = 8
+_GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
+
+
+def request_seed(seed: int, context: Sequence[int], draw: int) -> int:
+    """The seed of latent draw ``draw`` for a request whose model input starts with ``context``."""
+    h = hashlib.blake2b(f"freeformer:{int(seed)}:{int(draw)}:".encode(), digest_size=8)
+    h.update(array("q", context).tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1  # manual_seed wants < 2^63
+
+
+def draw_latents(seed: int, length: int, n_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prior codes (length,) and bit uniforms (length, n_bits) for positions 0..length-1 (CPU).
+
+    Always drawn for the model's whole ``max_seq_len``, so position t gets the same values
+    whatever the length of the input.
+    """
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << n_bits, (length,), generator=g)
+    noise = torch.rand((length, n_bits), generator=g)
+    return codes, noise
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """One (request, draw) row: ``inp`` is fed; its last ``n_cont`` positions predict ``targets``."""
+
+    req: int
+    draw: int
+    inp: tuple[int, ...]
+    n_ctx: int
+    targets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _GenOptions:
+    until: tuple[str, ...]
+    max_gen_toks: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+
+def _int_option(name: str, value, lo: int = 1) -> int:
+    v = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        v = value
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        v = int(value)
+    if v is None or v < lo:
+        raise UserError(f"freeformer model argument {name}={value!r}: expected an integer ≥ {lo}")
+    return v
+
+
+def _resolve_device(device) -> torch.device:
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name!r} but CUDA is not available; use --device cpu")
+    return dev
+
+
+@register_model("freeformer")
+class FreeformerLM(TemplateLM):
+    """lm-eval model over a freeformer run directory or checkpoint (see the module docstring).
+
+    Arguments (all also accepted as ``model_args`` strings):
+      pretrained: run directory (its newest checkpoint) or ``checkpoints/step_*`` directory.
+      device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+      batch_size: sequences per forward pass (a request takes ``latent_samples`` of them);
+        ``auto`` means 8.
+      latent_mode: ``prior`` or ``encoder`` (ignored by a baseline).
+      latent_samples: draws k averaged in probability space (1 for a baseline).
+      seed: seeds every latent draw and sampled generation.
+      max_gen_toks: generation length when the task does not give one.
+      prefill: ``encoder`` (the paper) or ``prior``: where prompt codes come from in generation.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | Path,
+        device: str | None = "auto",
+        batch_size: int | str = DEFAULT_BATCH_SIZE,
+        latent_mode: str = "prior",
+        latent_samples: int = 4,
+        seed: int = 0,
+        max_gen_toks: int = 256,
+        prefill: str = "encoder",
+        max_batch_size: int | None = None,  # passed by simple_evaluate; unused
+        **unknown,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise UserError(
+                f"unknown freeformer model argument(s): {', '.join(sorted(unknown))}; valid: "
+                "pretrained, device, batch_size, latent_mode, latent_samples, seed, "
+                "max_gen_toks, prefill"
+            )
+        from freeformer.checkpoint import load_model, load_run_tokenizer
+
+        if latent_mode not in LATENT_MODES:
+            raise UserError(f"latent_mode={latent_mode!r}: expected one of {', '.join(LATENT_MODES)}")
+        if prefill not in PREFILL_MODES:
+            raise UserError(f"prefill={prefill!r}: expected one of {', '.join(PREFILL_MODES)}")
+        if isinstance(batch_size, str) and batch_size.strip().startswith("auto"):
+            batch_size = DEFAULT_BATCH_SIZE
+        self.batch_size = _int_option("batch_size", batch_size)
+        self.seed = _int_option("seed", seed, lo=0)
+        self.max_gen_toks = _int_option("max_gen_toks", max_gen_toks)
+        self._device = _resolve_device(device)
+        self.model, self.checkpoint = load_model(pretrained, self._device)
+        self.tok = load_run_tokenizer(self.checkpoint)
+        self.pretrained = str(pretrained)
+        c = self.model.config
+        self.latent = bool(c.latent)
+        self.latent_mode = latent_mode
+        self.prefill = prefill
+        k = _int_option("latent_samples", latent_samples)
+        self.latent_samples = k if self.latent else 1
+
+    # ------------------------------------------------------------------- lm-eval plumbing
+    @property
+    def eot_token_id(self) -> int | None:
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # Conditions empty contexts and the first rolling window. Training data ends every
+        # document with EOS, so EOS starts one; the synthetic vocabulary has none: id 0 ('_').
+        eos = self.tok.eos_id
+        return 0 if eos is None else int(eos)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.config.max_seq_len)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"freeformer-{type(self.tok).__name__}-{self.tok.vocab_size}"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return list(self.tok.encode(string))
+
+    def tok_decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids))
+
+    def get_model_info(self) -> dict:
+        """Merged by ``simple_evaluate`` into ``results["config"]``."""
+        c = self.model.config
+        return {
+            "freeformer_checkpoint": str(self.checkpoint.path),
+            "freeformer_step": self.checkpoint.step,
+            "latent": self.latent,
+            "latent_bits": int(c.latent_bits) if self.latent else None,
+            "latent_mode": self.latent_mode if self.latent else None,
+            "latent_samples": self.latent_samples,
+            "prefill": self.prefill if self.latent else None,
+            "seed": self.seed,
+            "max_seq_len": self.max_length,
+            "num_params": self.model.num_params(),
+        }
+
+    # --------------------------------------------------------------------- log-likelihood
+    def _rows(self, requests) -> tuple[list[_Scored], int]:
+        """Truncate each (context, continuation) to the model and expand it into k draws."""
+        L, rows, clipped = self.max_length, [], 0
+        for i, (_, ctx, cont) in enumerate(requests):
+            ctx, cont = list(ctx), list(cont)
+            if not cont:
+                continue
+            inp = (ctx + cont)[:-1][-L:]  # keep the end: the continuation, then the context
+            n_cont = min(len(cont), len(inp))
+            clipped += n_cont < len(cont)
+            n_ctx = len(inp) - (n_cont - 1)  # inp = context fed + cont[:-1]
+            for j in range(self.latent_samples):
+                rows.append(_Scored(i, j, tuple(inp), n_ctx, tuple(cont[-n_cont:])))
+        if clipped:
+            log.warning(
+                "%d continuation(s) longer than max_seq_len=%d: only their last tokens are scored",
+                clipped, L,
+            )  # fmt: skip
+        return rows, len(requests)
+
+    def _latents(self, row: _Scored) -> tuple[torch.Tensor, torch.Tensor]:
+        seed = request_seed(self.seed, row.inp[: row.n_ctx], row.draw)
+        return draw_latents(seed, self.max_length, self.model.config.latent_bits)
+
+    @torch.no_grad()
+    def _encoder_codes(self, rows: list[_Scored], disable_tqdm: bool) -> dict:
+        """Encoder codes of each distinct (context, draw), from a forward over the context alone.
+
+        Contexts are batched only with others of the same length: the encoder is non-causal,
+        so padding would change what it sees.
+        """
+        todo: dict[tuple, _Scored] = {}
+        for r in rows:
+            todo.setdefault((r.inp[: r.n_ctx], r.draw), r)
+        by_len: dict[int, list] = defaultdict(list)
+        for key, r in todo.items():
+            by_len[len(key[0])].append((key, r))
+        out: dict[tuple, torch.Tensor] = {}
+        batches = [
+            group[s : s + self.batch_size]
+            for _, group in sorted(by_len.items(), reverse=True)
+            for s in range(0, len(group), self.batch_size)
+        ]
+        for batch in tqdm(batches, desc="freeformer encoder", disable=disable_tqdm):
+            ctx = torch.tensor([key[0] for key, _ in batch], device=self._device)
+            T = ctx.shape[1]
+            noise = torch.stack([self._latents(r)[1][:T] for _, r in batch]).to(self._device)
+            codes = self.model(ctx, latents=None, bit_noise=noise, last_logits_only=True).codes
+            for (key, _), c in zip(batch, codes.cpu()):
+                out[key] = c
+        return out
+
+    @torch.no_grad()
+    def _score_rows(self, rows: list[_Scored], disable_tqdm: bool) -> list[tuple[float, bool]]:
+        """Sum of log-probabilities of each row's targets and whether each is the argmax."""
+        enc = (
+            self._encoder_codes(rows, disable_tqdm)
+            if self.latent and self.latent_mode == "encoder"
+            else {}
+        )
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].inp))
+        results: list[tuple[float, bool] | None] = [None] * len(rows)
+        batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        for batch in tqdm(batches, desc="freeformer loglikelihood", disable=disable_tqdm):
+            T = len(rows[batch[0]].inp)
+            tokens = torch.zeros((len(batch), T), dtype=torch.long)
+            codes = torch.zeros((len(batch), T), dtype=torch.long) if self.latent else None
+            for b, i in enumerate(batch):
+                r = rows[i]
+                n = len(r.inp)
+                tokens[b, :n] = torch.tensor(r.inp)  # right padding: the decoder is causal
+                if codes is not None:
+                    codes[b, :n] = self._latents(r)[0][:n]
+                    if enc:
+                        codes[b, : r.n_ctx] = enc[(r.inp[: r.n_ctx], r.draw)]
+            logits = self.model(
+                tokens.to(self._device),
+                latents=codes.to(self._device) if codes is not None else None,
+            ).logits
+            for b, i in enumerate(batch):
+                r = rows[i]
+                n, m = len(r.inp), len(r.targets)
+                logp = logits[b, n - m : n].float().log_softmax(-1)
+                tgt = torch.tensor(r.targets, device=logp.device)
+                ll = logp.gather(-1, tgt[:, None]).sum().item()
+                results[i] = (ll, bool((logp.argmax(-1) == tgt).all()))
+        return results
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        """``requests``: (cache key, context ids, continuation ids) → [(log P, is_greedy)]."""
+        rows, n = self._rows(requests)
+        scored = self._score_rows(rows, disable_tqdm)
+        per_req: list[list[tuple[float, bool]]] = [[] for _ in range(n)]
+        for r, s in sorted(zip(rows, scored), key=lambda x: (x[0].req, x[0].draw)):
+            per_req[r.req].append(s)
+        out = []
+        for (key, _, _), draws in zip(requests, per_req):
+            if not draws:  # empty continuation
+                res = (0.0, True)
+            else:
+                lls = torch.tensor([ll for ll, _ in draws], dtype=torch.float64)
+                # log of the mean probability over the k latent draws
+                ll = (torch.logsumexp(lls, 0) - math.log(len(draws))).item()
+                res = (ll, draws[0][1])
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, res)
+            out.append(res)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for i, req in enumerate(requests):
+            (string,) = req.args
+            for ctx, cont in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(string),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
+                windows.append((None, ctx, cont))
+                owner.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for i, (ll, _) in zip(owner, scores):
+            totals[i] += ll
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------------- generation
+    def _gen_options(self, kwargs: dict | None) -> _GenOptions:
+        kw = dict(kwargs or {})
+        ignored = sorted(set(kw) - _GEN_KEYS)
+        if ignored:
+            log.warning("generation arguments ignored by freeformer: %s", ", ".join(ignored))
+        until = kw.get("until") or []
+        until = (until,) if isinstance(until, str) else tuple(until)
+        temperature = float(kw.get("temperature", 0.0) or 0.0)
+        do_sample = kw.get("do_sample")
+        do_sample = temperature > 0 if do_sample is None else bool(do_sample)
+        if do_sample and temperature <= 0:
+            temperature = 1.0
+        top_k = kw.get("top_k")
+        top_p = kw.get("top_p")
+        return _GenOptions(
+            until=tuple(u for u in until if u),
+            max_gen_toks=_int_option("max_gen_toks", kw.get("max_gen_toks", self.max_gen_toks)),
+            temperature=temperature if do_sample else 0.0,
+            top_k=int(top_k) if top_k else None,
+            top_p=float(top_p) if top_p is not None and do_sample else None,
+        )
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        L = self.max_length
+        groups: dict[tuple, list[tuple[int, list[int]]]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            context, kwargs = req.args
+            opts = self._gen_options(kwargs)
+            ctx = self.tok_encode(context) or [self.prefix_token_id]
+            # Room for the new tokens, but the prompt keeps at least half the window.
+            ctx = ctx[-(L - min(opts.max_gen_toks, L // 2)) :]
+            n_new = min(opts.max_gen_toks, L - len(ctx))
+            groups[(len(ctx), n_new, opts)].append((i, ctx))
+        out: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="freeformer generate", disable=disable_tqdm)
+        for (_, n_new, opts), items in groups.items():
+            for s in range(0, len(items), self.batch_size):
+                batch = items[s : s + self.batch_size]
+                texts = self._generate_batch([ctx for _, ctx in batch], n_new, opts)
+                for (i, _), text in zip(batch, texts):
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(batch))
+        bar.close()
+        return out
+
+    @torch.no_grad()
+    def _generate_batch(self, ctxs: list[list[int]], n_new: int, opts: _GenOptions) -> list[str]:
+        """Continue prompts of equal length (no padding: the encoder is non-causal)."""
+        from freeformer.generate import KVCache, sample
+
+        B, T0 = len(ctxs), len(ctxs[0])
+        dev = self._device
+        prompt = torch.tensor(ctxs, device=dev)
+        seeds = [request_seed(self.seed, ctx, 0) for ctx in ctxs]
+        gens = [torch.Generator(device=dev).manual_seed(s ^ 0x5EED) for s in seeds]
+        codes = None
+        cache = KVCache(self.model, B, T0 + n_new)
+        if self.latent:
+            drawn = [draw_latents(s, self.max_length, self.model.config.latent_bits) for s in seeds]
+            codes = torch.stack([c for c, _ in drawn]).to(dev)
+            if self.prefill == "encoder":
+                noise = torch.stack([z[:T0] for _, z in drawn]).to(dev)
+                out = self.model(prompt, latents=None, bit_noise=noise, cache=cache,
+                                 last_logits_only=True)  # fmt: skip
+            else:
+                out = self.model(prompt, latents=codes[:, :T0], cache=cache, last_logits_only=True)
+        else:
+            out = self.model(prompt, cache=cache, last_logits_only=True)
+        eos = self.tok.eos_id
+        new: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        for t in range(n_new):
+            logits = out.logits[:, -1]
+            if opts.temperature == 0:
+                nxt = logits.argmax(-1)
+            else:  # one generator per request: samples do not depend on the batch
+                nxt = torch.cat([
+                    sample(logits[b : b + 1], opts.temperature, opts.top_k, opts.top_p, gens[b])
+                    for b in range(B)
+                ])  # fmt: skip
+            for b, tok in enumerate(nxt.tolist()):
+                if done[b]:
+                    continue
+                if eos is not None and tok == eos:
+                    done[b] = True
+                    continue
+                new[b].append(tok)
+                if opts.until and any(u in self.tok_decode(new[b]) for u in opts.until):
+                    done[b] = True
+            if all(done) or t == n_new - 1:
+                break
+            step = codes[:, T0 + t : T0 + t + 1] if codes is not None else None
+            out = self.model(nxt[:, None], latents=step, cache=cache, last_logits_only=True)
+        texts = []
+        for ids in new:
+            text = self.tok_decode(ids)
+            for u in opts.until:
+                text = text.split(u, 1)[0]
+            texts.append(text)
+        return texts
