@@ -1,0 +1,144 @@
+"""Training: resume = uninterrupted, honest validation maths, schedule, configs."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from freeformer import FreeTransformer, ModelConfig
+from freeformer.checkpoint import list_checkpoints, load_checkpoint
+from freeformer.runconfig import TrainConfig, available_presets, load_run_config
+from freeformer.train import LatentMonitor, evaluate, lr_at, param_groups, train
+
+
+def debug_cfg(**train):
+    overrides = [f"train.{k}={v}" for k, v in {"progress": "false", **train}.items()]
+    return load_run_config(preset="debug", overrides=overrides)
+
+
+def records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_bit_identical_to_uninterrupted(tmp_path):
+    cfg = debug_cfg(max_steps=12, ckpt_every=6, eval_every=6, log_every=1, keep_last=5)
+    full = tmp_path / "full"
+    train(cfg, full, quiet=True)
+    # Simulate a crash right after the step-6 checkpoint: drop later checkpoints and logs.
+    import shutil
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for ck in list_checkpoints(cut):
+        if ck.name != "step_00000006":
+            shutil.rmtree(ck)
+    train(cfg, cut, resume=True, quiet=True)
+    a, b = records(full), records(cut)
+    assert len(a) == len(b) and [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "ce", "kl_bits", "lr", "ce_prior", "nll_is"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)  # exact, not approximate
+    wa = load_checkpoint(full).model_state
+    wb = load_checkpoint(cut).model_state
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_training_reduces_loss_and_writes_run(tmp_path):
+    cfg = debug_cfg(max_steps=30, log_every=5, eval_every=0, ckpt_every=0, lr=0.01)
+    res = train(cfg, tmp_path / "run", quiet=True)
+    recs = [r for r in records(tmp_path / "run") if r.get("kind") != "val"]
+    assert recs[-1]["ce"] < recs[0]["ce"] - 0.5
+    assert {"step", "loss", "ce", "kl_bits", "lr", "tokens"} <= set(recs[0])
+    assert res.step == 30 and res.tokens == 30 * 8 * 65
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["dim"] == 32 and saved["train"]["max_steps"] == 30
+    assert len(list_checkpoints(tmp_path / "run")) == 1  # only the final one
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    cfg = debug_cfg(max_steps=8, ckpt_every=2, keep_last=2, eval_every=0)
+    train(cfg, tmp_path / "r", quiet=True)
+    assert [p.name for p in list_checkpoints(tmp_path / "r")] == ["step_00000006",
+                                                                   "step_00000008"]
+
+
+def exact_nll(model, x, y, n_bits):
+    """−log P(S)/T by enumerating every latent sequence (tiny H and T only)."""
+    B, T = x.shape
+    logps = []
+    for z in itertools.product(range(1 << n_bits), repeat=T):
+        codes = torch.tensor(z).expand(B, T)
+        with torch.no_grad():
+            logits = model(x, latents=codes).logits
+        lp = torch.log_softmax(logits.double(), -1).gather(-1, y[..., None]).squeeze(-1).sum(1)
+        logps.append(lp - T * n_bits * math.log(2))
+    return float(-(torch.logsumexp(torch.stack(logps), 0)).sum() / (B * T))
+
+
+def test_importance_sampled_nll_matches_enumeration():
+    cfg = ModelConfig.preset("debug", latent_bits=1, free_bits=0.5)
+    model = FreeTransformer(cfg, seed=0).eval()
+    with torch.no_grad():  # a position-dependent posterior far from uniform, yet with every
+        model.encoder.readout.weight.mul_(15)  # latent sequence still sampled at k = 400
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (2, 4), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (2, 4), generator=g)
+    exact = exact_nll(model, x, y, 1)
+    v = evaluate(model, [(x, y)], latent=True, n_bits=1, k=400, seed=0,
+                 device=torch.device("cpu"))
+    assert v["nll_is"] == pytest.approx(exact, abs=0.01)
+    assert v["elbo"] >= exact - 1e-4  # the ELBO is an upper bound on −log P(S)/T
+    assert v["kl_bits"] > 0.02  # Q ≠ prior, so the log Q − log P terms matter
+
+
+def test_validation_of_an_unused_latent_is_exact():
+    cfg = ModelConfig.preset("debug")
+    model = FreeTransformer(cfg).eval()
+    with torch.no_grad():  # Q = uniform and r = 0: every estimate equals the true CE
+        model.encoder.readout.weight.zero_()
+        model.post_sampler.weight.zero_()
+    x = torch.randint(0, cfg.vocab_size, (3, 10), generator=torch.Generator().manual_seed(1))
+    v = evaluate(model, [(x[:, :-1], x[:, 1:])], latent=True, n_bits=cfg.latent_bits, k=3,
+                 seed=0, device=torch.device("cpu"))
+    assert v["kl_bits"] == pytest.approx(0, abs=1e-6)
+    for key in ("ce_encoder", "elbo", "nll_is"):
+        assert v[key] == pytest.approx(v["ce_prior"], abs=1e-5)
+
+
+def test_lr_schedule():
+    tc = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, tc) == pytest.approx(0.1)
+    assert lr_at(9, tc) == pytest.approx(1.0)
+    assert lr_at(10, tc) == pytest.approx(1.0)
+    assert lr_at(55, tc) == pytest.approx(0.55)
+    assert lr_at(100, tc) == pytest.approx(0.1)
+    assert all(lr_at(s + 1, tc) <= lr_at(s, tc) for s in range(10, 100))
+
+
+def test_param_groups_exclude_lookup_tables_and_norms():
+    m = FreeTransformer(ModelConfig.preset("debug"))
+    decay, no_decay = param_groups(m, 0.1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert {"tok_emb.weight", "post_sampler.weight", "encoder.zeta", "norm.weight"} <= nd
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_latent_monitor_warns_once_per_condition():
+    mon = LatentMonitor(kappa_bits=1.0, n_bits=8, patience=3)
+    assert [mon.update(s, 0.01) for s in range(3)][:2] == [None, None]
+    assert mon.warned == {"low"}
+    assert mon.update(4, 0.01) is None  # once
+    assert all(mon.update(s, 0.5) is None for s in range(5))
+    out = [mon.update(s, 6.0) for s in range(3)]
+    assert out[2] is not None and "copying" in out[2]
+
+
+@pytest.mark.parametrize("name", available_presets())
+def test_every_shipped_config_parses(name):
+    cfg = load_run_config(preset=name)
+    assert cfg.train.seq_len <= cfg.model.max_seq_len
+    assert set(available_presets()) >= {"debug", "synthetic", "stdlib-code", "paper-1.5b",
+                                        "paper-8b"}
