@@ -367,22 +367,19 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
     if resume:
         ck = load_checkpoint(run_dir)
         _check_resume_compatible(ck, cfg)
-    elif info.is_main:
-        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-            raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
-                            "it or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), "version": __version__})
+    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
+                        "it or choose another --out")
+    # Everything that can fail on user input is checked before the run directory is touched.
     n_micro = micro_batches(tc, info)
     train_data, val_batches = build_data(cfg, info)
-    if info.is_main and cfg.data.source != "synthetic":
-        from freeformer.data.loader import load_manifest
-        from freeformer.data.tokenizer import load_tokenizer
+    if info.is_main and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), "version": __version__})
+        if cfg.data.source != "synthetic":
+            from freeformer.data.tokenizer import load_tokenizer
 
-        data_path = cfg.data.path
-        load_tokenizer(data_path).save(run_dir / "tokenizer")
-        load_manifest(data_path)
-
+            load_tokenizer(train_data.data_dir).save(run_dir / "tokenizer")
     model = FreeTransformer(mc, seed=tc.seed).to(device)
     if ck is not None:
         load_model_state(model, ck.model_state)  # before sharding: fully_shard keeps values
