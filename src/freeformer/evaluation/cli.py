@@ -166,12 +166,14 @@ def _include_dirs(paths: list[str]) -> list[str]:
     return out
 
 
-def _expand_tasks(spec: str, known: set[str], data_source: str) -> list[str]:
-    """``paper`` / comma list → task names, each checked against ``known`` (one-line errors)."""
+def _expand_tasks(spec: str, known: set[str], data_source: str) -> tuple[list[str], list[str]]:
+    """``paper`` / comma list → (task names, notes to print), each name checked against
+    ``known`` (one-line errors)."""
     from freeformer.evaluation.olmo import UNAVAILABLE
     from freeformer.evaluation.tasks import PAPER_TASKS, resolve_tasks
 
     names: list[str] = []
+    notes: list[str] = []
     for raw in spec.split(","):
         name = raw.strip()
         if not name:
@@ -182,8 +184,8 @@ def _expand_tasks(spec: str, known: set[str], data_source: str) -> list[str]:
         for t in PAPER_TASKS:
             if data_source == "olmo" and t.task in UNAVAILABLE:
                 sub = _OLMO_SUBSTITUTES.get(t.task)
-                print(f"freeformer: {t.task} is not available offline ({UNAVAILABLE[t.task]})"
-                      + (f"; using {sub}" if sub else "; skipped"), file=sys.stderr)
+                notes.append(f"{t.task} is not available offline ({UNAVAILABLE[t.task]})"
+                             + (f"; using {sub}" if sub else "; skipped"))
                 if sub:
                     names.append(sub)
                 continue
@@ -199,7 +201,7 @@ def _expand_tasks(spec: str, known: set[str], data_source: str) -> list[str]:
             where = ("the offline (olmo) tasks and --include-path" if data_source == "olmo"
                      else "lm-eval's tasks, freeformer's and --include-path")
             raise UserError(f"unknown task {n!r} (not among {where}){hint}")
-    return resolve_tasks(",".join(names), extra_known=tuple(known))
+    return resolve_tasks(",".join(names), extra_known=tuple(known)), notes
 
 
 def _run_name(path: str) -> str:
@@ -263,16 +265,18 @@ def run_eval(args: argparse.Namespace) -> None:
             from freeformer.evaluation.olmo import TASK_YAMLS_DIR
 
             tm = TaskManager(include_path=[str(TASK_YAMLS_DIR), *include], include_defaults=True)
-            tasks = _expand_tasks(args.tasks, set(tm.all_tasks), "hub")
+            tasks, notes = _expand_tasks(args.tasks, set(tm.all_tasks), "hub")
         else:
             from freeformer.evaluation.olmo import OFFLINE_TASKS, write_olmo_tasks
 
             user = (set(TaskManager(include_path=include, include_defaults=False).all_tasks)
                     if include else set())
-            tasks = _expand_tasks(args.tasks, set(OFFLINE_TASKS) | user, "olmo")
+            tasks, notes = _expand_tasks(args.tasks, set(OFFLINE_TASKS) | user, "olmo")
         code = [t for t in tasks if t in CODE_TASKS]
         if code and not args.allow_code_execution:
             raise UserError(f"{', '.join(code)}: {OPT_IN_MESSAGE}")
+        for note in notes:
+            print(f"freeformer: {note}", file=sys.stderr)
         if args.data_source == "olmo":
             offline = [t for t in tasks if t in OFFLINE_TASKS and t not in user]
             dirs = list(include)

@@ -182,6 +182,7 @@ class FreeformerLM(TemplateLM):
         self.batch_size = _int_option("batch_size", batch_size)
         self.seed = _int_option("seed", seed, lo=0)
         self.max_gen_toks = _int_option("max_gen_toks", max_gen_toks)
+        k = _int_option("latent_samples", latent_samples)
         self._device = _resolve_device(device)
         self.model, self.checkpoint = load_model(pretrained, self._device)
         self.tok = load_run_tokenizer(self.checkpoint)
@@ -190,7 +191,6 @@ class FreeformerLM(TemplateLM):
         self.latent = bool(c.latent)
         self.latent_mode = latent_mode
         self.prefill = prefill
-        k = _int_option("latent_samples", latent_samples)
         self.latent_samples = k if self.latent else 1
 
     # ------------------------------------------------------------------- lm-eval plumbing
