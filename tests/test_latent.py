@@ -7,8 +7,16 @@ import torch
 import torch.nn.functional as F
 
 import freeformer.latent as latent
-from freeformer.latent import (PostSampler, binary_mapper, bit_matrix, codes_to_bits,
-                               free_bits_loss, kl_per_token, sample_codes, uniform_codes)
+from freeformer.latent import (
+    PostSampler,
+    binary_mapper,
+    bit_matrix,
+    codes_to_bits,
+    free_bits_loss,
+    kl_per_token,
+    sample_codes,
+    uniform_codes,
+)
 
 
 def dense_mapper(bit_logits, table, codes):

@@ -81,8 +81,11 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None
                      ) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Unsharded, CPU model and name-keyed optimizer state dicts (collective under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = get_model_state_dict(model, options=opts)

@@ -23,8 +23,13 @@ from torch import Tensor, nn
 
 from freeformer.config import ModelConfig
 from freeformer.errors import DataError
-from freeformer.latent import (LatentEncoder, PostSampler, free_bits_loss, kl_per_token,
-                               uniform_codes)
+from freeformer.latent import (
+    LatentEncoder,
+    PostSampler,
+    free_bits_loss,
+    kl_per_token,
+    uniform_codes,
+)
 from freeformer.layers import Block, RMSNorm, rope_tables
 
 if TYPE_CHECKING:

@@ -24,9 +24,15 @@ from torch import Tensor, nn
 
 from freeformer import __version__
 from freeformer import distributed as D
-from freeformer.checkpoint import (Checkpoint, flatten_optimizer_state, load_checkpoint,
-                                   load_model_state, save_checkpoint,
-                                   unflatten_optimizer_state, write_json_atomic)
+from freeformer.checkpoint import (
+    Checkpoint,
+    flatten_optimizer_state,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    unflatten_optimizer_state,
+    write_json_atomic,
+)
 from freeformer.errors import CheckpointError, ConfigError, UserError
 from freeformer.model import FreeTransformer
 from freeformer.runconfig import RunConfig, TrainConfig
@@ -181,7 +187,7 @@ def log_q(bit_logits: Tensor, codes: Tensor) -> Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, latent: bool,
              n_bits: int, k: int, seed: int, device: torch.device,
-             ctx: contextlib.AbstractContextManager = contextlib.nullcontext()) -> dict[str, float]:
+             ctx: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
     """Validation metrics (nats per token unless named ``_bits``).
 
     Free Transformer:
@@ -193,6 +199,7 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, latent: 
       nll_is        importance-sampled −log P(S)/T with k posterior samples (tighter bound).
     Baseline: ce.
     """
+    ctx = ctx if ctx is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -327,7 +327,7 @@ def main(args: argparse.Namespace) -> None:
     (out / "samples.json").write_text(json.dumps(samples, indent=1))
     command = "freeformer " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["synthetic"] else \
         f"freeformer synthetic (args: {vars(args)})"
-    md = [f"# Synthetic experiment (paper Section 4.1, Figure 4)\n",
+    md = ["# Synthetic experiment (paper Section 4.1, Figure 4)\n",
           f"Command: `{command}`  \nRuntime: {runtime / 60:.1f} min  \nMachine: {machine()}  \n"
           f"Steps per model: {plan.steps}; groups scored per model: {args.groups} independent "
           f"+ {args.groups} shared, {GROUP_SIZE} sequences each (temperature 1).\n",
