@@ -138,8 +138,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
             raise UserError(f"{run_dir} is not a run directory (no config.json)")
         import json
 
-        saved = json.loads(cfg_path.read_text())
-        saved.pop("version", None)
+        try:
+            saved = json.loads(cfg_path.read_text(encoding="utf-8"))
+            saved.pop("version", None)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise UserError(f"{cfg_path} is corrupted (not a JSON object)") from None
         base = RunConfig.from_dict(saved)
         cfg = build_run_config(base.to_dict(), overrides)
         train(cfg, run_dir, resume=True, quiet=args.quiet)

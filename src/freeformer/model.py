@@ -157,7 +157,9 @@ class FreeTransformer(nn.Module):
                             "shorten the input or raise model.max_seq_len")
         if T == 0:
             raise DataError("tokens is empty (T = 0)")
-        if not torch.compiler.is_compiling():
+        # The value check costs a host sync; on CUDA an out-of-range id already fails loudly
+        # (device assert), so training there skips it. CPU and inference always check.
+        if not torch.compiler.is_compiling() and not (tokens.is_cuda and self.training):
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= c.vocab_size:
                 bad = hi if hi >= c.vocab_size else lo
@@ -247,6 +249,8 @@ class FreeTransformer(nn.Module):
 
         ce = loss = None
         if targets is not None:
+            if last_logits_only:
+                raise ValueError("last_logits_only=True computes no logits to score targets with")
             if targets.shape != tokens.shape:
                 raise DataError(f"targets shape {tuple(targets.shape)} != tokens shape "
                                 f"{tuple(tokens.shape)}")
