@@ -142,3 +142,17 @@ def test_every_shipped_config_parses(name):
     assert cfg.train.seq_len <= cfg.model.max_seq_len
     assert set(available_presets()) >= {"debug", "synthetic", "stdlib-code", "paper-1.5b",
                                         "paper-8b"}
+
+
+def test_activation_checkpointing_gives_identical_gradients():
+    from freeformer.train import _enable_activation_checkpointing
+
+    cfg = ModelConfig.preset("debug")
+    a, b = FreeTransformer(cfg, seed=0), FreeTransformer(cfg, seed=0)
+    _enable_activation_checkpointing(b)
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(2, 16, cfg.latent_bits, generator=torch.Generator().manual_seed(1))
+    for m in (a, b):
+        m(x, x, bit_noise=noise).loss.backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
