@@ -175,8 +175,20 @@ def test_plot_runs(run_dir, tmp_path, capsys):
 
 
 def test_help_everywhere(capsys):
-    for cmd in ("train", "validate", "generate", "prepare", "plot"):
+    for cmd in ("train", "config", "validate", "generate", "prepare", "plot", "synthetic",
+                "eval", "compare"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
     assert "freeformer" in capsys.readouterr().out
+
+
+def test_config_prints_a_round_trippable_toml(tmp_path, capsys):
+    assert main(["config", "--preset", "synthetic", "--model.free_bits=1/8"]) == 0
+    text = capsys.readouterr().out
+    assert "free_bits = 0.125" in text and "[train]" in text
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert main(["config", "--config", str(path)]) == 0
+    assert capsys.readouterr().out == text
+    check_error(capsys, ["config", "--preset", "debug", "--model.nope=1"], "unknown key")

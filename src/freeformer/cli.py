@@ -19,7 +19,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train", help="train a Free Transformer or a baseline",
         description="Train from a shipped preset or a TOML config, with --section.key=value "
                     "overrides (e.g. --train.max_steps=200 --model.free_bits=1/8). Sections: "
-                    "model, train, data (see docs/configuration.md or `freeformer config`).",
+                    "model, train, data; `freeformer config --preset NAME` prints every key.",
         epilog="Distributed: torchrun --nproc_per_node=N -m freeformer train ... "
                "--train.dist=ddp|fsdp")
     src = p.add_mutually_exclusive_group()
@@ -78,6 +78,16 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="print a resolved run config (every key) as TOML",
+                       description="Resolve a preset or TOML file plus overrides and print "
+                                   "every [model]/[train]/[data] key with its value.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="shipped config name")
+    src.add_argument("--config", help="path to a TOML config")
+    p.add_argument("--list", action="store_true", help="list the shipped presets")
+
+
 def _add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="overlay CE and KL curves of runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -114,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluate, reproduce the synthetic experiment.")
     parser.add_argument("--version", action="version", version=f"freeformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_validate, _add_generate, _add_prepare, _add_plot):
+    for add in (_add_train, _add_config, _add_validate, _add_generate, _add_prepare, _add_plot):
         add(sub)
     for optional in (_add_synthetic, _add_eval, _add_compare):
         try:
@@ -153,6 +163,30 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     name = args.preset or Path(args.config).stem
     out = Path(args.out) if args.out else Path("runs") / name
     train(cfg, out, quiet=args.quiet)
+
+
+def cmd_config(args: argparse.Namespace, overrides: list[str]) -> None:
+    from freeformer.runconfig import available_presets, load_run_config
+
+    if args.list:
+        print("\n".join(available_presets()))
+        return
+    cfg = load_run_config(preset=args.preset, path=args.config, overrides=overrides)
+    for section, values in cfg.to_dict().items():
+        print(f"[{section}]")
+        for k, v in values.items():
+            if v is None:
+                continue  # TOML has no null; absent means "derived"
+            print(f"{k} = {_toml_value(v)}")
+        print()
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -241,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args, rest = parser.parse_known_args(argv)
         overrides = []
-        if args.command == "train":
+        if args.command in ("train", "config"):
             i = 0
             while i < len(rest):  # --section.key=value or --section.key value
                 a = rest[i]
@@ -258,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         handler = {"train": lambda: cmd_train(args, overrides),
+                   "config": lambda: cmd_config(args, overrides),
                    "validate": lambda: cmd_validate(args),
                    "generate": lambda: cmd_generate(args),
                    "prepare": lambda: cmd_prepare(args),
@@ -274,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("freeformer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `freeformer ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
