@@ -69,9 +69,9 @@ def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor) -> Ten
     For one token, with s_d = <W_d, dr> and u_d = s_d G_d, the exact gradient is
         dL_h = Σ_d u_d (b_h(d) − p_h) = Σ_{d: b_h(d)=1} u_d − p_h Σ_d u_d.
     Codes are split as d = j·2^k + c (k low bits c, high bits j), so G factorises as
-    G_d = G_low(c) · g_high(j). Per code chunk j: S = (dr ⊙ g_high(j)) W_j^T, U = S ⊙ G_low,
-    and one small matmul U @ [bits_low | 1] yields the low-bit sums and the chunk total;
-    the high-bit sums follow from the chunk totals. Everything is float32 (or float64 when
+    G_d = G_low(c) · g_high(j). Per code chunk j: S = dr W_j^T, U = S ⊙ G_low, and one thin
+    matmul U @ [bits_low | 1] yields the low-bit sums and the chunk total, both then scaled
+    by g_high(j); the high-bit sums follow from the chunk totals. Everything is float32 (or float64 when
     the inputs are), and G is formed as exp(log G) from log-sigmoids, so bf16 training
     never underflows G. Work: 2·N·2^H·D FLOPs (the S matmuls) + O(N·2^H·(k+1)).
     """
@@ -94,21 +94,29 @@ def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor) -> Ten
     W = table.to(f)
     dr = grad_r.to(f)
 
+    # Work buffers reused by every chunk (fresh 4 MiB blocks per chunk cost page faults).
+    S_buf = torch.empty(nt, C, dtype=f, device=dev)
+    R_buf = torch.empty(nt, k + 1, dtype=f, device=dev)
     out = torch.empty(N, H, dtype=f, device=dev)
     for t0 in range(0, N, nt):
         t1 = min(N, t0 + nt)
+        n = t1 - t0
         lo = torch.cat([log_p[t0:t1, :k], log_q[t0:t1, :k]], dim=1)       # (n, 2k)
         hi = torch.cat([log_p[t0:t1, k:], log_q[t0:t1, k:]], dim=1)       # (n, 2(H−k))
         G_low = (lo @ bl_sel.T).exp_()                                     # (n, C)
         g_high = (hi @ bh_sel.T).exp_()                                    # (n, J)
         g = dr[t0:t1]
-        low_sums = torch.zeros(t1 - t0, k + 1, dtype=f, device=dev)
-        totals = torch.empty(t1 - t0, J, dtype=f, device=dev)
+        S, R = S_buf[:n], R_buf[:n]
+        low_sums = torch.zeros(n, k + 1, dtype=f, device=dev)
+        totals = torch.empty(n, J, dtype=f, device=dev)
         for j in range(J):
-            S = (g * g_high[:, j:j + 1]) @ W[j * C:(j + 1) * C].T            # (n, C)
-            R = S.mul_(G_low) @ bl_sum                                      # (n, k+1)
-            low_sums += R
+            torch.mm(g, W[j * C:(j + 1) * C].T, out=S)                      # s_d, d in chunk j
+            torch.mm(S.mul_(G_low), bl_sum, out=R)                          # Σ_c s_d G_low [b | 1]
+            # g_high(j) is one scalar per token for the whole chunk: apply it to the
+            # (n, k+1) reduction rather than to the (n, D) rows before the GEMM.
+            low_sums.addcmul_(R, g_high[:, j:j + 1])
             totals[:, j] = R[:, k]
+        totals.mul_(g_high)                                                # Σ_{d in chunk j} u_d
         high_sums = totals @ bh                                            # (n, H−k)
         total = low_sums[:, k:]                                            # Σ_d u_d
         out[t0:t1] = torch.cat([low_sums[:, :k], high_sums], dim=1) - p[t0:t1] * total
