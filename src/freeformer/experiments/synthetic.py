@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -26,6 +27,8 @@ from freeformer.errors import UserError
 
 GROUP_SIZE = 5
 DEFAULT_KAPPAS = "1/64,1/8,1,8"
+QUICK_KAPPAS = "1/64,8"
+QUICK_STEPS = 600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "κ and the matched baseline, show Figure 4 in the terminal, score groups "
                      "of samples, write samples.json, results.md and figure4.png.")
     p.add_argument("--kappa-bits", default=None,
-                   help=f"comma-separated κ in bits (default {DEFAULT_KAPPAS}; --quick: 8)")
+                   help=f"comma-separated κ in bits (default {DEFAULT_KAPPAS}; --quick: "
+                        f"{QUICK_KAPPAS})")
     p.add_argument("--quick", action="store_true",
-                   help="the few-minute demo: fewer steps, κ = 8 bits and the baseline")
+                   help=f"the few-minute demo: {QUICK_STEPS} steps, κ = {QUICK_KAPPAS} bits and "
+                        "the baseline (κ = 8 bits breaks generation; 1/64 bit behaves like "
+                        "the baseline)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model "
                                                            "(default: the config's)")
     p.add_argument("--groups", type=int, default=20,
@@ -85,11 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=main)
 
 
-QUICK_STEPS = 600
-
-
 def make_plan(args: argparse.Namespace, config_steps: int) -> Plan:
-    kappas = parse_kappas(args.kappa_bits or ("8" if args.quick else DEFAULT_KAPPAS))
+    kappas = parse_kappas(args.kappa_bits or (QUICK_KAPPAS if args.quick else DEFAULT_KAPPAS))
     steps = args.steps or (QUICK_STEPS if args.quick else config_steps)
     if steps < 1:
         raise UserError(f"--steps {steps}: expected ≥ 1")
@@ -112,6 +115,8 @@ def train_model(base_cfg, run_dir: Path, *, kappa: float | None, steps: int, see
     d["model"]["latent"] = kappa is not None
     if kappa is not None:
         d["model"]["free_bits"] = kappa
+        # κ cannot exceed H bits per token: κ = 8 bits needs H ≥ 8 (the config's H otherwise).
+        d["model"]["latent_bits"] = max(d["model"]["latent_bits"], math.ceil(kappa))
     d["train"].update(max_steps=steps, seed=seed, threads=threads,
                       ckpt_every=max(1, steps // 4))
     d["train"]["warmup_steps"] = min(d["train"]["warmup_steps"], max(1, steps // 10))
