@@ -104,6 +104,8 @@ def generate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, *,
     if latents is not None:
         latents = latents.to(device).long()
         latents = latents.expand(B, -1) if latents.dim() == 1 or latents.shape[0] == 1 else latents
+        # Check every pinned code once here; decode steps then skip the per-call checks.
+        latents = model._pinned_codes(latents, B, T0 + max_new_tokens, device)
 
     cache = KVCache(model, B, T0 + max_new_tokens)
     prompt_latents = latents[:, :T0] if latents is not None else (
@@ -129,7 +131,8 @@ def generate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, *,
             break
         pos = T0 + t
         step_codes = all_codes[:, pos:pos + 1] if all_codes is not None else None
-        out = model(nxt[:, None], latents=step_codes, cache=cache, last_logits_only=True)
+        out = model(nxt[:, None], latents=step_codes, cache=cache, last_logits_only=True,
+                    check_inputs=False)  # sampled ids and checked codes are in range
     result = torch.cat(tokens, dim=1)
     if squeeze:
         result = result[0]

@@ -63,7 +63,8 @@ def uniform_codes(shape: tuple[int, ...], n_bits: int, device: torch.device | st
 # ---------------------------------------------------------------------------------------
 # Binary mapper with the exact Eq. 8 gradient, never materialising tokens × 2^H
 # ---------------------------------------------------------------------------------------
-def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor) -> Tensor:
+def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor,
+                       matmul_dtype: torch.dtype | None = None) -> Tensor:
     """d loss / d L for r = W^T (Y + G − sg(G)), computed in chunks.
 
     For one token, with s_d = <W_d, dr> and u_d = s_d G_d, the exact gradient is
@@ -74,6 +75,10 @@ def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor) -> Ten
     by g_high(j); the high-bit sums follow from the chunk totals. Everything is float32 (or float64 when
     the inputs are), and G is formed as exp(log G) from log-sigmoids, so bf16 training
     never underflows G. Work: 2·N·2^H·D FLOPs (the S matmuls) + O(N·2^H·(k+1)).
+
+    ``matmul_dtype`` (bf16 when the forward ran under bf16 autocast): only the S = dr W_j^T
+    products use it, the table cast one code chunk at a time — the same trade as a bf16 LM
+    head (relative error ~2^-8 on s_d); G, the sums and the result stay float32.
     """
     N, H = bit_logits.shape
     f = torch.promote_types(bit_logits.dtype, torch.float32)
@@ -91,11 +96,13 @@ def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor) -> Ten
     bl_sum = torch.cat([bl, torch.ones(C, 1, dtype=f, device=dev)], dim=1)  # (C, k+1)
     bh = bit_matrix(H - k, f, dev)                      # (J, H−k)
     bh_sel = torch.cat([bh, 1 - bh], dim=1)             # (J, 2(H−k))
-    W = table.to(f)
-    dr = grad_r.to(f)
+    low = matmul_dtype is not None and matmul_dtype != f
+    W = table if low else table.to(f)
+    dr = grad_r.to(matmul_dtype if low else f)
 
     # Work buffers reused by every chunk (fresh 4 MiB blocks per chunk cost page faults).
     S_buf = torch.empty(nt, C, dtype=f, device=dev)
+    S16_buf = torch.empty(nt, C, dtype=matmul_dtype, device=dev) if low else None
     R_buf = torch.empty(nt, k + 1, dtype=f, device=dev)
     out = torch.empty(N, H, dtype=f, device=dev)
     for t0 in range(0, N, nt):
@@ -107,10 +114,15 @@ def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor) -> Ten
         g_high = (hi @ bh_sel.T).exp_()                                    # (n, J)
         g = dr[t0:t1]
         S, R = S_buf[:n], R_buf[:n]
+        S16 = S16_buf[:n] if low else None
         low_sums = torch.zeros(n, k + 1, dtype=f, device=dev)
         totals = torch.empty(n, J, dtype=f, device=dev)
         for j in range(J):
-            torch.mm(g, W[j * C:(j + 1) * C].T, out=S)                      # s_d, d in chunk j
+            if low:  # (CPU matmuls cannot return float32 from bf16 operands)
+                torch.mm(g, W[j * C:(j + 1) * C].to(matmul_dtype).T, out=S16)
+                S.copy_(S16)
+            else:
+                torch.mm(g, W[j * C:(j + 1) * C].T, out=S)                  # s_d, d in chunk j
             torch.mm(S.mul_(G_low), bl_sum, out=R)                          # Σ_c s_d G_low [b | 1]
             # g_high(j) is one scalar per token for the whole chunk: apply it to the
             # (n, k+1) reduction rather than to the (n, D) rows before the GEMM.
@@ -129,6 +141,11 @@ class _BinaryMapper(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bit_logits: Tensor, table: Tensor, codes: Tensor) -> Tensor:
         ctx.save_for_backward(bit_logits, table, codes)
+        # Under low-precision autocast the rest of the model's matmuls are bf16: so are the
+        # mapper backward's S products (the autocast state is gone by backward time).
+        dev = table.device.type
+        ctx.matmul_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                            else None)
         return F.embedding(codes, table)
 
     @staticmethod
@@ -138,7 +155,8 @@ class _BinaryMapper(torch.autograd.Function):
         g = grad_r.reshape(-1, D)
         grad_logits = grad_table = None
         if ctx.needs_input_grad[0]:
-            grad_logits = _mapper_logit_grad(bit_logits.reshape(-1, H), table, g)
+            grad_logits = _mapper_logit_grad(bit_logits.reshape(-1, H), table, g,
+                                             ctx.matmul_dtype)
             grad_logits = grad_logits.to(bit_logits.dtype).view_as(bit_logits)
         if ctx.needs_input_grad[1]:
             # G − sg(G) is exactly 0 in the forward value, so only the one-hot reaches W.

@@ -145,7 +145,7 @@ class FreeTransformer(nn.Module):
                 n -= self.post_sampler.weight.numel()
         return n
 
-    def _check_tokens(self, tokens: Tensor, pos: int) -> None:
+    def _check_tokens(self, tokens: Tensor, pos: int, values: bool = True) -> None:
         c = self.config
         if tokens.dtype not in (torch.int64, torch.int32):
             raise DataError(f"tokens must be an integer tensor, got {tokens.dtype}")
@@ -159,13 +159,14 @@ class FreeTransformer(nn.Module):
             raise DataError("tokens is empty (T = 0)")
         # The value check costs a host sync; on CUDA an out-of-range id already fails loudly
         # (device assert), so training there skips it. CPU and inference always check.
-        if not torch.compiler.is_compiling() and not (tokens.is_cuda and self.training):
+        if values and not torch.compiler.is_compiling() and not (tokens.is_cuda and self.training):
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= c.vocab_size:
                 bad = hi if hi >= c.vocab_size else lo
                 raise DataError(f"token id {bad} is outside [0, vocab_size={c.vocab_size})")
 
-    def _pinned_codes(self, latents: Tensor, B: int, T: int, device: torch.device) -> Tensor:
+    def _pinned_codes(self, latents: Tensor, B: int, T: int, device: torch.device,
+                      values: bool = True) -> Tensor:
         c = self.config
         if latents.dtype not in (torch.int64, torch.int32):
             raise DataError(f"latent codes must be an integer tensor, got {latents.dtype}")
@@ -174,7 +175,7 @@ class FreeTransformer(nn.Module):
         if tuple(latents.shape) != (B, T):
             raise DataError(f"latent codes have shape {tuple(latents.shape)}; expected ({B}, {T}) "
                             f"or ({T},)")
-        if not torch.compiler.is_compiling():
+        if values and not torch.compiler.is_compiling():
             lo, hi = int(latents.min()), int(latents.max())
             if lo < 0 or hi >= c.n_codes:
                 raise DataError(f"latent code {hi if hi >= c.n_codes else lo} is outside "
@@ -184,7 +185,8 @@ class FreeTransformer(nn.Module):
     def forward(self, tokens: Tensor, targets: Tensor | None = None,
                 latents: Tensor | str | None = None, *,
                 generator: torch.Generator | None = None, bit_noise: Tensor | None = None,
-                cache: KVCache | None = None, last_logits_only: bool = False) -> ModelOutput:
+                cache: KVCache | None = None, last_logits_only: bool = False,
+                check_inputs: bool = True) -> ModelOutput:
         """Run the model on ``tokens`` (B, T) or (T,).
 
         latents: None → codes sampled from the encoder's posterior (training and prefill);
@@ -193,14 +195,16 @@ class FreeTransformer(nn.Module):
         may replace the posterior's draws (data-parallel training slices one global draw,
         so any number of processes samples the same latents). ``cache`` (see generate.py) makes this a
         prefill or decode step at position ``cache.pos``; encoder latents then need the
-        whole prompt in one call, since the encoder is non-causal.
+        whole prompt in one call, since the encoder is non-causal. ``check_inputs=False``
+        skips the id-range checks (each costs a host sync) for callers that validated once,
+        as generation's decode steps do.
         """
         c = self.config
         if tokens.dim() == 1:
             tokens = tokens[None]
             targets = targets[None] if targets is not None else None
         pos = cache.pos if cache is not None else 0
-        self._check_tokens(tokens, pos)
+        self._check_tokens(tokens, pos, check_inputs)
         B, T = tokens.shape
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         layer_cache = (lambda i: cache.layers[i]) if cache is not None else (lambda i: None)
@@ -230,7 +234,7 @@ class FreeTransformer(nn.Module):
                                         "or a tensor of codes")
                     codes = uniform_codes((B, T), c.latent_bits, x.device, generator)
                 else:
-                    codes = self._pinned_codes(latents, B, T, x.device)
+                    codes = self._pinned_codes(latents, B, T, x.device, check_inputs)
                 r = self.post_sampler.embed(codes)
             kv = x + r.to(x.dtype)  # r enters only the keys/values of block L/2+1
         elif isinstance(latents, Tensor):
