@@ -196,7 +196,10 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, latent: 
                     is NOT the model's likelihood (it leaks the answer); reported for curves.
       kl_bits       mean KL(Q || prior) per token, in bits.
       elbo          ce_encoder + KL: an upper bound on −log P(S)/T, comparable to a baseline's CE.
-      nll_is        importance-sampled −log P(S)/T with k posterior samples (tighter bound).
+      nll_is        importance-sampled −log P(S)/T with k posterior samples (an upper bound
+                    that tightens with k).
+    ce_prior is an upper bound on −log P(S)/T too (Jensen: E_Z[−log P(S|Z)] ≥ −log E_Z[P(S|Z)]);
+    the smaller of ce_prior and nll_is is the tightest bound to compare with a baseline's CE.
     Baseline: ce.
     """
     ctx = ctx if ctx is not None else contextlib.nullcontext()
