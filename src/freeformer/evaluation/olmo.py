@@ -263,6 +263,19 @@ _CODE_FILTER = [
     }
 ]
 
+# Short-answer generation shared by NQ-open and TriviaQA (as in lm-eval's YAMLs): greedy
+# until a newline or punctuation, whitespace-stripped first answer, exact match.
+_SHORT_ANSWER = {
+    "generation_kwargs": {"until": ["\n", ".", ","], "do_sample": False, "temperature": 0.0},
+    "filter_list": [
+        {
+            "name": "remove_whitespace",
+            "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}],
+        }
+    ],
+    "target_delimiter": " ",
+}
+
 # task -> (converter, lm-eval config without dataset fields, note for the YAML header)
 _SPECS: dict[str, tuple[Callable[[Path], dict[str, list[dict]]], dict, str]] = {
     "arc_easy": (
@@ -378,18 +391,7 @@ _SPECS: dict[str, tuple[Callable[[Path], dict[str, list[dict]]], dict, str]] = {
             "doc_to_text": "Q: {{question}}?\nA:",
             "doc_to_target": "{{answer}}",
             "fewshot_delimiter": "\n",
-            "generation_kwargs": {
-                "until": ["\n", ".", ","],
-                "do_sample": False,
-                "temperature": 0.0,
-            },  # fmt: skip
-            "filter_list": [
-                {
-                    "name": "remove_whitespace",
-                    "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}],
-                }
-            ],
-            "target_delimiter": " ",
+            **_SHORT_ANSWER,
             "metric_list": [
                 {
                     "metric": "exact_match",
@@ -413,18 +415,7 @@ _SPECS: dict[str, tuple[Callable[[Path], dict[str, list[dict]]], dict, str]] = {
             "doc_to_target": "{{answer.aliases}}",
             "should_decontaminate": True,
             "doc_to_decontamination_query": "question",
-            "generation_kwargs": {
-                "until": ["\n", ".", ","],
-                "do_sample": False,
-                "temperature": 0.0,
-            },  # fmt: skip
-            "filter_list": [
-                {
-                    "name": "remove_whitespace",
-                    "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}],
-                }
-            ],
-            "target_delimiter": " ",
+            **_SHORT_ANSWER,
             "metric_list": [
                 {
                     "metric": "exact_match",
