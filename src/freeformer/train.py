@@ -152,9 +152,11 @@ def global_bit_noise(cfg: RunConfig, gen: torch.Generator, info: D.DistInfo,
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
                noise: Tensor | None, n_micro: int, tc: TrainConfig,
-               ctx: contextlib.AbstractContextManager) -> dict[str, float]:
-    """Forward/backward over ``n_micro`` micro-batches, clip, step. Returns mean metrics."""
-    sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "kl_loss": 0.0}
+               ctx: contextlib.AbstractContextManager) -> dict[str, Tensor]:
+    """Forward/backward over ``n_micro`` micro-batches, clip, step. Returns mean metrics as
+    0-d tensors: converting them to floats here would cost a host sync per step on CUDA, so
+    the loop does it only on logging steps."""
+    sums: dict[str, Tensor] = {}
     xs, ys = x.chunk(n_micro), y.chunk(n_micro)
     ns = noise.chunk(n_micro) if noise is not None else [None] * n_micro
     for i in range(n_micro):
@@ -165,10 +167,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
             with ctx:
                 out = model(xs[i], ys[i], bit_noise=ns[i])
             (out.loss / n_micro).backward()
-        for k in sums:
-            sums[k] += float(getattr(out, k).detach()) / n_micro
+        for k in ("loss", "ce", "kl", "kl_loss"):
+            v = getattr(out, k).detach().float() / n_micro
+            sums[k] = sums[k] + v if k in sums else v
     if tc.grad_clip > 0:
-        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums
@@ -452,7 +455,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
         tokens += tokens_per_step
         done = step + 1
         if done % tc.log_every == 0 or done == tc.max_steps:
-            m = D.mean_across_ranks(m, info, device)
+            m = D.mean_across_ranks({k: float(v) for k, v in m.items()}, info, device)
             now = time.perf_counter()
             tps = (tokens - window_tok) / max(now - window_t, 1e-9)
             window_t, window_tok = now, tokens

@@ -82,7 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per model "
                                                            "(default: the config's)")
     p.add_argument("--groups", type=int, default=20,
-                   help="independent and shared groups of 5 scored per model (≥ 20)")
+                   help="independent and shared groups of 5 scored per model (default 20, the "
+                        "minimum for the acceptance tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true", help="skip the matched baseline")
     p.add_argument("--config", default=None,
