@@ -12,7 +12,7 @@ from freeformer.experiments.synthetic import kappa_key, parse_kappas, regime_che
 def test_runner_writes_every_output_and_reuses_finished_runs(tmp_path, capsys):
     out = tmp_path / "syn"
     argv = ["synthetic", "--kappa-bits", "1/64,8", "--steps", "3", "--groups", "2",
-            "--out", str(out)]
+            "--jobs", "1", "--threads", "1", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "shared latent #2" in printed and "total runtime" in printed
@@ -29,6 +29,23 @@ def test_runner_writes_every_output_and_reuses_finished_runs(tmp_path, capsys):
     # A second invocation reuses the finished runs instead of training again.
     assert main(argv) == 0
     assert capsys.readouterr().out.count("reusing the finished run") == 3
+
+
+@pytest.mark.slow
+def test_parallel_models_give_the_sequential_results(tmp_path, capsys):
+    """--jobs 2 trains and scores each model in its own process: same numbers as --jobs 1."""
+    outs = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["synthetic", "--kappa-bits", "1", "--steps", "4", "--groups", "2",
+                     "--jobs", jobs, "--threads", "1", "--out", str(out)]) == 0
+        outs[jobs] = (json.loads((out / "samples.json").read_text()),
+                      json.loads((out / "scores.json").read_text()))
+    printed = capsys.readouterr().out
+    assert "trained in" in printed and "What you are looking at" in printed
+    assert outs["1"][0] == outs["2"][0]
+    for key in ("ind", "sha", "val", "recon", "steps"):
+        assert outs["1"][1]["1"][key] == outs["2"][1]["1"][key]
 
 
 def test_kappa_parsing_and_keys():
