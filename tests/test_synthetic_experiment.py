@@ -6,7 +6,7 @@ import pytest
 
 from freeformer.cli import main
 from freeformer.errors import UserError
-from freeformer.experiments.synthetic import kappa_key, parse_kappas, regime_checks
+from freeformer.experiments.synthetic import kappa_key, parse_kappas, plain_summary, regime_checks
 
 
 def test_runner_writes_every_output_and_reuses_finished_runs(tmp_path, capsys):
@@ -72,3 +72,22 @@ def test_regime_checks_apply_the_issue_thresholds():
     results["1"] = scores(0.95, 0.03, 0.9, 0.03, 0.30)        # Jaccard only +0.27
     results["8"] = scores(0.80, 0.03, 0.3, 0.5, 0.8)          # only 15 points below
     assert [ok for _, _, ok in regime_checks(results)] == [True, False, False, False]
+
+
+def test_plain_summary_names_what_sharing_z_did():
+    def res(validity, pos_ind, pos_sha, jac_ind, jac_sha, kl=1.0):
+        r = scores(validity, pos_ind, pos_sha, jac_ind, jac_sha)
+        r["val"] = {"kl_bits": kl}
+        return r
+
+    lines = plain_summary({"1": res(0.9, 0.05, 0.45, 0.09, 0.29),
+                           "0.015625": res(0.95, 0.03, 0.05, 0.03, 0.04, kl=0.01),
+                           "8": res(0.3, 0.1, 0.9, 0.1, 0.9, kl=7.9),
+                           "baseline": {**scores(0.96, 0.03, 0.03, 0.03, 0.03), "val": {}}})
+    assert "steers generation: it decides where the target goes (" in lines[0]
+    assert "45 % of pairs" in lines[0] and "5 %" in lines[0]
+    assert "changes little" in lines[1]
+    assert "generation is broken" in lines[2] and "7.9 bits/token" in lines[2]
+    assert lines[3].startswith("baseline")
+    both = plain_summary({"1": res(0.9, 0.05, 0.85, 0.09, 0.6)})[0]
+    assert "where the target goes and where the noise falls" in both
