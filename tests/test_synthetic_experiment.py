@@ -87,7 +87,12 @@ def test_plain_summary_names_what_sharing_z_did():
     assert "steers generation: it decides where the target goes (" in lines[0]
     assert "45 % of pairs" in lines[0] and "5 %" in lines[0]
     assert "changes little" in lines[1]
-    assert "generation is broken" in lines[2] and "7.9 bits/token" in lines[2]
+    assert "generation breaks" in lines[2] and "7.9 bits/token" in lines[2]
+    assert "96 % well formed for the baseline" in lines[2]
+    # 20 points below the baseline is a breakdown even above 50 % validity.
+    mild = plain_summary({"8": res(0.7, 0.1, 0.2, 0.1, 0.2, kl=7.9),
+                          "baseline": {**scores(0.95, 0.03, 0.03, 0.03, 0.03), "val": {}}})
+    assert "generation breaks" in mild[0]
     assert lines[3].startswith("baseline")
     both = plain_summary({"1": res(0.9, 0.05, 0.85, 0.09, 0.6)})[0]
     assert "where the target goes and where the noise falls" in both

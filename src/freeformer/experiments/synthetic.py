@@ -365,6 +365,7 @@ def reconstruction_table(results: dict[str, dict]) -> str:
 def plain_summary(results: dict[str, dict]) -> list[str]:
     """One sentence per model saying what sharing Z did to its samples."""
     lines = []
+    ref = results.get("baseline", {}).get("ind", {}).get("validity")
     for key, r in results.items():
         i, s = r["ind"], r["sha"]
         dp = (s["position_agreement"] or 0.0) - (i["position_agreement"] or 0.0)
@@ -381,10 +382,12 @@ def plain_summary(results: dict[str, dict]) -> list[str]:
             continue
         name = f"κ = {kappa_label(float(key))}"
         kl = r["val"].get("kl_bits") or 0.0
-        if i["validity"] < 0.5:
-            verdict = "generation is broken: most samples are malformed" + (
-                f"; Z carries {kl:.1f} bits/token, too much for its prior samples to make sense"
-                if kl > 2 else "")
+        broken = i["validity"] < 0.5 or (ref is not None and i["validity"] <= ref - 0.2)
+        if broken:
+            verdict = ("generation breaks: many samples are malformed"
+                       + (f" ({100 * ref:.0f} % well formed for the baseline)" if ref else "")
+                       + (f"; Z carries {kl:.1f} bits/token, too much for its prior samples "
+                          "to make sense" if kl > 2 else ""))
         elif dp >= 0.3 or dj >= 0.3:
             what = " and ".join(w for w, d in (("where the target goes", dp),
                                                ("where the noise falls", dj)) if d >= 0.3)
