@@ -67,11 +67,13 @@ def test_regime_checks_apply_the_issue_thresholds():
                "0.125": scores(0.95, 0.03, 0.85, 0.03, 0.10),
                "1": scores(0.95, 0.03, 0.9, 0.03, 0.40),
                "8": scores(0.70, 0.03, 0.3, 0.5, 0.8)}
-    assert [ok for _, _, ok in regime_checks(results)] == [True, True, True, True]
+    assert [ok for _, _, ok in regime_checks(results)] == [True, True, True, True, True]
     results["0.125"] = scores(0.95, 0.03, 0.79, 0.03, 0.10)   # position agreement < 0.8
     results["1"] = scores(0.95, 0.03, 0.9, 0.03, 0.30)        # Jaccard only +0.27
-    results["8"] = scores(0.80, 0.03, 0.3, 0.5, 0.8)          # only 15 points below
-    assert [ok for _, _, ok in regime_checks(results)] == [True, False, False, False]
+    results["8"] = scores(0.80, 0.31, 0.3, 0.5, 0.8)          # 15 points below; ind. agree
+    checks = regime_checks(results)
+    assert [ok for _, _, ok in checks] == [True, False, False, False, False]
+    assert "0.310, κ = 8 bits" in checks[-1][1]
 
 
 def test_plain_summary_names_what_sharing_z_did():

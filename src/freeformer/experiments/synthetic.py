@@ -301,6 +301,12 @@ def regime_checks(results: dict[str, dict]) -> list[tuple[str, str, bool | None]
             checks.append(("κ = 8 bits", f"validity ≥ 20 points below the baseline's "
                                          f"({v8:.3f} vs {vb:.3f}; κ = 1/8 bit not run)",
                            v8 <= vb - 0.2))
+    # Independent groups must be independent in every model (Figure 4's blue groups).
+    worst = max(((pos(r, "ind"), k) for k, r in results.items()), default=None)
+    if worst is not None:
+        name = "baseline" if worst[1] == "baseline" else f"κ = {kappa_label(float(worst[1]))}"
+        checks.append(("every model", f"independent groups independent: position agreement "
+                                      f"≤ 0.3 (highest {worst[0]:.3f}, {name})", worst[0] <= 0.3))
     return checks
 
 
