@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from array import array
 from collections import defaultdict
 from collections.abc import Sequence
@@ -56,6 +55,13 @@ import torch
 from tqdm import tqdm
 
 from freeformer.errors import UserError
+from freeformer.likelihood import (
+    conditional_scores,
+    encoder_proposal,
+    posterior_log_weights,
+    self_normalised,
+)
+from freeformer.model import IGNORE_INDEX
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -93,13 +99,16 @@ def draw_latents(seed: int, length: int, n_bits: int) -> tuple[torch.Tensor, tor
 
 @dataclass(frozen=True)
 class _Scored:
-    """One (request, draw) row: ``inp`` is fed; its last ``n_cont`` positions predict ``targets``."""
+    """One (request, draw) row: ``inp`` is fed, its first ``n_ctx`` tokens the context."""
 
     req: int
     draw: int
     inp: tuple[int, ...]
     n_ctx: int
     targets: tuple[int, ...]
+    """``inp`` shifted by one: positions < n_ctx − 1 predict the context, the rest ``cont``."""
+    document: bool = False
+    """Scored as a whole document, the encoder over ``inp`` as the proposal (rolling)."""
 
 
 @dataclass(frozen=True)
@@ -236,19 +245,20 @@ class FreeformerLM(TemplateLM):
         }
 
     # --------------------------------------------------------------------- log-likelihood
-    def _rows(self, requests) -> tuple[list[_Scored], int]:
+    def _rows(self, requests, document: bool = False) -> tuple[list[_Scored], int]:
         """Truncate each (context, continuation) to the model and expand it into k draws."""
         L, rows, clipped = self.max_length, [], 0
         for i, (_, ctx, cont) in enumerate(requests):
             ctx, cont = list(ctx), list(cont)
             if not cont:
                 continue
-            inp = (ctx + cont)[:-1][-L:]  # keep the end: the continuation, then the context
+            full = (ctx + cont)[-(L + 1) :]  # keep the end: the continuation, then the context
+            inp = full[:-1]
             n_cont = min(len(cont), len(inp))
             clipped += n_cont < len(cont)
             n_ctx = len(inp) - (n_cont - 1)  # inp = context fed + cont[:-1]
             for j in range(self.latent_samples):
-                rows.append(_Scored(i, j, tuple(inp), n_ctx, tuple(cont[-n_cont:])))
+                rows.append(_Scored(i, j, tuple(inp), n_ctx, tuple(full[1:]), document))
         if clipped:
             log.warning(
                 "%d continuation(s) longer than max_seq_len=%d: only their last tokens are scored",
@@ -260,75 +270,108 @@ class FreeformerLM(TemplateLM):
         seed = request_seed(self.seed, row.inp[: row.n_ctx], row.draw)
         return draw_latents(seed, self.max_length, self.model.config.latent_bits)
 
-    @torch.no_grad()
-    def _encoder_codes(self, rows: list[_Scored], disable_tqdm: bool) -> dict:
-        """Encoder codes of each distinct (context, draw), from a forward over the context alone.
-
-        Contexts are batched only with others of the same length: the encoder is non-causal,
-        so padding would change what it sees.
-        """
-        todo: dict[tuple, _Scored] = {}
-        for r in rows:
-            todo.setdefault((r.inp[: r.n_ctx], r.draw), r)
+    def _equal_length_batches(self, keyed: dict) -> list[list]:
+        """Batches of items whose key's first element (a token tuple) has one length: the
+        encoder is non-causal, so padding would change what it sees."""
         by_len: dict[int, list] = defaultdict(list)
-        for key, r in todo.items():
+        for key, r in keyed.items():
             by_len[len(key[0])].append((key, r))
-        out: dict[tuple, torch.Tensor] = {}
-        batches = [
+        return [
             group[s : s + self.batch_size]
             for _, group in sorted(by_len.items(), reverse=True)
             for s in range(0, len(group), self.batch_size)
         ]
+
+    @torch.no_grad()
+    def _encoder_codes(self, rows: list[_Scored], disable_tqdm: bool) -> dict:
+        """Encoder codes of each distinct (context, draw), from a forward over the context alone,
+        with their log P(Z) − log Q(Z | context) per position."""
+        todo: dict[tuple, _Scored] = {}
+        for r in rows:
+            todo.setdefault((r.inp[: r.n_ctx], r.draw), r)
+        out: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        batches = self._equal_length_batches(todo)
         for batch in tqdm(batches, desc="freeformer encoder", disable=disable_tqdm):
             ctx = torch.tensor([key[0] for key, _ in batch], device=self._device)
             T = ctx.shape[1]
             noise = torch.stack([self._latents(r)[1][:T] for _, r in batch]).to(self._device)
-            codes = self.model(ctx, latents=None, bit_noise=noise, last_logits_only=True).codes
-            for (key, _), c in zip(batch, codes.cpu()):
-                out[key] = c
+            codes, ratio = encoder_proposal(self.model, ctx, bit_noise=noise)
+            for (key, _), c, q in zip(batch, codes.cpu(), ratio.float().cpu()):
+                out[key] = (c, q)
         return out
 
     @torch.no_grad()
-    def _score_rows(self, rows: list[_Scored], disable_tqdm: bool) -> list[tuple[float, bool]]:
-        """Sum of log-probabilities of each row's targets and whether each is the argmax."""
+    def _score_documents(self, rows: list[int], all_rows: list[_Scored], results: list,
+                         disable_tqdm: bool) -> None:
+        """Rows scored as whole documents, the encoder over each row as the proposal:
+        (a, b) = (0, log P(S | Z) + log P(Z) − log Q(Z | S))."""
+        keyed = {(all_rows[i].inp, i): i for i in rows}
+        for batch in tqdm(self._equal_length_batches(keyed), desc="freeformer documents",
+                          disable=disable_tqdm):  # fmt: skip
+            sel = [all_rows[i] for _, i in batch]
+            T = len(sel[0].inp)
+            tokens = torch.tensor([r.inp for r in sel], device=self._device)
+            targets = torch.tensor([r.targets for r in sel], device=self._device)
+            noise = torch.stack([self._latents(r)[1][:T] for r in sel]).to(self._device)
+            lw, _, _ = posterior_log_weights(self.model, tokens, targets, bit_noise=noise)
+            for (_, i), v in zip(batch, lw.tolist()):
+                results[i] = (0.0, v, False)
+
+    @torch.no_grad()
+    def _score_rows(self, rows: list[_Scored], disable_tqdm: bool) -> list[tuple[float, float, bool]]:
+        """Per row (one draw of one request): a = the draw's log weight for the context,
+        b = log P(continuation | context, codes), and whether each target is the argmax."""
+        results: list[tuple[float, float, bool] | None] = [None] * len(rows)
+        docs = [i for i, r in enumerate(rows) if r.document]
+        if docs:
+            self._score_documents(docs, rows, results, disable_tqdm)
+        cond = [i for i, r in enumerate(rows) if not r.document]
         enc = (
-            self._encoder_codes(rows, disable_tqdm)
+            self._encoder_codes([rows[i] for i in cond], disable_tqdm)
             if self.latent and self.latent_mode == "encoder"
             else {}
         )
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].inp))
-        results: list[tuple[float, bool] | None] = [None] * len(rows)
+        order = sorted(cond, key=lambda i: -len(rows[i].inp))
         batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         for batch in tqdm(batches, desc="freeformer loglikelihood", disable=disable_tqdm):
             T = len(rows[batch[0]].inp)
             tokens = torch.zeros((len(batch), T), dtype=torch.long)
+            targets = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
             codes = torch.zeros((len(batch), T), dtype=torch.long) if self.latent else None
+            ratio = torch.zeros((len(batch), T)) if enc else None
             for b, i in enumerate(batch):
                 r = rows[i]
                 n = len(r.inp)
                 tokens[b, :n] = torch.tensor(r.inp)  # right padding: the decoder is causal
+                targets[b, :n] = torch.tensor(r.targets)
                 if codes is not None:
                     codes[b, :n] = self._latents(r)[0][:n]
                     if enc:
-                        codes[b, : r.n_ctx] = enc[(r.inp[: r.n_ctx], r.draw)]
-            logits = self.model(
-                tokens.to(self._device),
-                latents=codes.to(self._device) if codes is not None else None,
-            ).logits
+                        c, q = enc[(r.inp[: r.n_ctx], r.draw)]
+                        codes[b, : r.n_ctx], ratio[b, : r.n_ctx] = c, q
+            dev = self._device
+            s = conditional_scores(
+                self.model, tokens.to(dev), targets.to(dev),
+                torch.tensor([rows[i].n_ctx for i in batch]),
+                codes.to(dev) if codes is not None else None,
+                ratio.to(dev) if ratio is not None else None,
+            )  # fmt: skip
             for b, i in enumerate(batch):
-                r = rows[i]
-                n, m = len(r.inp), len(r.targets)
-                logp = logits[b, n - m : n].float().log_softmax(-1)
-                tgt = torch.tensor(r.targets, device=logp.device)
-                ll = logp.gather(-1, tgt[:, None]).sum().item()
-                results[i] = (ll, bool((logp.argmax(-1) == tgt).all()))
+                results[i] = (s.log_w[b].item(), s.log_cont[b].item(), bool(s.greedy[b]))
         return results
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        """``requests``: (cache key, context ids, continuation ids) → [(log P, is_greedy)]."""
-        rows, n = self._rows(requests)
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, *,
+                              document: bool = False, **kwargs):
+        """``requests``: (cache key, context ids, continuation ids) → [(log P, is_greedy)].
+
+        ``document``: score each continuation as a whole document (``loglikelihood_rolling``
+        windows, whose context is one conditioning token): in ``encoder`` mode the proposal
+        is then the encoder over the whole window.
+        """
+        document = document and self.latent and self.latent_mode == "encoder"
+        rows, n = self._rows(requests, document)
         scored = self._score_rows(rows, disable_tqdm)
-        per_req: list[list[tuple[float, bool]]] = [[] for _ in range(n)]
+        per_req: list[list[tuple[float, float, bool]]] = [[] for _ in range(n)]
         for r, s in sorted(zip(rows, scored), key=lambda x: (x[0].req, x[0].draw)):
             per_req[r.req].append(s)
         out = []
@@ -336,10 +379,10 @@ class FreeformerLM(TemplateLM):
             if not draws:  # empty continuation
                 res = (0.0, True)
             else:
-                lls = torch.tensor([ll for ll, _ in draws], dtype=torch.float64)
-                # log of the mean probability over the k latent draws
-                ll = (torch.logsumexp(lls, 0) - math.log(len(draws))).item()
-                res = (ll, draws[0][1])
+                a = torch.tensor([d[0] for d in draws], dtype=torch.float64)
+                b = torch.tensor([d[1] for d in draws], dtype=torch.float64)
+                # log Σ_j w_j P(cont | ctx, Z_j) / Σ_j w_j: codes consistent with the context
+                res = (self_normalised(a, b).item(), draws[0][2])
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, res)
             out.append(res)
@@ -360,7 +403,7 @@ class FreeformerLM(TemplateLM):
             ):
                 windows.append((None, ctx, cont))
                 owner.append(i)
-        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm, document=True)
         totals = [0.0] * len(requests)
         for i, (ll, _) in zip(owner, scores):
             totals[i] += ll
