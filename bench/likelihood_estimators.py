@@ -1,0 +1,127 @@
+"""Spread and bias of the likelihood estimators (freeformer.likelihood) on a trained model.
+
+For validation sequences of a run, split into a context and a continuation:
+  conditional  log P(cont | ctx), proposals ``prior`` and ``encoder`` (self-normalised IS);
+  document     log P(S | first token), proposals ``prior`` (log-mean-exp of P(S | Z)) and
+               ``encoder`` (the encoder over S: P(S|Z) P(Z) / Q(Z|S), validation's nll_is);
+for K in --ks, each repeated --repeats times with different seeds. Reference: conditional,
+the mean of both proposals at --ref-k (printed with their disagreement, a measure of how
+converged it is); document, the highest mean estimate found (each is low in expectation).
+Reported per estimator and K, averaged over sequences: bias (mean − reference), sd (the
+spread of one estimate), rmse, in nats per sequence.
+
+  PYTHONPATH=src python bench/likelihood_estimators.py RUN_DIR [--ctx 32 --cont 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from freeformer.checkpoint import load_model
+from freeformer.distributed import DistInfo
+from freeformer.latent import uniform_codes
+from freeformer.likelihood import (
+    conditional_log_likelihood,
+    log_likelihood,
+    log_mean_exp,
+    token_log_probs,
+)
+from freeformer.runconfig import RunConfig
+from freeformer.train import build_data
+
+
+@torch.no_grad()
+def prior_document(model, x, y, k, generator, max_rows):
+    """log (1/k) Σ_j P(S | Z_j), Z_j from the prior (rolling windows in ``prior`` mode)."""
+    B, T = x.shape
+    xs, ys = x.repeat(k, 1), y.repeat(k, 1)
+    codes = uniform_codes((k * B, T), model.config.latent_bits, x.device, generator)
+    out = []
+    for s in range(0, k * B, max_rows):
+        e = min(k * B, s + max_rows)
+        out.append(token_log_probs(model(xs[s:e], latents=codes[s:e]).logits, ys[s:e]).sum(-1))
+    return log_mean_exp(torch.cat(out).double().view(k, B), 0)
+
+
+def estimate(kind, proposal, model, x, y, n_ctx, k, seed, max_rows):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "conditional":
+        return conditional_log_likelihood(model, x, y, n_ctx, k, proposal=proposal,
+                                          generator=g, max_rows=max_rows)
+    if proposal == "encoder":
+        return log_likelihood(model, x, y, k, generator=g, max_rows=max_rows)
+    return prior_document(model, x, y, k, g, max_rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run")
+    p.add_argument("--sequences", type=int, default=8)
+    p.add_argument("--ctx", type=int, default=32, help="context tokens")
+    p.add_argument("--cont", type=int, default=8, help="continuation tokens")
+    p.add_argument("--ks", default="1,4,16,64")
+    p.add_argument("--repeats", type=int, default=16)
+    p.add_argument("--ref-k", type=int, default=4096)
+    p.add_argument("--max-rows", type=int, default=4096)
+    p.add_argument("--json", default=None, help="write the table here too")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    model, ck = load_model(a.run, torch.device("cpu"))
+    model.eval()
+    cfg = RunConfig.from_dict(ck.state["config"])
+    _, val = build_data(cfg, DistInfo())
+    x = torch.cat([b[0] for b in val])[: a.sequences]
+    y = torch.cat([b[1] for b in val])[: a.sequences]
+    with torch.no_grad():
+        kl = float(model(x).kl) / math.log(2)
+    print(f"run {a.run} step {ck.step}: κ = {cfg.model.free_bits} bit, H = "
+          f"{cfg.model.latent_bits}, KL on these sequences {kl:.3f} bits/token; "
+          f"{len(x)} sequences of {x.shape[1]} tokens")
+    ks = [int(v) for v in a.ks.split(",")]
+    rows = []
+    t0 = time.time()
+    for kind in ("conditional", "document"):
+        if kind == "conditional":
+            xs, ys, n_ctx = x[:, : a.ctx + a.cont - 1], y[:, : a.ctx + a.cont - 1], a.ctx
+            what = f"log P(cont | ctx), ctx {a.ctx} tokens, cont {a.cont} tokens"
+        else:
+            xs, ys, n_ctx = x, y, 1
+            what = f"log P(S | first token), {x.shape[1]} tokens"
+        refs = {prop: estimate(kind, prop, model, xs, ys, n_ctx, a.ref_k, 10_000, a.max_rows)
+                for prop in ("prior", "encoder")}  # fmt: skip
+        runs = {(prop, k): torch.stack([estimate(kind, prop, model, xs, ys, n_ctx, k, r,
+                                                 a.max_rows) for r in range(a.repeats)])
+                for prop in ("prior", "encoder") for k in ks}  # (repeats, sequences) each
+        gap = (refs["prior"] - refs["encoder"]).abs()
+        if kind == "conditional":
+            ref = (refs["prior"] + refs["encoder"]) / 2
+            how = (f"reference = mean of both proposals at K = {a.ref_k} (they differ by "
+                   f"{gap.mean():.3f} nats on average, {gap.max():.3f} at most)")
+        else:  # every estimate is a stochastic lower bound: the highest mean is the tightest
+            cands = [refs["prior"], refs["encoder"]] + [e.mean(0) for e in runs.values()]
+            ref = torch.stack(cands).max(0).values
+            how = ("every estimate is low in expectation (Jensen), so the reference is the "
+                   f"highest mean found, K = {a.ref_k} included (prior − encoder at that K: "
+                   f"{(refs['prior'] - refs['encoder']).mean():+.2f} nats)")
+        print(f"\n{kind}: {what}; {how}")
+        print(f"{'proposal':>8} {'K':>5} {'bias':>8} {'sd':>8} {'rmse':>8}")
+        for (prop, k), e in runs.items():
+            bias = (e.mean(0) - ref).mean().item()
+            sd = e.std(0).mean().item()
+            rmse = ((e - ref) ** 2).mean().sqrt().item()
+            rows.append(dict(kind=kind, proposal=prop, k=k, bias=bias, sd=sd, rmse=rmse,
+                             ref_gap=gap.mean().item()))
+            print(f"{prop:>8} {k:>5} {bias:8.3f} {sd:8.3f} {rmse:8.3f}")
+    print(f"\n({time.time() - t0:.0f} s)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"run": a.run, "step": ck.step, "kl_bits": kl, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
