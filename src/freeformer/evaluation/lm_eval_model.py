@@ -4,24 +4,35 @@
 an instance of :class:`FreeformerLM`. A baseline (``model.latent=false``) goes through the
 same code with no latents.
 
-Latents when scoring (``loglikelihood``, ``loglikelihood_rolling``). The model defines
-P(S) = E_Z[P(S | Z)], so a score needs codes for every position:
+Latents when scoring (``loglikelihood``, ``loglikelihood_rolling``); the estimators are in
+``freeformer.likelihood``. The model defines P(S) = E_Z[P(S | Z)] over the codes Z of every
+position, so the conditional a task asks for is
 
-* ``latent_mode="prior"`` (default): every position's code is drawn from the uniform prior,
-  as in generation. P(continuation | context) is estimated as the mean of the *probabilities*
-  over ``latent_samples`` = k draws: ``log (1/k) Σ_j P(cont | ctx, Z_j)``, a log-mean-exp of
-  the k per-request log-likelihoods (Jensen: slightly below log E_Z[P] in expectation; the gap
-  shrinks as k grows). A mean of log-probabilities would estimate E_Z[log P] instead, a
-  different, lower number.
-* ``latent_mode="encoder"``: the context's codes are sampled from the encoder run over the
-  context alone (a forward on the context tokens, ``latents=None``, as the paper's prefill
-  does); the continuation's positions get prior codes. The encoder is non-causal, so running
-  it over the continuation being scored would let the codes carry the answer to the decoder:
-  it never sees a continuation token. Same log-mean-exp over k draws.
+    log P(cont | ctx) = log E_Z[P(ctx | Z) P(cont | ctx, Z)] − log E_Z[P(ctx | Z)]:
+
+codes must be consistent with the context. With k = ``latent_samples`` draws Z_j and a_j the
+log-weight of draw j for the context, the score is the self-normalised importance-sampling
+estimate ``log Σ_j e^{a_j} P(cont | ctx, Z_j) − log Σ_j e^{a_j}`` (consistent as k grows,
+bias O(1/k)). ``latent_mode`` picks the proposal:
+
+* ``"prior"``: every code from the uniform prior, as in generation; a_j = log P(ctx | Z_j).
+* ``"encoder"``: the context's codes from the encoder run over the context alone (a forward
+  on the context tokens, as the paper's prefill does — the encoder is non-causal and never
+  sees a continuation token), the continuation's from the prior;
+  a_j = log P(ctx | Z_j) + Σ_{t < |ctx|} log P(Z_{j,t}) − log Q(Z_{j,t} | ctx).
+
+``loglikelihood_rolling`` scores a document whose context is one conditioning token, so
+P(ctx | Z) = 1 and the estimate is log (1/k) Σ_j w_j: ``prior``, w_j = P(S | Z_j);
+``encoder``, the encoder over the whole window as the proposal, w_j = P(S | Z_j) P(Z_j) /
+Q(Z_j | S) (validation's importance-sampled estimate).
+
+Averaging P(cont | ctx, Z) over prior draws without the weights would estimate
+log E_Z[P(cont | ctx, Z)], a different number; averaging log-probabilities, E_Z[log P(…)],
+yet another.
 
 ``is_greedy`` is the greedy flag under the first draw: whether greedy decoding with those
 codes (teacher-forced over the continuation) returns the continuation. Over a data set its
-mean is an unbiased estimate of how often greedy decoding with random latents produces it.
+mean estimates how often greedy decoding with the first draw's codes produces it.
 
 Randomness never depends on batch composition or order: draw j of a request comes from a
 generator seeded by a hash of (``seed``, j, the context tokens fed to the model); it yields,
@@ -153,8 +164,9 @@ class FreeformerLM(TemplateLM):
       device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
       batch_size: sequences per forward pass (a request takes ``latent_samples`` of them);
         ``auto`` means 8.
-      latent_mode: ``prior`` or ``encoder`` (ignored by a baseline).
-      latent_samples: draws k averaged in probability space (1 for a baseline).
+      latent_mode: ``prior`` or ``encoder``: the importance-sampling proposal of the codes
+        (module docstring; ignored by a baseline).
+      latent_samples: draws k per request (1 for a baseline).
       seed: seeds every latent draw and sampled generation.
       max_gen_toks: generation length when the task does not give one.
       prefill: ``encoder`` (the paper) or ``prior``: where prompt codes come from in generation.
