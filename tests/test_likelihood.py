@@ -126,14 +126,22 @@ def test_padding_changes_no_importance_weight():
     assert (lp[1, 3:] == 0).all()
 
 
-def test_validation_normalises_per_scored_token():
-    """A padded batch gives the values of its unpadded rows (an unused latent makes every
-    estimate exact, so any difference is the masking or the normalisation)."""
+@pytest.mark.parametrize("posterior", ["uniform", "constant"])
+def test_validation_normalises_per_scored_token(posterior):
+    """A padded batch gives the values of its unpadded rows. The decoder ignores the codes
+    (r = 0), so every CE is exact; ``uniform``: Q = prior, so every estimate is exact;
+    ``constant``: an encoder that ignores the tokens, with the same non-zero KL at every
+    position — counting the padding's KL would change kl_bits and the ELBO."""
     cfg = ModelConfig.preset("debug")
     model = FreeTransformer(cfg).eval()
     with torch.no_grad():
-        model.encoder.readout.weight.zero_()
         model.post_sampler.weight.zero_()
+        if posterior == "uniform":
+            model.encoder.readout.weight.zero_()
+        else:
+            for b in model.encoder.blocks:
+                b.attn.wo.weight.zero_()
+            model.encoder.readout.weight.mul_(30)
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, cfg.vocab_size, (n + 1,), generator=g) for n in (9, 4)]
     xp = torch.zeros(2, 9, dtype=torch.long)
@@ -143,7 +151,13 @@ def test_validation_normalises_per_scored_token():
     kw = dict(latent=True, n_bits=cfg.latent_bits, k=2, seed=0, device=torch.device("cpu"))
     padded = evaluate(model, [(xp, yp)], **kw)
     rows = evaluate(model, [(s[None, :-1], s[None, 1:]) for s in seqs], **kw)
-    for key in ("ce_prior", "ce_encoder", "elbo", "nll_is", "nll_is_prior", "kl_bits"):
+    keys = ["ce_prior", "ce_encoder", "elbo", "nll_is_prior", "kl_bits"]
+    if posterior == "uniform":
+        keys.append("nll_is")
+        assert padded["kl_bits"] == pytest.approx(0, abs=1e-6)
+    else:
+        assert padded["kl_bits"] > 0.1
+    for key in keys:
         assert padded[key] == pytest.approx(rows[key], abs=1e-5), key
     assert padded["is_samples"] == 2
 
