@@ -4,6 +4,7 @@ For validation sequences of a run, split into a context and a continuation:
   conditional  log P(cont | ctx), proposals ``prior`` and ``encoder`` (self-normalised IS);
   document     log P(S | first token), proposals ``prior`` (log-mean-exp of P(S | Z)) and
                ``encoder`` (the encoder over S: P(S|Z) P(Z) / Q(Z|S), validation's nll_is);
+and, for comparison, the old unweighted estimand log (1/K) Σ_j P(cont | ctx, Z_j);
 for K in --ks, each repeated --repeats times with different seeds. Reference: conditional,
 the mean of both proposals at --ref-k (printed with their disagreement, a measure of how
 converged it is); document, the highest mean estimate found (each is low in expectation).
@@ -27,6 +28,7 @@ from freeformer.distributed import DistInfo
 from freeformer.latent import uniform_codes
 from freeformer.likelihood import (
     conditional_log_likelihood,
+    conditional_scores,
     log_likelihood,
     log_mean_exp,
     token_log_probs,
@@ -48,8 +50,22 @@ def prior_document(model, x, y, k, generator, max_rows):
     return log_mean_exp(torch.cat(out).double().view(k, B), 0)
 
 
+@torch.no_grad()
+def unweighted(model, x, y, n_ctx, k, generator, max_rows):
+    """The old, wrong estimand log (1/k) Σ_j P(cont | ctx, Z_j), Z_j from the prior."""
+    B, T = x.shape
+    xs, ys = x.repeat(k, 1), y.repeat(k, 1)
+    codes = uniform_codes((k * B, T), model.config.latent_bits, x.device, generator)
+    n = torch.full((k * B,), n_ctx)
+    b = torch.cat([conditional_scores(model, xs[s:e], ys[s:e], n[s:e], codes[s:e]).log_cont
+                   for s in range(0, k * B, max_rows) for e in [min(k * B, s + max_rows)]])
+    return log_mean_exp(b.double().view(k, B), 0)
+
+
 def estimate(kind, proposal, model, x, y, n_ctx, k, seed, max_rows):
     g = torch.Generator().manual_seed(seed)
+    if proposal == "unweighted":
+        return unweighted(model, x, y, n_ctx, k, g, max_rows)
     if kind == "conditional":
         return conditional_log_likelihood(model, x, y, n_ctx, k, proposal=proposal,
                                           generator=g, max_rows=max_rows)
@@ -94,9 +110,10 @@ def main() -> None:
             what = f"log P(S | first token), {x.shape[1]} tokens"
         refs = {prop: estimate(kind, prop, model, xs, ys, n_ctx, a.ref_k, 10_000, a.max_rows)
                 for prop in ("prior", "encoder")}  # fmt: skip
+        props = ("prior", "encoder") + (("unweighted",) if kind == "conditional" else ())
         runs = {(prop, k): torch.stack([estimate(kind, prop, model, xs, ys, n_ctx, k, r,
                                                  a.max_rows) for r in range(a.repeats)])
-                for prop in ("prior", "encoder") for k in ks}  # (repeats, sequences) each
+                for prop in props for k in ks}  # (repeats, sequences) each
         gap = (refs["prior"] - refs["encoder"]).abs()
         if kind == "conditional":
             ref = (refs["prior"] + refs["encoder"]) / 2
@@ -104,6 +121,8 @@ def main() -> None:
                    f"{gap.mean():.3f} nats on average, {gap.max():.3f} at most)")
         else:  # every estimate is a stochastic lower bound: the highest mean is the tightest
             cands = [refs["prior"], refs["encoder"]] + [e.mean(0) for e in runs.values()]
+            # (a maximum of noisy means is itself biased high by their noise; the spread of
+            # each is printed, and the means at K ≥ 16 have repeats to average it down)
             ref = torch.stack(cands).max(0).values
             how = ("every estimate is low in expectation (Jensen), so the reference is the "
                    f"highest mean found, K = {a.ref_k} included (prior − encoder at that K: "

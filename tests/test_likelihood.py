@@ -17,11 +17,11 @@ from freeformer.model import IGNORE_INDEX, FreeTransformer
 from freeformer.train import evaluate
 
 
-def z_matters(seed: int = 0) -> FreeTransformer:
-    """H = 1 and weights scaled so that the code sequence visibly changes the predictions:
+def z_matters(seed: int = 0, bits: int = 1) -> FreeTransformer:
+    """H = ``bits`` (1 by default) and weights scaled so that the code sequence visibly changes the predictions:
     r large, the injection block's attention output (where r enters) and the readout
     amplified, and an encoder posterior far from uniform."""
-    cfg = ModelConfig.preset("debug", latent_bits=1)
+    cfg = ModelConfig.preset("debug", latent_bits=bits)
     m = FreeTransformer(cfg, seed=seed).eval()
     with torch.no_grad():
         m.post_sampler.weight.mul_(30)
@@ -32,9 +32,9 @@ def z_matters(seed: int = 0) -> FreeTransformer:
 
 
 def enumerate_lp(model, x, y):
-    """Token log-probs (2^T, T) for every code sequence of a single row (H = 1)."""
+    """Token log-probs (2^(H·T), T) for every code sequence of a single row."""
     T = x.shape[1]
-    Z = torch.tensor(list(itertools.product([0, 1], repeat=T)))
+    Z = torch.tensor(list(itertools.product(range(model.config.n_codes), repeat=T)))
     with torch.no_grad():
         logits = model(x.expand(len(Z), -1), latents=Z).logits
     return token_log_probs(logits, y.expand(len(Z), -1)).double()
@@ -49,7 +49,8 @@ def exact_conditional(model, x, y, n_ctx):
 
 
 def exact_document(model, x, y):
-    return (torch.logsumexp(enumerate_lp(model, x, y).sum(1), 0) - x.shape[1] * math.log(2)).item()
+    n = x.shape[1] * model.config.latent_bits  # log P(Z) = −H·T·log 2
+    return (torch.logsumexp(enumerate_lp(model, x, y).sum(1), 0) - n * math.log(2)).item()
 
 
 def spread(values):
@@ -98,6 +99,32 @@ def test_document_estimate_with_padding_converges_to_enumeration(tiny):
     mean, se = ests.mean(0), ests.std(0) / math.sqrt(len(ests))
     assert (se < 0.02).all()
     assert ((mean - exact).abs() < 4 * se + 1e-3).all()
+
+
+@pytest.mark.parametrize("proposal", ["prior", "encoder"])
+def test_estimates_with_several_bits_converge_to_enumeration(proposal):
+    """H = 2 (the bit order of Q's codes matters): conditional and document estimates."""
+    model = z_matters(seed=2, bits=2)
+    g = torch.Generator().manual_seed(4)
+    seq = torch.randint(0, model.config.vocab_size, (1, 5), generator=g)
+    x, y = seq[:, :-1], seq[:, 1:]  # 4 positions: 4^4 code sequences
+    exact, old = exact_conditional(model, x, y, 2)
+    ests = [conditional_log_likelihood(model, x, y, 2, 2048, proposal=proposal,
+                                       generator=torch.Generator().manual_seed(s)).item()
+            for s in range(6)]  # fmt: skip
+    mean, se = spread(ests)
+    print(f"H=2 {proposal}: {mean:.4f} ± {se:.4f}, exact {exact:.4f}, old {old:.4f}")
+    assert se < 0.05 and abs(mean - exact) < 4 * se + 1e-3
+    assert abs(old - exact) > 3 * (4 * se + 1e-3)  # the old estimand fails the tolerance
+    if proposal == "encoder":  # a posterior less peaked, for a usable spread at K = 2048
+        with torch.no_grad():
+            model.encoder.readout.weight.div_(3)
+        exact = exact_document(model, x, y)
+        ests = [log_likelihood(model, x, y, 2048, generator=torch.Generator().manual_seed(s))
+                .item() for s in range(6)]  # fmt: skip
+        mean, se = spread(ests)
+        print(f"H=2 document: {mean:.4f} ± {se:.4f}, exact {exact:.4f}")
+        assert se < 0.05 and abs(mean - exact) < 4 * se + 1e-3
 
 
 def test_padding_changes_no_importance_weight():
