@@ -67,6 +67,7 @@ from tqdm import tqdm
 
 from freeformer.errors import UserError
 from freeformer.likelihood import (
+    PROPOSALS,
     conditional_scores,
     encoder_proposal,
     posterior_log_weights,
@@ -83,7 +84,7 @@ except ImportError as exc:  # the optional ``eval`` extra
 
 log = logging.getLogger(__name__)
 
-LATENT_MODES = ("prior", "encoder")
+LATENT_MODES = PROPOSALS  # the importance-sampling proposals of freeformer.likelihood
 PREFILL_MODES = ("encoder", "prior")
 DEFAULT_BATCH_SIZE = 8
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
