@@ -160,10 +160,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
     xs, ys = x.chunk(n_micro), y.chunk(n_micro)
     ns = noise.chunk(n_micro) if noise is not None else [None] * n_micro
     for i in range(n_micro):
-        sync = contextlib.nullcontext()
-        if i < n_micro - 1 and hasattr(model, "no_sync"):
-            sync = model.no_sync()  # DDP: all-reduce once, on the last micro-batch
-        with sync:
+        # DDP / FSDP2: gradients are reduced across processes once, on the last micro-batch.
+        with D.accumulating(model, sync=i == n_micro - 1):
             with ctx:
                 out = model(xs[i], ys[i], bit_noise=ns[i])
             (out.loss / n_micro).backward()
