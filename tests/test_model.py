@@ -317,6 +317,9 @@ def test_latent_enters_only_the_injection_blocks_keys_and_values(latents):
     x = tokens(B=B, T=T)
     seen = {}
     blk = m.blocks[m.config.inject_layer]
+    with torch.no_grad():  # sharp attention and a large attention output, as after training:
+        blk.attn.wq.weight.mul_(30)  # at init the pattern is near uniform whatever the
+        blk.attn.wo.weight.mul_(30)  # queries, and a query leak would hide under atol
     hook = blk.register_forward_pre_hook(
         lambda mod, args: seen.update(x=args[0].detach().clone()))  # returns None: args kept
     codes = torch.randint(0, CFG.n_codes, (B, T), generator=torch.Generator().manual_seed(3))
