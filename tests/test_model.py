@@ -286,9 +286,9 @@ def rope(t, cos, sin):  # t: (B, T, h, hd); rotate (first half, second half) pai
     return torch.cat([a * c - b * s, a * s + b * c], -1)
 
 
-def hand_block(blk, xq, xkv, cos, sin):
-    """x + attn(q = norm(xq), kv = norm(xkv)) + mlp(norm(·)), written out: causal GQA
-    attention with RoPE, SwiGLU — no call into the model's Block or Attention code."""
+def hand_block(blk, xq, xkv, cos, sin, causal=True):
+    """x + attn(q = norm(xq), kv = norm(xkv)) + mlp(norm(·)), written out: GQA attention
+    with RoPE, SwiGLU — no call into the model's Block or Attention code."""
     eps = blk.attn_norm.eps
     B, T, D = xq.shape
     a = blk.attn
@@ -300,7 +300,8 @@ def hand_block(blk, xq, xkv, cos, sin):
     q, k = rope(q, cos, sin), rope(k, cos, sin)
     k, v = (t.repeat_interleave(nh // nkv, dim=2) for t in (k, v))
     att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
-    att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    if causal:
+        att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     y = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v).reshape(B, T, D)
     x = xq + y @ a.wo.weight.T
     gate, up = (rms(x, blk.mlp_norm.weight, eps) @ blk.mlp.w_in.weight.T).chunk(2, -1)
@@ -336,6 +337,33 @@ def test_latent_enters_only_the_injection_blocks_keys_and_values(latents):
             h = b(h, cos, sin)
         ref = m.head(m.norm(h))
     torch.testing.assert_close(out.logits, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2])
+def test_encoder_is_zeta_queries_over_x_written_out(n_blocks):
+    """Paper Algorithm 2: h = ζ repeated over T; each (non-causal) encoder block takes its
+    queries from h and its keys/values from x, the output of block L/2; bit logits =
+    readout(norm(h)). Deeper encoders (a choice the paper leaves open) read x in every block."""
+    m = FreeTransformer(CFG.replace(encoder_layers=n_blocks), seed=2)
+    with torch.no_grad():  # sharp, large attention so a wrong query or key input shows
+        for b in m.encoder.blocks:
+            b.attn.wq.weight.mul_(30)
+            b.attn.wo.weight.mul_(30)
+        m.encoder.zeta.normal_(generator=torch.Generator().manual_seed(0))
+    x = tokens(B=2, T=11)
+    T = x.shape[1]
+    cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+    with torch.no_grad():
+        out = m(x, generator=torch.Generator().manual_seed(0))
+        h_dec = m.tok_emb(x)
+        for b in m.blocks[:CFG.inject_layer]:
+            h_dec = b(h_dec, cos, sin)
+        h = m.encoder.zeta.expand_as(h_dec)
+        for b in m.encoder.blocks:
+            h = hand_block(b, h, h_dec, cos, sin, causal=False)
+        e = m.encoder
+        ref = rms(h, e.norm.weight, e.norm.eps) @ e.readout.weight.T
+    torch.testing.assert_close(out.bit_logits, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_tied_embeddings_share_the_matrix():
