@@ -84,6 +84,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=16)
     p.add_argument("--ref-k", type=int, default=4096)
     p.add_argument("--max-rows", type=int, default=4096)
+    p.add_argument("--kinds", default="conditional,document")
+    p.add_argument("--proposals", default=None,
+                   help="comma list among prior, encoder, unweighted (default: all that apply)")
     p.add_argument("--json", default=None, help="write the table here too")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -101,7 +104,7 @@ def main() -> None:
     ks = [int(v) for v in a.ks.split(",")]
     rows = []
     t0 = time.time()
-    for kind in ("conditional", "document"):
+    for kind in a.kinds.split(","):
         if kind == "conditional":
             xs, ys, n_ctx = x[:, : a.ctx + a.cont - 1], y[:, : a.ctx + a.cont - 1], a.ctx
             what = f"log P(cont | ctx), ctx {a.ctx} tokens, cont {a.cont} tokens"
@@ -111,6 +114,8 @@ def main() -> None:
         refs = {prop: estimate(kind, prop, model, xs, ys, n_ctx, a.ref_k, 10_000, a.max_rows)
                 for prop in ("prior", "encoder")}  # fmt: skip
         props = ("prior", "encoder") + (("unweighted",) if kind == "conditional" else ())
+        if a.proposals:
+            props = tuple(p for p in props if p in a.proposals.split(","))
         runs = {(prop, k): torch.stack([estimate(kind, prop, model, xs, ys, n_ctx, k, r,
                                                  a.max_rows) for r in range(a.repeats)])
                 for prop in props for k in ks}  # (repeats, sequences) each
