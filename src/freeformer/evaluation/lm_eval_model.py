@@ -15,7 +15,8 @@ log-weight of draw j for the context, the score is the self-normalised importanc
 estimate ``log Σ_j e^{a_j} P(cont | ctx, Z_j) − log Σ_j e^{a_j}`` (consistent as k grows,
 bias O(1/k)). ``latent_mode`` picks the proposal:
 
-* ``"prior"``: every code from the uniform prior, as in generation; a_j = log P(ctx | Z_j).
+* ``"prior"`` (default: the lower error in every measurement, docs/evaluation.md): every code
+  from the uniform prior, as in generation; a_j = log P(ctx | Z_j).
 * ``"encoder"``: the context's codes from the encoder run over the context alone (a forward
   on the context tokens, as the paper's prefill does — the encoder is non-causal and never
   sees a continuation token), the continuation's from the prior;
