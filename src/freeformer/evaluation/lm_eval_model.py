@@ -200,8 +200,13 @@ class FreeformerLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        # Conditions empty contexts and the first rolling window. Training data ends every
-        # document with EOS, so EOS starts one; the synthetic vocabulary has none: id 0 ('_').
+        # Conditions empty contexts and the first rolling window. A converted pretrained
+        # model's tokenizer has the source's BOS: lm-eval's own `hf` model uses it, so the
+        # scores agree. Otherwise training data ends every document with EOS, so EOS starts
+        # one; the synthetic vocabulary has none: id 0 ('_').
+        bos = getattr(self.tok, "bos_id", None)
+        if bos is not None:
+            return int(bos)
         eos = self.tok.eos_id
         return 0 if eos is None else int(eos)
 
