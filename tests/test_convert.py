@@ -559,3 +559,7 @@ def test_lm_eval_adapter_scores_like_lm_eval_hf_on_the_source(sources, converted
     assert ours.prefix_token_id == ref.prefix_token_id == 0
     for (a, greedy_a), (b, greedy_b) in zip(ref.loglikelihood(reqs), ours.loglikelihood(reqs)):
         assert abs(a - b) < 1e-4 * max(1.0, abs(a)) and greedy_a == greedy_b
+    rolling = [Instance(request_type="loglikelihood_rolling", doc={}, idx=0,
+                        arguments=("The quick brown fox jumps over the lazy dog. " * 3,))]
+    (a,), (b,) = ref.loglikelihood_rolling(rolling), ours.loglikelihood_rolling(rolling)
+    assert abs(a - b) < 1e-4 * max(1.0, abs(a))

@@ -219,7 +219,15 @@ class FreeformerLM(TemplateLM):
         return f"freeformer-{type(self.tok).__name__}-{self.tok.vocab_size}"
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return list(self.tok.encode(string))
+        ids = list(self.tok.encode(string))
+        # As lm-eval's `hf` model does with the source tokenizer: its default special
+        # tokens (BOS first, for a converted model whose source adds one), unless the text
+        # already starts with BOS. Tokenizers of freeformer's own data add nothing.
+        bos = getattr(self.tok, "bos_id", None)
+        if add_special_tokens is not False and getattr(self.tok, "add_bos", False) \
+                and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
 
     def tok_decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids))
