@@ -218,7 +218,9 @@ def test_tokenizer_gives_the_source_ids(kind, sources, converted):
         assert tok.encode(text) == src(text, add_special_tokens=False)["input_ids"], text
         assert tok.decode(tok.encode(text)) == src.decode(src(text, add_special_tokens=False)
                                                           ["input_ids"])
-    chat = src.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    chat = src.apply_chat_template(msgs, tokenize=False)
+    assert tok.apply_chat_template(msgs, add_generation_prompt=False) == chat
     assert "<|im_end|>" in chat and tok.encode(chat) == src(chat, add_special_tokens=False)[
         "input_ids"]
     assert tok.encode("<|im_end|>") == [src.convert_tokens_to_ids("<|im_end|>")]
@@ -231,6 +233,9 @@ def test_generate_cli_decodes_text_and_prepare_uses_the_source_tokenizer(
                  "--temperature", "0"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("<s>Hello world")  # BOS first, as the source encodes a prompt
+    assert main(["generate", str(run), "--prompt", "Hello", "--chat", "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("<|im_start|>user\nHello<|im_end|>\n")
     # Fine-tuning data tokenized with the converted tokenizer: the source's ids and EOS.
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -526,6 +531,8 @@ def test_real_smollm2_gguf(tmp_path):
     tok = load_run_tokenizer(ck)
     chat = src.apply_chat_template([{"role": "user", "content": "What is the capital of "
                                      "France?"}], tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template([{"role": "user", "content": "What is the capital of "
+                                     "France?"}]) == chat
     for prompt in ("The capital of France is", "def fibonacci(n):\n    ", chat):
         ids = tok.encode_prompt(prompt)
         assert ids == src(prompt)["input_ids"]

@@ -50,6 +50,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a run or checkpoint")
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user message in the model's chat template "
+                        "(converted instruct models)")
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
@@ -289,7 +292,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
     model, ck = load_model(args.path, device)
     tok = load_run_tokenizer(ck)
-    ids = tok.encode_prompt(args.prompt)  # BOS first where the source model expects it
+    if args.chat:  # the prompt as one user message, in the source's chat template
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
+    else:
+        ids = tok.encode_prompt(args.prompt)  # BOS first where the source model expects it
     if not ids:
         raise UserError("--prompt is empty after tokenization")
     prompt = torch.tensor(ids, dtype=torch.long, device=device)[None].expand(args.num_samples, -1)
