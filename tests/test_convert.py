@@ -323,7 +323,8 @@ def write_gguf(path: Path, model, *, quant: str = "Q8_0", bad_tensor: str | None
     import numpy as np
 
     c = model.config
-    tok = _train_tokenizer()
+    qwen2 = arch == "qwen2"
+    tok = _train_tokenizer(qwen2)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
     w.add_block_count(c.num_hidden_layers)
@@ -343,7 +344,7 @@ def write_gguf(path: Path, model, *, quant: str = "Q8_0", bad_tensor: str | None
     types = [3 if t in SPECIALS or t == "<|endoftext|>" else 1 for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in raw["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("qwen2" if qwen2 else "default")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -360,13 +361,17 @@ def write_gguf(path: Path, model, *, quant: str = "Q8_0", bad_tensor: str | None
            "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     qtype = getattr(gguf.GGMLQuantizationType, quant)
     for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and c.tie_word_embeddings:
+            continue  # llama.cpp writes no output.weight for tied embeddings
         if k in names:
             name = names[k]
         else:
             parts = k.split(".")  # model.layers.I.<module path>.weight
             name = f"blk.{parts[2]}.{per['.'.join(parts[3:-1])]}.{parts[-1]}"
         a = v.float().numpy()
-        if name.endswith("attn_q.weight"):
+        if qwen2:
+            pass  # stored for NEOX (half-split) RoPE: no permutation
+        elif name.endswith("attn_q.weight"):
             a = _permute(a, c.num_attention_heads)
         elif name.endswith("attn_k.weight"):
             a = _permute(a, c.num_key_value_heads)
@@ -391,10 +396,10 @@ def gguf_model(tmp_path_factory):
 
 
 @needs_gguf
-@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
-def test_gguf_equals_transformers_gguf_loader(quant, tmp_path):
+@pytest.mark.parametrize("kind,quant", [("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "Q8_0")])
+def test_gguf_equals_transformers_gguf_loader(kind, quant, tmp_path):
     path = tmp_path / f"tiny-{quant}.gguf"
-    write_gguf(path, _hf_model("llama"), quant=quant)
+    write_gguf(path, _hf_model(kind), quant=quant, arch=kind)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     base, _ = load_model(convert(path, tmp_path / "base", baseline=True))
