@@ -255,7 +255,8 @@ def test_generate_cli_decodes_text_and_prepare_uses_the_source_tokenizer(
     shard = data / manifest["train"][0]["file"]
     ids = np.fromfile(shard, dtype=manifest["dtype"]).tolist()
     doc = (corpus / "d0.txt").read_text()
-    want = src(doc, add_special_tokens=False)["input_ids"] + [1]
+    want = src(doc)["input_ids"] + [1]  # BOS first (the source adds it), EOS last
+    assert want[0] == 0
     assert any(ids[i:i + len(want)] == want for i in range(len(ids) - len(want) + 1))
     # validate on that data: the converted run has no data of its own.
     capsys.readouterr()
