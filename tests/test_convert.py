@@ -474,6 +474,14 @@ def test_refusals(sources, gguf_model, tmp_path, capsys):
         err = _refused(capsys, ["convert", str(d), "--out", out])
         assert ("model.layers.1.self_attn.v_proj.weight is missing" in err if what == "missing"
                 else "unexpected tensor model.layers.1.self_attn.o_proj.bias" in err)
+    # A tied checkpoint whose stored head is not the embedding.
+    d = _copy_dir(sources["llama_tied"], tmp_path / "tied")
+    t = load_file(str(d / "model.safetensors"))
+    assert "lm_head.weight" not in t
+    t["lm_head.weight"] = t["model.embed_tokens.weight"] + 1
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    assert "lm_head.weight differs from the embeddings" in _refused(
+        capsys, ["convert", str(d), "--out", out])
     # Unsupported RoPE scaling, Llama biases.
     for change, msg in ((
             {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from freeformer.data.tokenizer import HFTokenizer
+from freeformer.data.tokenizer import HFTokenizer, _import_tokenizers
 from freeformer.errors import ConvertError, UserError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -165,10 +165,9 @@ def _hf_dir_tokenizer(path: Path, config: dict[str, Any]) -> HFTokenizer:
         path / "special_tokens_map.json").is_file() else {}
     gcfg = _read_json(path / "generation_config.json") if (
         path / "generation_config.json").is_file() else {}
-    from tokenizers import Tokenizer
-
+    tokenizers = _import_tokenizers()
     try:
-        raw = Tokenizer.from_file(str(tok_file))
+        raw = tokenizers.Tokenizer.from_file(str(tok_file))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise ConvertError(f"{tok_file} is not a valid tokenizer.json "
                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
