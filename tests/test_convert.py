@@ -28,8 +28,10 @@ from freeformer.pretrained import convert  # noqa: E402
 
 VOCAB = 320
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                 "<|im_end|>\n{% endfor %}")
+# Block tags on their own lines: rendering must trim them as transformers does.
+CHAT_TEMPLATE = ("{% for m in messages %}\n<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}\n{% if add_generation_prompt %}\n"
+                 "<|im_start|>assistant\n{% endif %}")
 TEXTS = [
     "Hello world!", "  leading spaces and trailing  ", "def f(x):\n\treturn x * 2\n",
     "digits 1234567890 and 3.14159", "Ünïcödé — ❤ 日本語 emoji 🙂",
@@ -221,6 +223,9 @@ def test_tokenizer_gives_the_source_ids(kind, sources, converted):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     chat = src.apply_chat_template(msgs, tokenize=False)
     assert tok.apply_chat_template(msgs, add_generation_prompt=False) == chat
+    assert tok.apply_chat_template(msgs) == src.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True)
+    assert chat.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
     assert "<|im_end|>" in chat and tok.encode(chat) == src(chat, add_special_tokens=False)[
         "input_ids"]
     assert tok.encode("<|im_end|>") == [src.convert_tokens_to_ids("<|im_end|>")]
@@ -485,7 +490,8 @@ def test_refusals(sources, gguf_model, tmp_path, capsys):
     # Unsupported RoPE scaling, Llama biases.
     for change, msg in ((
             {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-            "'yarn' is not supported"), ({"attention_bias": True}, "attention_bias")):
+            "'yarn' is not supported"), ({"attention_bias": True}, "attention_bias"),
+            ({"head_dim": 32}, "head_dim = 32 differs from hidden_size / num_attention_heads")):
         d = _copy_dir(sources["llama"], tmp_path / f"c{len(msg)}")
         (d / "config.json").write_text(json.dumps({**cfg, **change}))
         assert msg in _refused(capsys, ["convert", str(d), "--out", out])
