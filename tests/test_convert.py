@@ -231,6 +231,26 @@ def test_tokenizer_gives_the_source_ids(kind, sources, converted):
     assert tok.encode("<|im_end|>") == [src.convert_tokens_to_ids("<|im_end|>")]
 
 
+def test_tokenizer_without_bos_like_qwen2(sources, tmp_path):
+    """A tokenizer that declares no BOS (Qwen2) while config.json names a bos_token_id:
+    no BOS, as transformers' tokenizer, and lm-eval's prefix is then EOS."""
+    d = _copy_dir(sources["qwen2"], tmp_path / "nobos")
+    tcfg = json.loads((d / "tokenizer_config.json").read_text())
+    del tcfg["bos_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    raw = json.loads((d / "tokenizer.json").read_text())
+    raw["post_processor"] = None
+    (d / "tokenizer.json").write_text(json.dumps(raw))
+    src = transformers.AutoTokenizer.from_pretrained(d)
+    assert src.bos_token_id is None and json.loads((d / "config.json").read_text())[
+        "bos_token_id"] == 0
+    _, ck = load_model(convert(d, tmp_path / "run", baseline=True))
+    tok = load_run_tokenizer(ck)
+    assert tok.bos_id is None and not tok.add_bos and tok.eos_id == src.eos_token_id
+    for text in TEXTS:
+        assert tok.encode_prompt(text) == src(text)["input_ids"], text
+
+
 def test_generate_cli_decodes_text_and_prepare_uses_the_source_tokenizer(
         sources, converted, tmp_path, capsys):
     run = converted["llama", "ft"]

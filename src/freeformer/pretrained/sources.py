@@ -172,15 +172,17 @@ def _hf_dir_tokenizer(path: Path, config: dict[str, Any]) -> HFTokenizer:
         raise ConvertError(f"{tok_file} is not a valid tokenizer.json "
                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
-    def special(name: str) -> str | None:
+    def special(name: str, fallback: bool) -> str | None:
         text = _token_text(tcfg.get(name)) or _token_text(smap.get(name))
-        if text is None:  # fall back to the model's ids (config.json, generation_config.json)
+        if text is None and fallback:  # the model's ids (config.json, generation_config.json)
             i = _first_id(config.get(f"{name}_id"))
             i = _first_id(gcfg.get(f"{name}_id")) if i is None else i
             text = raw.id_to_token(i) if i is not None else None
         return text
 
-    eos, bos = special("eos_token"), special("bos_token")
+    # BOS only as the tokenizer declares it (Qwen2 declares none; transformers' tokenizer
+    # then has no BOS, and lm-eval prefixes with EOS). EOS must exist: documents end with it.
+    eos, bos = special("eos_token", True), special("bos_token", False)
     if eos is None:
         raise ConvertError(f"{path}: no EOS token named in tokenizer_config.json, "
                            "special_tokens_map.json, config.json or generation_config.json")
