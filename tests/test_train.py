@@ -141,7 +141,24 @@ def test_every_shipped_config_parses(name):
     cfg = load_run_config(preset=name)
     assert cfg.train.seq_len <= cfg.model.max_seq_len
     assert set(available_presets()) >= {"debug", "synthetic", "stdlib-code", "paper-1.5b",
-                                        "paper-8b"}
+                                        "paper-8b", "paper-8b-1t"}
+
+
+# The paper's token budgets (Section 4.2): 1.5B on 47B tokens; 8B on 200B, and on 1T tokens
+# with κ = 1/2 bit for the long run.
+PAPER_BUDGETS = {"paper-1.5b": ("paper-1.5b", 47e9), "paper-8b": ("paper-8b", 200e9),
+                 "paper-8b-1t": ("paper-8b", 1e12)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_BUDGETS))
+def test_paper_configs_train_the_papers_token_budget(name):
+    shape, budget = PAPER_BUDGETS[name]
+    cfg = load_run_config(preset=name)
+    tc = cfg.train
+    tokens = tc.max_steps * tc.batch_size * tc.seq_len  # optimizer steps × global batch tokens
+    assert abs(tokens / budget - 1) < 0.01, f"{name}: {tokens / 1e9:.1f}B tokens, paper {budget / 1e9:g}B"
+    assert cfg.model == ModelConfig.preset(shape)  # the paper's shape, κ = 1/2 bit
+    assert cfg.model.free_bits == 0.5
 
 
 def test_activation_checkpointing_gives_identical_gradients():

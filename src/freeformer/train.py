@@ -8,6 +8,7 @@ the same global batch; latent draws are sliced from one global draw for the same
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -51,10 +52,44 @@ def resolve_device(tc: TrainConfig, info: D.DistInfo | None = None) -> torch.dev
     return torch.device("cpu")
 
 
+@functools.lru_cache(maxsize=1)
+def bf16_native_cpu() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware: x86 AVX512-BF16 or AMX-BF16.
+
+    Elsewhere oneDNN emulates bf16 GEMMs by converting to float32, which is slower than
+    FP32 itself. A capability check rather than a timing at start-up: timings on a shared
+    machine are noisy, and the gain on these instructions was measured once, side by side
+    (bench/bench_precision.py, bench/RESULTS.md: 1.2–1.6 × per training step).
+    """
+    caps = getattr(getattr(torch, "cpu", None), "get_capabilities", None)
+    if caps is not None:  # torch ≥ 2.13
+        c = caps()
+        return bool(c.get("avx512_bf16") or c.get("amx_bf16"))
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """"fp32" or "bf16" for ``train.precision`` on ``device``: "auto" means bf16 autocast on
+    CUDA and on CPUs with native bf16 matmuls (measured faster there), FP32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" or (device.type == "cpu" and bf16_native_cpu()):
+        return "bf16"
+    return "fp32"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA by default; fp32 on CPU (CPU bf16 is slower and less exact)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    """bf16 autocast (fp32 master weights; CE and KL are computed in float32 by the model)
+    when ``resolve_precision`` says bf16, else no autocast."""
+    if resolve_precision(device, precision) != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
