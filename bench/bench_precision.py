@@ -1,8 +1,9 @@
 """CPU precision: one full training step (forward, loss, backward, clip, AdamW) in FP32 against
 bf16 autocast, at the shipped presets' shapes, Free Transformer and baseline.
 
-This is the measurement behind ``train.precision = "auto"`` on CPU (train.py::autocast): bf16
-autocast is chosen where the CPU has native bf16 matmul instructions (AVX512-BF16 or AMX-BF16).
+This is the measurement behind ``train.precision = "auto"`` on CPU (train.py::resolve_precision):
+bf16 autocast is chosen where the CPU has native bf16 matmul instructions (AVX512-BF16 or
+AMX-BF16) and the model is at least ``CPU_BF16_MIN_DIM`` wide.
 The step is ``freeformer.train.train_step`` itself, on random tokens of the preset's shape
 (the data do not change the cost), with the preset's batch, micro-batches and optimizer. The
 FP32 and bf16 runs are separate models built with the same seed, timed alternately in rounds
