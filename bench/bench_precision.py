@@ -25,8 +25,14 @@ import theory
 import torch
 
 from freeformer import FreeTransformer
-from freeformer.runconfig import load_run_config
-from freeformer.train import autocast, bf16_native_cpu, build_optimizer, train_step
+from freeformer.runconfig import available_presets, load_run_config
+from freeformer.train import (
+    autocast,
+    bf16_native_cpu,
+    build_optimizer,
+    resolve_precision,
+    train_step,
+)
 
 
 def make_step(cfg, latent: bool, precision: str):
@@ -50,13 +56,13 @@ def make_step(cfg, latent: bool, precision: str):
 
 
 def run_config(name: str):
-    """A shipped preset's RunConfig, or stdlib-code's with a bench shape's model, T and B."""
+    """A shipped preset's RunConfig, or stdlib-code's with the model, T and B of a shape of
+    bench_train.py (d128-L4, d256-L8, d512-L8); a preset wins where a name is both (debug)."""
+    if name in available_presets():
+        return load_run_config(preset=name, overrides=["train.progress=false"])
     shapes = {n: (cfg, T, B) for n, cfg, T, B in theory.bench_train_shapes(12)}
     if name not in shapes:
-        try:
-            return load_run_config(preset=name, overrides=["train.progress=false"])
-        except Exception:  # noqa: BLE001 — reported by the caller as an unknown name
-            return None
+        return None
     mc, T, B = shapes[name]
     cfg = load_run_config(preset="stdlib-code", overrides=["train.progress=false"])
     return dataclasses.replace(cfg, model=mc.replace(max_seq_len=max(T, mc.max_seq_len)),
@@ -99,10 +105,12 @@ def main(argv=None) -> int:
             rows.append([name, label, f"D {mc.dim}, L {mc.n_layers}, H {mc.latent_bits}",
                          f"{tc.batch_size}×{tc.seq_len}", C.fmt_ms(t.median("fp32")),
                          C.fmt_ms(t.median("bf16")),
-                         f"{t.ratio('fp32', 'bf16'):.2f} ({lo:.2f}–{hi:.2f})", t.load_range()])
+                         f"{t.ratio('fp32', 'bf16'):.2f} ({lo:.2f}–{hi:.2f})",
+                         resolve_precision(C.CPU, "auto", mc.dim), t.load_range()])
             print(rows[-1], flush=True)
     table = C.md_table(["preset", "model", "shape", "B×T", "FP32 step (ms)",
-                        "bf16 autocast step (ms)", "speed-up fp32/bf16 (range)", "load"], rows)
+                        "bf16 autocast step (ms)", "speed-up fp32/bf16 (range)",
+                        "precision=auto picks (this CPU)", "load"], rows)
     body = "\n\n".join([
         "## CPU precision: FP32 vs bf16 autocast (`bench/bench_precision.py`)",
         f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}; native bf16 matmul "

@@ -77,8 +77,8 @@ def bf16_native_cpu() -> bool:
 
 # Below this width the casts around every small matmul cost more than bf16 matmuls save:
 # measured on an AVX512-BF16 CPU (bench/RESULTS.md, precision-cpu), bf16 autocast made a
-# training step 0.7 × as fast at D 64 (the synthetic preset) and 1.2–1.5 × faster at
-# D 128–256 (more at D 512).
+# training step 0.55 × as fast at D 32 and 0.7 × at D 64 (the debug and synthetic presets),
+# and 1.2 × faster at D 128, 1.3–1.5 × at D 256, 1.6 × at D 512.
 CPU_BF16_MIN_DIM = 128
 
 
