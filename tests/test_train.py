@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+import freeformer.train as train_mod
 from freeformer import FreeTransformer, ModelConfig
 from freeformer.checkpoint import list_checkpoints, load_checkpoint
 from freeformer.runconfig import TrainConfig, available_presets, load_run_config
-import freeformer.train as train_mod
 from freeformer.train import (
     LatentMonitor,
     autocast,
@@ -221,3 +221,36 @@ def test_ce_and_kl_stay_float32_under_cpu_bf16_autocast():
     kl64 = (math.log(2) + torch.sigmoid(L) * F.logsigmoid(L)
             + torch.sigmoid(-L) * F.logsigmoid(-L)).sum(-1)
     torch.testing.assert_close(out.kl_tokens.double(), kl64, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_give_the_same_step_and_losses():
+    """1, 2 and 4 micro-batches: same reported metrics and the same SGD step (lr = 1, no
+    clipping, so the parameter change is exactly minus the averaged gradient)."""
+    import contextlib
+
+    from freeformer.train import train_step
+
+    cfg = ModelConfig.preset("debug")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (8, 16), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (8, 16), generator=g)
+    noise = torch.rand(8, 16, cfg.latent_bits, generator=g)
+    tc = TrainConfig(batch_size=8, seq_len=16, grad_clip=0.0)
+    init = FreeTransformer(cfg, seed=0).state_dict()
+    results = {}
+    for n in (1, 2, 4):
+        m = FreeTransformer(cfg, seed=0)
+        with torch.no_grad():  # KL per token over κ for part of the batch: the hinge is live
+            m.encoder.readout.weight.mul_(60)
+        metrics = train_step(m, torch.optim.SGD(m.parameters(), lr=1.0), x, y, noise, n, tc,
+                             contextlib.nullcontext())
+        results[n] = ({k: float(v) for k, v in metrics.items()}, m.state_dict())
+    m1, s1 = results[1]
+    assert m1["kl_loss"] > 0
+    assert max(float((s1[k] - init[k]).abs().max()) for k in s1) > 1e-2
+    for n in (2, 4):
+        mn, sn = results[n]
+        for k in ("loss", "ce", "kl", "kl_loss"):
+            assert mn[k] == pytest.approx(m1[k], rel=1e-6), (n, k)
+        for k in s1:
+            torch.testing.assert_close(sn[k], s1[k], rtol=1e-5, atol=1e-7, msg=f"{n}: {k}")

@@ -53,9 +53,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--shared-latent", action="store_true",
-                   help="the N samples share one latent sequence (paper Fig. 4, green groups)")
+                   help="the N samples share one latent sequence, drawn from the uniform prior "
+                        "for every position, prompt included (paper Fig. 4, green groups)")
     p.add_argument("--prefill", choices=["encoder", "prior"], default="encoder",
-                   help="prompt codes from the encoder (paper) or the prior")
+                   help="prompt codes from the encoder (paper) or the prior; unused with "
+                        "--shared-latent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 

@@ -202,15 +202,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
                ctx: contextlib.AbstractContextManager) -> dict[str, Tensor]:
     """Forward/backward over ``n_micro`` micro-batches, clip, step. Returns mean metrics as
     0-d tensors: converting them to floats here would cost a host sync per step on CUDA, so
-    the loop does it only on logging steps."""
+    the loop does it only on logging steps.
+
+    The step's loss is the mean of the micro-batches' losses, which equals the mean over the
+    batch's tokens because every micro-batch scores the same number of tokens (the training
+    data never uses IGNORE_INDEX). Gradients cross processes once, on the last micro-batch.
+    """
     sums: dict[str, Tensor] = {}
     xs, ys = x.chunk(n_micro), y.chunk(n_micro)
     ns = noise.chunk(n_micro) if noise is not None else [None] * n_micro
     for i in range(n_micro):
-        sync = contextlib.nullcontext()
-        if i < n_micro - 1 and hasattr(model, "no_sync"):
-            sync = model.no_sync()  # DDP: all-reduce once, on the last micro-batch
-        with sync:
+        # DDP / FSDP2: gradients are reduced across processes once, on the last micro-batch.
+        with D.accumulating(model, sync=i == n_micro - 1):
             with ctx:
                 out = model(xs[i], ys[i], bit_noise=ns[i])
             (out.loss / n_micro).backward()
