@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_reference import dense_mapper
 
 import freeformer.latent as latent
 from freeformer.latent import (
@@ -17,16 +18,6 @@ from freeformer.latent import (
     sample_codes,
     uniform_codes,
 )
-
-
-def dense_mapper(bit_logits, table, codes):
-    """The paper's formulation, materialising one-hot and G: r = (Y + G − sg(G)) W."""
-    H = bit_logits.shape[-1]
-    bits = bit_matrix(H, bit_logits.dtype)                      # (2^H, H)
-    logp, logq = F.logsigmoid(bit_logits), F.logsigmoid(-bit_logits)
-    G = (logp @ bits.T + logq @ (1 - bits).T).exp()            # (..., 2^H)
-    Y = F.one_hot(codes, 1 << H).to(bit_logits.dtype)
-    return (Y + G - G.detach()) @ table
 
 
 @pytest.mark.parametrize("H,N,D", [(3, 5, 4), (6, 17, 8), (12, 9, 5)])
