@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from freeformer.latent import uniform_codes
+from freeformer.latent import reaching_codes, uniform_codes
 from freeformer.model import IGNORE_INDEX
 
 LOG2 = math.log(2.0)
@@ -74,7 +74,7 @@ def scored(targets: Tensor) -> Tensor:
 
 def code_mask(targets: Tensor) -> Tensor:
     """(B, T) bool: positions up to each row's last scored target, whose codes can matter."""
-    return scored(targets).flip(-1).int().cumsum(-1).flip(-1) > 0
+    return reaching_codes(scored(targets))
 
 
 def log_mean_exp(x: Tensor, dim: int = 0) -> Tensor:
