@@ -45,7 +45,28 @@ def test_train_and_generate_from_run(run_dir, capsys):
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2 and "K>" in out
     assert main(["validate", str(run_dir), "--batches", "1", "--k", "2"]) == 0
-    assert "ce(prior codes)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ce(prior codes)" in out and "k=2" in out  # the estimate says its sample count
+
+
+def test_shared_latent_flag_gives_every_sample_one_code_sequence(run_dir, capsys, monkeypatch):
+    from freeformer import FreeTransformer
+
+    seen = []
+    real = FreeTransformer.generate
+
+    def spy(self, prompt, n, **kw):
+        seen.append((prompt.shape, kw.get("latents")))
+        return real(self, prompt, n, **kw)
+
+    monkeypatch.setattr(FreeTransformer, "generate", spy)
+    for flag in (["--shared-latent"], []):
+        assert main(["generate", str(run_dir), "--prompt", "K>", "-n", "3",
+                     "--max-new-tokens", "6", "--seed", "3", *flag]) == 0
+    capsys.readouterr()
+    (shape, shared), (_, independent) = seen
+    assert shape[0] == 3 and independent is None  # without the flag: codes per sample
+    assert shared.shape == (1, shape[1] + 6)  # one sequence for every position, all samples
 
 
 def test_prepare_then_train_on_files(tmp_path, corpus, capsys):

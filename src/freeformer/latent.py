@@ -196,9 +196,33 @@ def kl_per_token(bit_logits: Tensor) -> Tensor:
     return (math.log(2.0) - entropy).sum(-1)
 
 
-def free_bits_loss(kl_tokens: Tensor, kappa_nats: float) -> Tensor:
-    """Token-wise free bits: mean_t max(0, KL_t − κ). No β, no schedule (paper Section 3.3)."""
-    return (kl_tokens - kappa_nats).clamp(min=0).mean()
+def reaching_codes(scored: Tensor) -> Tensor:
+    """(B, T) bool: positions up to each row's last scored target.
+
+    Given the codes the decoder is causal, so the code at position t reaches every
+    prediction ≥ t: exactly these positions' codes can change a scored token. Their KL
+    belongs to the ELBO of the scored tokens even where their own target is ignored (a
+    masked prompt); leaving it out would let the encoder hide the answer in the prompt's
+    codes at no cost. Codes after the last scored target reach nothing and are left out.
+    """
+    return scored.flip(-1).int().cumsum(-1).flip(-1) > 0
+
+
+def token_mean(values: Tensor, scored: Tensor | None = None) -> Tensor:
+    """Per-token ``values`` summed over the positions whose code reaches a scored target
+    (:func:`reaching_codes`) and divided by the number of scored targets — the
+    cross-entropy's normalisation, so that ce + kl is the per-scored-token ELBO and padding
+    never dilutes a term. All positions when ``scored`` is None. Like ``F.cross_entropy``,
+    it is NaN when no position is scored."""
+    if scored is None:
+        return values.mean()
+    return torch.where(reaching_codes(scored), values, 0).sum() / scored.sum()
+
+
+def free_bits_loss(kl_tokens: Tensor, kappa_nats: float, scored: Tensor | None = None) -> Tensor:
+    """Token-wise free bits: (1/T) Σ_t max(0, KL_t − κ), normalised like the KL (see
+    :func:`token_mean`). No β, no schedule (paper Section 3.3)."""
+    return token_mean((kl_tokens - kappa_nats).clamp(min=0), scored)
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,11 +237,11 @@ class LatentEncoder(nn.Module):
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float,
-                 n_blocks: int, n_bits: int) -> None:
+                 n_blocks: int, n_bits: int, qkv_bias: bool = False) -> None:
         super().__init__()
         self.zeta = nn.Parameter(torch.zeros(dim))
         self.blocks = nn.ModuleList(
-            Block(dim, n_heads, n_kv_heads, hidden, eps) for _ in range(n_blocks))
+            Block(dim, n_heads, n_kv_heads, hidden, eps, qkv_bias) for _ in range(n_blocks))
         self.norm = RMSNorm(dim, eps)
         self.readout = nn.Linear(dim, n_bits, bias=False)
 

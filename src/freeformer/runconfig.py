@@ -29,7 +29,7 @@ else:  # pragma: no cover
 DIST_MODES = ("none", "ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
-DATA_SOURCES = ("synthetic", "files", "stdlib")
+DATA_SOURCES = ("synthetic", "files", "stdlib", "none")
 
 
 def _check(ok: bool, section: str, name: str, value: Any, expect: str) -> None:
@@ -84,7 +84,9 @@ class TrainConfig:
     device: str = "auto"
     """"auto" (cuda if available), "cpu" or "cuda"."""
     precision: str = "auto"
-    """"auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"."""
+    """"auto" (bf16 autocast on CUDA, and on CPUs with native bf16 matmuls — AVX512-BF16 or
+    AMX — for models with dim ≥ 128, where it was measured faster; else fp32), "fp32" or
+    "bf16"."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
     tensorboard: bool = False
@@ -130,7 +132,8 @@ class DataConfig:
     source: str = "synthetic"
     """"synthetic" (the paper's Section 4.1 task, generated on the fly), "files" (a
     directory made by `freeformer prepare`), or "stdlib" (Python's standard library source,
-    prepared with the byte tokenizer into `path` on first use)."""
+    prepared with the byte tokenizer into `path` on first use), or "none" (a converted
+    pretrained model: no data yet; give --data to validate, a data section to train)."""
     path: str = ""
     """Prepared data directory (files, stdlib)."""
 

@@ -8,6 +8,7 @@ the same global batch; latent draws are sliced from one global draw for the same
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from freeformer import __version__
@@ -34,6 +34,13 @@ from freeformer.checkpoint import (
     write_json_atomic,
 )
 from freeformer.errors import CheckpointError, ConfigError, UserError
+from freeformer.likelihood import (
+    code_mask,
+    log_mean_exp,
+    posterior_log_weights,
+    scored,
+    token_log_probs,
+)
 from freeformer.model import FreeTransformer
 from freeformer.runconfig import RunConfig, TrainConfig
 
@@ -51,10 +58,56 @@ def resolve_device(tc: TrainConfig, info: D.DistInfo | None = None) -> torch.dev
     return torch.device("cpu")
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA by default; fp32 on CPU (CPU bf16 is slower and less exact)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+@functools.lru_cache(maxsize=1)
+def bf16_native_cpu() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware: x86 AVX512-BF16 or AMX-BF16.
+
+    Elsewhere oneDNN emulates bf16 GEMMs through float32, which is slower than FP32 itself.
+    A capability check, not a timing at start-up: timings on a shared machine are noisy, and
+    the gain was measured side by side once (bench/bench_precision.py, bench/RESULTS.md).
+    """
+    caps = getattr(getattr(torch, "cpu", None), "get_capabilities", None)
+    if caps is not None:  # torch ≥ 2.13
+        c = caps()
+        return bool(c.get("avx512_bf16") or c.get("amx_bf16"))
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+# Below this width the casts around every small matmul cost more than bf16 matmuls save:
+# measured on an AVX512-BF16 CPU (bench/RESULTS.md, precision-cpu), bf16 autocast made a
+# training step 0.55 × as fast at D 32 and 0.7 × at D 64 (the debug and synthetic presets),
+# and 1.2 × faster at D 128, 1.3–1.5 × at D 256, 1.6 × at D 512.
+CPU_BF16_MIN_DIM = 128
+
+
+def resolve_precision(device: torch.device, precision: str, dim: int | None = None) -> str:
+    """"fp32" or "bf16" for ``train.precision`` on ``device`` for a model of width ``dim``.
+
+    "auto" means bf16 autocast on CUDA, and on CPUs with native bf16 matmuls for models at
+    least ``CPU_BF16_MIN_DIM`` wide (where it was measured faster); FP32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    if (device.type == "cpu" and bf16_native_cpu()
+            and (dim is None or dim >= CPU_BF16_MIN_DIM)):
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str,
+             dim: int | None = None) -> contextlib.AbstractContextManager:
+    """bf16 autocast (float32 master weights; the model computes CE and KL in float32) when
+    ``resolve_precision`` says bf16, else no autocast."""
+    if resolve_precision(device, precision, dim) != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -94,6 +147,9 @@ def build_data(cfg: RunConfig, info: D.DistInfo):
     if tc.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size = {tc.batch_size} is not divisible by the "
                           f"{info.world_size} processes")
+    if dc.source == "none":
+        raise ConfigError("data.source = 'none' (a converted model): give prepared data, e.g. "
+                          "--data.source=files --data.path=DIR (validate: --data DIR)")
     if dc.source == "synthetic":
         from freeformer.data.synthetic import SyntheticBatches
 
@@ -155,15 +211,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
                ctx: contextlib.AbstractContextManager) -> dict[str, Tensor]:
     """Forward/backward over ``n_micro`` micro-batches, clip, step. Returns mean metrics as
     0-d tensors: converting them to floats here would cost a host sync per step on CUDA, so
-    the loop does it only on logging steps."""
+    the loop does it only on logging steps.
+
+    The step's loss is the mean of the micro-batches' losses, which equals the mean over the
+    batch's tokens because every micro-batch scores the same number of tokens (the training
+    data never uses IGNORE_INDEX). Gradients cross processes once, on the last micro-batch.
+    """
     sums: dict[str, Tensor] = {}
     xs, ys = x.chunk(n_micro), y.chunk(n_micro)
     ns = noise.chunk(n_micro) if noise is not None else [None] * n_micro
     for i in range(n_micro):
-        sync = contextlib.nullcontext()
-        if i < n_micro - 1 and hasattr(model, "no_sync"):
-            sync = model.no_sync()  # DDP: all-reduce once, on the last micro-batch
-        with sync:
+        # DDP / FSDP2: gradients are reduced across processes once, on the last micro-batch.
+        with D.accumulating(model, sync=i == n_micro - 1):
             with ctx:
                 out = model(xs[i], ys[i], bit_noise=ns[i])
             (out.loss / n_micro).backward()
@@ -180,29 +239,31 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
 # ---------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------
-def log_q(bit_logits: Tensor, codes: Tensor) -> Tensor:
-    """log Q(Z = codes | S) per position: Σ_h log σ(±L_h)."""
-    bits = ((codes[..., None] >> torch.arange(bit_logits.shape[-1], device=codes.device)) & 1)
-    L = bit_logits.float()
-    return torch.where(bits.bool(), F.logsigmoid(L), F.logsigmoid(-L)).sum(-1)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, latent: bool,
              n_bits: int, k: int, seed: int, device: torch.device,
              ctx: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
-    """Validation metrics (nats per token unless named ``_bits``).
+    """Validation metrics in nats per scored target (``IGNORE_INDEX`` targets are skipped,
+    like the cross-entropy) unless named ``_bits``.
 
-    Free Transformer:
-      ce_prior      CE with codes from the uniform prior — what generation does.
+    Free Transformer (the estimators are in ``freeformer.likelihood``; k = ``is_samples``):
+      nll_is        the model's −log P(S)/T estimated by importance sampling with k encoder
+                    samples: −log (1/k) Σ_j P(S|Z_j) P(Z_j) / Q(Z_j|S), Z_j ~ Q(·|S).
+      nll_is_prior  the same number estimated with k prior samples: −log (1/k) Σ_j P(S|Z_j),
+                    Z_j ~ P(Z). (Measured tighter than nll_is at small k on models trained
+                    to KL ≈ κ: docs/evaluation.md.)
+                    Both are consistent as k grows; for finite k each is an upper bound on
+                    −log P(S)/T *in expectation* (Jensen), not for every batch, and the
+                    smaller of the two is biased low — no bound. Compare either, with its k,
+                    to a baseline's CE.
+      ce_prior      CE with codes from the uniform prior (what generation does), averaged
+                    over the k prior draws: E_Z[−log P(S|Z)]/T, a looser upper bound.
       ce_encoder    CE with codes from the encoder — it has seen the future tokens, so this
                     is NOT the model's likelihood (it leaks the answer); reported for curves.
-      kl_bits       mean KL(Q || prior) per token, in bits.
-      elbo          ce_encoder + KL: an upper bound on −log P(S)/T, comparable to a baseline's CE.
-      nll_is        importance-sampled −log P(S)/T with k posterior samples (an upper bound
-                    that tightens with k).
-    ce_prior is an upper bound on −log P(S)/T too (Jensen: E_Z[−log P(S|Z)] ≥ −log E_Z[P(S|Z)]);
-    the smaller of ce_prior and nll_is is the tightest bound to compare with a baseline's CE.
+      kl_bits       KL(Q || prior) per scored target, in bits (positions after a row's last
+                    scored target are left out: their codes reach no scored token).
+      elbo          ce_encoder + KL: an unbiased estimate of the negative ELBO, an upper
+                    bound on −log P(S)/T.
     Baseline: ce.
     """
     ctx = ctx if ctx is not None else contextlib.nullcontext()
@@ -213,33 +274,33 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, latent: 
     n_tok = 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        B, T = x.shape
+        n = int(scored(y).sum())
         with ctx:
             if not latent:
-                out = model(x, y)
-                vals = {"ce": float(out.ce)}
+                vals = {"ce": -float(token_log_probs(model(x).logits, y).sum()) / n}
             else:
-                prior = model(x, y, latents="prior", generator=gen)
-                weights, ce_enc, kl = [], 0.0, 0.0
+                weights, prior_weights, ce_prior, ce_enc, kl = [], [], 0.0, 0.0, 0.0
                 for _ in range(k):
-                    out = model(x, y, generator=gen)
-                    nll_tok = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(),
-                                              reduction="none").view(B, T)
-                    # log w = log P(S|Z) + log P(Z) − log Q(Z|S), summed over the sequence.
-                    lw = (-nll_tok.sum(1) - T * n_bits * LOG2
-                          - log_q(out.bit_logits, out.codes).sum(1))
-                    weights.append(lw)
-                    ce_enc += float(out.ce) / k
-                    kl += float(out.kl) / k
-                lw = torch.stack(weights)  # (k, B)
-                log_ps = torch.logsumexp(lw, 0) - math.log(k)
-                vals = {"ce_prior": float(prior.ce), "ce_encoder": ce_enc, "kl_bits": kl / LOG2,
-                        "elbo": ce_enc + kl, "nll_is": float(-log_ps.sum() / (B * T))}
+                    lp = token_log_probs(model(x, latents="prior", generator=gen).logits, y)
+                    prior_weights.append(lp.double().sum(-1))  # log P(S | Z), Z ~ P(Z)
+                    ce_prior -= float(lp.sum()) / (n * k)
+                    lw, lp, out = posterior_log_weights(model, x, y, generator=gen)
+                    weights.append(lw.double())
+                    ce_enc -= float(lp.sum()) / (n * k)
+                    kl += float(out.kl_tokens.float()[code_mask(y)].sum()) / (n * k)
+                log_ps = log_mean_exp(torch.stack(weights), 0)  # (B,) log P̂(S)
+                log_ps_prior = log_mean_exp(torch.stack(prior_weights), 0)
+                vals = {"ce_prior": ce_prior, "ce_encoder": ce_enc, "kl_bits": kl / LOG2,
+                        "elbo": ce_enc + kl, "nll_is": float(-log_ps.sum()) / n,
+                        "nll_is_prior": float(-log_ps_prior.sum()) / n}
         for key, v in vals.items():
-            tot[key] = tot.get(key, 0.0) + v * B * T
-        n_tok += B * T
+            tot[key] = tot.get(key, 0.0) + v * n
+        n_tok += n
     model.train(was_training)
-    return {key: v / n_tok for key, v in tot.items()}
+    out = {key: v / n_tok for key, v in tot.items()}
+    if latent:
+        out["is_samples"] = k
+    return out
 
 
 class LatentMonitor:
@@ -412,7 +473,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
         start, tokens = ck.step, int(ck.state["tokens"])
     if tc.compile:
         wrapped = torch.compile(wrapped)
-    ctx = autocast(device, tc.precision)
+    ctx = autocast(device, tc.precision, mc.dim)
     log = MetricsLog(run_dir, cfg, info.is_main, start)
     monitor = LatentMonitor(mc.free_bits, mc.latent_bits) if mc.latent else None
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -491,9 +552,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
 def format_val(step: int, v: dict[str, float]) -> str:
     if "ce" in v:
         return f"val step {step}: ce {v['ce']:.4f} nats/token"
-    return (f"val step {step}: ce(prior codes) {v['ce_prior']:.4f} | ce(encoder codes, sees the "
-            f"future) {v['ce_encoder']:.4f} | KL {v['kl_bits']:.4f} bits | ELBO {v['elbo']:.4f} "
-            f"| IS −log P(S)/T {v['nll_is']:.4f} nats/token")
+    k = int(v.get("is_samples", 0))
+    return (f"val step {step}: −log P(S)/T estimates (importance sampling, k={k}): encoder "
+            f"proposal {v['nll_is']:.4f}, prior proposal {v['nll_is_prior']:.4f} nats/token | "
+            f"ELBO {v['elbo']:.4f} | KL {v['kl_bits']:.4f} bits | ce(prior codes) "
+            f"{v['ce_prior']:.4f} | ce(encoder codes, sees the future) {v['ce_encoder']:.4f}")
 
 
 def _enable_activation_checkpointing(model: FreeTransformer) -> None:
