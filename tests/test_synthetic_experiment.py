@@ -12,7 +12,7 @@ from freeformer.experiments.synthetic import kappa_key, parse_kappas, plain_summ
 def test_runner_writes_every_output_and_reuses_finished_runs(tmp_path, capsys):
     out = tmp_path / "syn"
     argv = ["synthetic", "--kappa-bits", "1/64,8", "--steps", "3", "--groups", "2",
-            "--jobs", "1", "--threads", "1", "--out", str(out)]
+            "--jobs", "1", "--threads", "1", "--reconstruction", "8", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "shared latent #2" in printed and "total runtime" in printed
@@ -38,7 +38,8 @@ def test_parallel_models_give_the_sequential_results(tmp_path, capsys):
     for jobs in ("1", "2"):
         out = tmp_path / f"jobs{jobs}"
         assert main(["synthetic", "--kappa-bits", "1", "--steps", "4", "--groups", "2",
-                     "--jobs", jobs, "--threads", "1", "--out", str(out)]) == 0
+                     "--reconstruction", "8", "--jobs", jobs, "--threads", "1",
+                     "--out", str(out)]) == 0
         outs[jobs] = (json.loads((out / "samples.json").read_text()),
                       json.loads((out / "scores.json").read_text()))
     printed = capsys.readouterr().out

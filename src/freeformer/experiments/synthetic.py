@@ -87,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups", type=int, default=20,
                    help="independent and shared groups of 5 scored per model (default 20, the "
                         "minimum for the acceptance tests)")
+    p.add_argument("--reconstruction", type=int, default=RECONSTRUCTION_N,
+                   help="held-out sequences regenerated from their posterior codes per model "
+                        f"(default {RECONSTRUCTION_N})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true", help="skip the matched baseline")
     p.add_argument("--config", default=None,
@@ -108,6 +111,8 @@ def make_plan(args: argparse.Namespace, config_steps: int) -> Plan:
         raise UserError(f"--steps {steps}: expected ≥ 1")
     if args.groups < 1:
         raise UserError(f"--groups {args.groups}: expected ≥ 1")
+    if args.reconstruction < 1:
+        raise UserError(f"--reconstruction {args.reconstruction}: expected ≥ 1")
     if args.jobs < 0 or args.threads < 0:
         raise UserError(f"--jobs {args.jobs} / --threads {args.threads}: expected ≥ 0 "
                         "(0: automatic)")
@@ -209,7 +214,8 @@ def figure4_panel(model, gen: torch.Generator) -> dict[str, Any]:
 RECONSTRUCTION_N = 200
 
 
-def score_model(path: Path, n_groups: int, seed: int) -> dict[str, Any]:
+def score_model(path: Path, n_groups: int, seed: int,
+                n_recon: int = RECONSTRUCTION_N) -> dict[str, Any]:
     """Figure-4 panel, scored groups, validation metrics and (Free Transformers) the
     reconstruction diagnostic of the model in ``path`` (a run directory or checkpoint)."""
     from freeformer.checkpoint import load_model
@@ -228,7 +234,7 @@ def score_model(path: Path, n_groups: int, seed: int) -> dict[str, Any]:
     _, val = build_data(cfg, DistInfo())
     vals = evaluate(model, val, latent=cfg.model.latent, n_bits=cfg.model.latent_bits, k=2,
                     seed=seed, device=torch.device("cpu"))
-    recon = (reconstruction(model, RECONSTRUCTION_N, torch.Generator().manual_seed(seed + 777))
+    recon = (reconstruction(model, n_recon, torch.Generator().manual_seed(seed + 777))
              if cfg.model.latent else None)
     return {"panel": panel, "independent": independent, "shared": shared,
             "ind": aggregate(independent), "sha": aggregate(shared), "val": vals,
@@ -236,7 +242,8 @@ def score_model(path: Path, n_groups: int, seed: int) -> dict[str, Any]:
 
 
 def train_and_score(base_cfg, run_dir: Path, kappa: float | None, steps: int, seed: int,
-                    threads: int, n_groups: int, quiet: bool = False) -> dict[str, Any]:
+                    threads: int, n_groups: int, quiet: bool = False,
+                    n_recon: int = RECONSTRUCTION_N) -> dict[str, Any]:
     """Train (or reuse) one model, then score it; one unit of work for --jobs."""
     if threads:
         torch.set_num_threads(threads)
@@ -244,7 +251,7 @@ def train_and_score(base_cfg, run_dir: Path, kappa: float | None, steps: int, se
     train_model(base_cfg, run_dir, kappa=kappa, steps=steps, seed=seed, threads=threads,
                 quiet=quiet)
     t1, c1 = time.perf_counter(), time.process_time()
-    r = score_model(run_dir, n_groups, seed)
+    r = score_model(run_dir, n_groups, seed, n_recon)
     # CPU seconds next to wall seconds: on a shared machine the wall time measures the
     # neighbours too, the CPU time (one thread) what the work itself costs.
     r["train_s"], r["score_s"] = t1 - t0, time.perf_counter() - t1
@@ -455,7 +462,8 @@ def main(args: argparse.Namespace) -> None:
 
     def work(key, kappa, quiet):
         run_dir = out / "runs" / ("baseline" if kappa is None else f"kappa_{key}")
-        return (base, run_dir, kappa, plan.steps, args.seed, threads, args.groups, quiet)
+        return (base, run_dir, kappa, plan.steps, args.seed, threads, args.groups, quiet,
+                args.reconstruction)
 
     results: dict[str, dict] = {}
     if jobs == 1:
