@@ -29,6 +29,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default: runs/<preset or config name>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its newest checkpoint")
+    p.add_argument("--init-from", metavar="RUN_DIR",
+                   help="fine-tune: start from the weights of RUN_DIR (or a checkpoint), e.g. "
+                        "one made by `freeformer convert`; fresh optimizer, schedule and step "
+                        "count; [model] must equal its config (same as --train.init_from); "
+                        "--train.trainable=latent trains only the latent path")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -139,6 +144,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from freeformer.runconfig import RunConfig, build_run_config, load_run_config
     from freeformer.train import train
 
+    if args.init_from:
+        if args.resume:
+            raise UserError("--init-from starts a new run from weights and --resume continues "
+                            "a run: give one of them")
+        overrides = [*overrides, f"train.init_from={args.init_from}"]
     if args.resume:
         if args.preset or args.config:
             raise UserError("--resume takes its config from the run; drop --preset/--config")
