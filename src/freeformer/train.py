@@ -114,7 +114,10 @@ def _check_same_tokenizer(init: Checkpoint, data_dir: Path) -> None:
     if not (run_dir / "tokenizer").is_dir():
         return  # the source run has no tokenizer to compare with (synthetic task)
     a, b = load_run_tokenizer(init), load_tokenizer(data_dir)
-    same = type(a) is type(b) and a.vocab_size == b.vocab_size and a.eos_id == b.eos_id
+    # Same vocabulary and ids; the document separator may differ (prepare with the
+    # tokenizer.json file ends documents with <|endoftext|>, with the directory with the
+    # source's own EOS), both are ids the model knows.
+    same = type(a) is type(b) and a.vocab_size == b.vocab_size
     if same and hasattr(a, "hf"):
         same = (a.hf.get_vocab(with_added_tokens=True) == b.hf.get_vocab(with_added_tokens=True)
                 and a.encode(_PROBE) == b.encode(_PROBE))
@@ -124,7 +127,7 @@ def _check_same_tokenizer(init: Checkpoint, data_dir: Path) -> None:
                           f"{run_dir / 'tokenizer'}")
 
 
-_PROBE = "def f(x):\n    return x  # Ünïcödé, 中文, emoji 🙂 <|endoftext|>\n\tThe end."
+_PROBE = "def f(x):\n    return x  # Ünïcödé, 中文, emoji 🙂\n\tThe end. 12345"
 
 
 def build_model(cfg: RunConfig, device: torch.device, init: Checkpoint | None = None
