@@ -45,6 +45,9 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: config)")
     p.add_argument("--k", type=int, default=None, help="importance samples (default: config)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="prepared data directory to validate on (default: the run's data; "
+                        "needed for a converted model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
@@ -72,7 +75,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("sources", nargs="+", metavar="SRC")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", default="byte",
-                   help="byte | bpe:VOCAB (trained here) | path/to/tokenizer.json")
+                   help="byte | bpe:VOCAB (trained here) | path/to/tokenizer.json | a "
+                        "tokenizer directory freeformer wrote (e.g. RUN_DIR/tokenizer of a "
+                        "converted model: its ids, EOS and specials)")
     p.add_argument("--include", action="append", default=None,
                    help="glob of files to take from directories (repeatable; default *)")
     p.add_argument("--exclude", action="append", default=None,
@@ -91,6 +96,59 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--preset", help="shipped config name")
     src.add_argument("--config", help="path to a TOML config")
     p.add_argument("--list", action="store_true", help="list the shipped presets")
+
+
+def _fraction(text: str) -> float:
+    """A float that may be written as a fraction (``1/2``), like --model.free_bits."""
+    try:
+        if "/" in text:
+            a, b = text.split("/", 1)
+            return float(a) / float(b)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction, got {text!r}") from None
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="a pretrained Llama / Mistral / Qwen2 / SmolLM model → a run directory",
+        description="Convert a Hugging Face model directory (config.json, *.safetensors, "
+                    "tokenizer.json) or a .gguf file into a run directory that generate, "
+                    "validate, eval and train --init-from accept. Without --baseline the "
+                    "latent path is added, initialised so that the model computes exactly the "
+                    "source's function until it is trained (docs/design.md).",
+        epilog="GGUF files need the pretrained-gguf extra: pip install 'freeformer[pretrained-gguf]'")
+    p.add_argument("src", metavar="SRC", help="Hugging Face model directory or .gguf file")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--baseline", action="store_true",
+                   help="the plain decoder (no latent path): logits equal the source's")
+    p.add_argument("--latent-bits", type=int, default=16, metavar="H", help="H (default 16)")
+    p.add_argument("--free-bits", type=_fraction, default=0.5, metavar="K",
+                   help="κ in bits per token (default 1/2)")
+    p.add_argument("--inject-layer", type=int, default=None, metavar="I",
+                   help="0-based block whose keys/values read x + r (default L/2)")
+    p.add_argument("--encoder-layers", type=int, default=1, metavar="N", help="default 1")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                   help="longest sequence (default: the source's context, at most 8192, and "
+                        "at most its sliding window)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the latent path's init")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from freeformer.pretrained.convert import convert
+
+    out = convert(args.src, args.out, baseline=args.baseline, latent_bits=args.latent_bits,
+                  free_bits=args.free_bits, inject_layer=args.inject_layer,
+                  encoder_layers=args.encoder_layers, max_seq_len=args.max_seq_len,
+                  seed=args.seed)
+    from freeformer.checkpoint import load_checkpoint
+
+    mc = load_checkpoint(out, verify=False).model_config
+    kind = "baseline" if not mc.latent else (
+        f"Free Transformer (H={mc.latent_bits}, κ={mc.free_bits:g} bit, "
+        f"injection at block {mc.inject_layer}, {mc.encoder_layers} encoder block(s))")
+    print(f"wrote {out}: {mc.n_layers} layers, D {mc.dim}, vocab {mc.vocab_size}, "
+          f"max_seq_len {mc.max_seq_len}; {kind}")
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
@@ -129,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluate, reproduce the synthetic experiment.")
     parser.add_argument("--version", action="version", version=f"freeformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_config, _add_validate, _add_generate, _add_prepare, _add_plot):
+    for add in (_add_train, _add_config, _add_validate, _add_generate, _add_prepare, _add_convert,
+                _add_plot):
         add(sub)
     for optional in (_add_synthetic, _add_eval, _add_compare):
         try:
@@ -219,6 +278,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
     import dataclasses
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n))
+    if args.data is not None:
+        from freeformer.runconfig import DataConfig
+
+        cfg = dataclasses.replace(cfg, data=DataConfig(source="files", path=args.data))
     _, val = build_data(cfg, DistInfo())
     vals = evaluate(model, val, latent=cfg.model.latent, n_bits=cfg.model.latent_bits,
                     k=args.k or tc.importance_samples, seed=tc.seed + 2, device=device)
@@ -236,7 +299,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
     model, ck = load_model(args.path, device)
     tok = load_run_tokenizer(ck)
-    ids = tok.encode(args.prompt)
+    ids = tok.encode_prompt(args.prompt)  # BOS first where the source model expects it
     if not ids:
         raise UserError("--prompt is empty after tokenization")
     prompt = torch.tensor(ids, dtype=torch.long, device=device)[None].expand(args.num_samples, -1)
@@ -306,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                    "validate": lambda: cmd_validate(args),
                    "generate": lambda: cmd_generate(args),
                    "prepare": lambda: cmd_prepare(args),
+                   "convert": lambda: cmd_convert(args),
                    "plot": lambda: cmd_plot(args)}.get(args.command)
         if handler is None:
             handler = lambda: args.func(args)  # noqa: E731 - subcommands that set func

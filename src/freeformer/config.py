@@ -15,6 +15,11 @@ from typing import Any
 from freeformer.errors import ConfigError
 
 LATENT_EMBEDDINGS = ("table", "bits")
+ROPE_SCALINGS = ("none", "llama3")
+# Defaults of the llama3 RoPE-scaling fields; with rope_scaling = "none" they must stay so
+# (a factor that silently does nothing would be a wrong result, not a setting).
+_ROPE_SCALING_DEFAULTS = dict(rope_factor=1.0, rope_low_freq_factor=1.0,
+                              rope_high_freq_factor=4.0, rope_original_max_len=8192)
 
 
 def _require(ok: bool, name: str, value: Any, expect: str) -> None:
@@ -50,6 +55,19 @@ class ModelConfig:
     """RoPE base frequency."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
+    rope_scaling: str = "none"
+    """"none", or "llama3": Llama 3.1/3.2's frequency-dependent RoPE rescaling (pretrained
+    checkpoints only; the four rope_* fields below are its parameters)."""
+    rope_factor: float = 1.0
+    """llama3 scaling: low frequencies are divided by this factor."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above rope_original_max_len / this are fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below rope_original_max_len / this are kept."""
+    rope_original_max_len: int = 8192
+    """llama3 scaling: the context length the base model was pretrained with."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projections (Qwen2 checkpoints; the paper has none)."""
     latent: bool = True
     """True: Free Transformer. False: the matched baseline (plain decoder, same shared init)."""
     latent_bits: int = 16
@@ -94,13 +112,29 @@ class ModelConfig:
         if self.mlp_hidden is None:
             object.__setattr__(self, "mlp_hidden", 64 * math.ceil(8 * self.dim / 3 / 64))
         positive_int("mlp_hidden")
-        for name in ("tie_embeddings", "latent"):
+        for name in ("tie_embeddings", "latent", "qkv_bias"):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name),
                      "true or false")
         for name in ("rope_theta", "norm_eps"):
             v = getattr(self, name)
             _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
                      and math.isfinite(v), name, v, "a positive number")
+        _require(self.rope_scaling in ROPE_SCALINGS, "rope_scaling", self.rope_scaling,
+                 f"one of {', '.join(ROPE_SCALINGS)}")
+        if self.rope_scaling == "none":
+            for name, default in _ROPE_SCALING_DEFAULTS.items():
+                _require(getattr(self, name) == default, name, getattr(self, name),
+                         f"{default} (the default) unless rope_scaling = 'llama3'")
+        else:
+            for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+                v = getattr(self, name)
+                _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                         and math.isfinite(v), name, v, "a positive number")
+            _require(self.rope_factor >= 1, "rope_factor", self.rope_factor, "a number ≥ 1")
+            _require(self.rope_high_freq_factor > self.rope_low_freq_factor,
+                     "rope_high_freq_factor", self.rope_high_freq_factor,
+                     f"a number > rope_low_freq_factor = {self.rope_low_freq_factor}")
+            positive_int("rope_original_max_len")
         # 2^30 codes would need a 2^30 × D table: far beyond any sensible memory.
         _require(self.latent_bits <= 24, "latent_bits", self.latent_bits,
                  "at most 24 (the table has 2^H rows)")
@@ -146,6 +180,14 @@ class ModelConfig:
     @property
     def resolved_latent_init_std(self) -> float:
         return self.embed_init_std if self.latent_init_std is None else self.latent_init_std
+
+    @property
+    def rope_llama3(self) -> tuple[float, float, float, int] | None:
+        """(factor, low_freq_factor, high_freq_factor, original_max_len), or None."""
+        if self.rope_scaling != "llama3":
+            return None
+        return (float(self.rope_factor), float(self.rope_low_freq_factor),
+                float(self.rope_high_freq_factor), self.rope_original_max_len)
 
     # Construction helpers ----------------------------------------------------------------
     @classmethod

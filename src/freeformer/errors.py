@@ -20,3 +20,8 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, truncated, corrupted or incompatible."""
+
+
+class ConvertError(UserError, ValueError):
+    """A pretrained model that cannot be converted: unsupported architecture or
+    quantisation, a missing or mismatched tensor, a bad config value."""

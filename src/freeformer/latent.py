@@ -213,11 +213,11 @@ class LatentEncoder(nn.Module):
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float,
-                 n_blocks: int, n_bits: int) -> None:
+                 n_blocks: int, n_bits: int, qkv_bias: bool = False) -> None:
         super().__init__()
         self.zeta = nn.Parameter(torch.zeros(dim))
         self.blocks = nn.ModuleList(
-            Block(dim, n_heads, n_kv_heads, hidden, eps) for _ in range(n_blocks))
+            Block(dim, n_heads, n_kv_heads, hidden, eps, qkv_bias) for _ in range(n_blocks))
         self.norm = RMSNorm(dim, eps)
         self.readout = nn.Linear(dim, n_bits, bias=False)
 

@@ -9,6 +9,8 @@ and the encoder takes queries from ζ and keys/values from x (paper Algorithm 2)
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,9 +29,27 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).type_as(x)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables of shape (max_len, head_dim // 2) for rotary embeddings."""
+def llama3_inv_freq(inv_freq: Tensor, factor: float, low_freq_factor: float,
+                    high_freq_factor: float, original_max_len: int) -> Tensor:
+    """Llama 3.1's RoPE rescaling: long wavelengths (beyond the original context / low) are
+    slowed by ``factor``, short ones (below original / high) kept, the band between
+    interpolated linearly in original_max_len / wavelength."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smooth = smooth.clamp(0.0, 1.0)  # 0 → fully scaled (low freq), 1 → kept (high freq)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float,
+                llama3: tuple[float, float, float, int] | None = None) -> tuple[Tensor, Tensor]:
+    """cos/sin tables of shape (max_len, head_dim // 2) for rotary embeddings.
+
+    ``llama3``: (factor, low_freq_factor, high_freq_factor, original_max_len) of Llama 3.1's
+    frequency rescaling (see :func:`llama3_inv_freq`), or None for plain RoPE.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if llama3 is not None:
+        inv_freq = llama3_inv_freq(inv_freq, *llama3)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
@@ -56,13 +76,14 @@ class LayerKV:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int) -> None:
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qkv_bias: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = dim // n_heads
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        # Keys and values share one matmul: they always read the same input.
-        self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
+        # qkv_bias: Qwen2-style biases on q, k and v (never on the output projection).
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=qkv_bias)
+        # Keys and values share one matmul: they always read the same input (K rows first).
+        self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(self, xq: Tensor, xkv: Tensor, cos: Tensor, sin: Tensor, causal: bool,
@@ -107,10 +128,11 @@ class Block(nn.Module):
     and with r = 0 the Free Transformer's injection block equals the baseline's.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float) -> None:
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float,
+                 qkv_bias: bool = False) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps)
-        self.attn = Attention(dim, n_heads, n_kv_heads)
+        self.attn = Attention(dim, n_heads, n_kv_heads, qkv_bias)
         self.mlp_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
 

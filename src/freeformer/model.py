@@ -66,14 +66,15 @@ class FreeTransformer(nn.Module):
         c = self.config = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.dim)
         self.blocks = nn.ModuleList(
-            Block(c.dim, c.n_heads, c.n_kv_heads, c.mlp_hidden, c.norm_eps)
+            Block(c.dim, c.n_heads, c.n_kv_heads, c.mlp_hidden, c.norm_eps, c.qkv_bias)
             for _ in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
         self.encoder = self.post_sampler = None
         if c.latent:
             self.encoder = LatentEncoder(c.dim, c.n_heads, c.n_kv_heads, c.mlp_hidden,
-                                         c.norm_eps, c.encoder_layers, c.latent_bits)
+                                         c.norm_eps, c.encoder_layers, c.latent_bits,
+                                         c.qkv_bias)
             self.post_sampler = PostSampler(c.dim, c.latent_bits, c.latent_embedding)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -84,7 +85,7 @@ class FreeTransformer(nn.Module):
     def reset_buffers(self) -> None:
         """(Re)build the RoPE tables on the parameters' device (after ``to_empty``)."""
         c = self.config
-        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta)
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_llama3)
         device = self.tok_emb.weight.device
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
@@ -114,6 +115,9 @@ class FreeTransformer(nn.Module):
             normal(b.mlp.w_out.weight, out_std, gen)
             b.attn_norm.weight.fill_(1.0)
             b.mlp_norm.weight.fill_(1.0)
+            for lin in (b.attn.wq, b.attn.wkv):  # qkv_bias (pretrained Qwen2 shapes)
+                if lin.bias is not None:
+                    lin.bias.zero_()
 
         normal(self.tok_emb.weight, c.embed_init_std, g)
         for b in self.blocks:

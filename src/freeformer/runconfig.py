@@ -29,7 +29,7 @@ else:  # pragma: no cover
 DIST_MODES = ("none", "ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
-DATA_SOURCES = ("synthetic", "files", "stdlib")
+DATA_SOURCES = ("synthetic", "files", "stdlib", "none")
 TRAINABLE = ("all", "latent")
 
 
@@ -143,7 +143,8 @@ class DataConfig:
     source: str = "synthetic"
     """"synthetic" (the paper's Section 4.1 task, generated on the fly), "files" (a
     directory made by `freeformer prepare`), or "stdlib" (Python's standard library source,
-    prepared with the byte tokenizer into `path` on first use)."""
+    prepared with the byte tokenizer into `path` on first use), or "none" (a converted
+    pretrained model: no data yet; give --data to validate, a data section to train)."""
     path: str = ""
     """Prepared data directory (files, stdlib)."""
 

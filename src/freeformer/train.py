@@ -167,6 +167,9 @@ def build_data(cfg: RunConfig, info: D.DistInfo):
     if tc.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size = {tc.batch_size} is not divisible by the "
                           f"{info.world_size} processes")
+    if dc.source == "none":
+        raise ConfigError("data.source = 'none' (a converted model): give prepared data, e.g. "
+                          "--data.source=files --data.path=DIR (validate: --data DIR)")
     if dc.source == "synthetic":
         from freeformer.data.synthetic import SyntheticBatches
 

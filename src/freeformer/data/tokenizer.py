@@ -8,6 +8,12 @@ produced (and later next to a run's checkpoints) as
 * ``tokenizer_config.json`` -- ``{"type": "byte" | "hf", "spec": ..., "eos_token": ...}``
 * ``tokenizer.json`` -- the Hugging Face tokenizer, for ``"hf"`` only,
 
+A pretrained model's tokenizer (``freeformer convert``) is an ``"hf"`` tokenizer with
+``"pretrained": true`` and the source's conventions recorded beside ``eos_token``:
+``bos_token``, ``add_bos`` (whether the source prepends BOS to a prompt), the chat template,
+and special-token parsing as the source does it (``"<|im_end|>"`` in text is that token),
+so ids equal the source's; nothing is added to its vocabulary.
+
 and :func:`load_tokenizer` restores it from that directory. The byte tokenizer needs no
 files nor extra packages; Hugging Face ``tokenizers`` is imported only when a BPE or a
 ``tokenizer.json`` is asked for.
@@ -43,6 +49,17 @@ class Tokenizer(ABC):
     vocab_size: int
     eos_id: int
     spec: str
+    bos_id: int | None = None
+    """The source's beginning-of-sequence id (pretrained tokenizers), else None."""
+    add_bos: bool = False
+    """Whether a prompt starts with ``bos_id``, as the source tokenizer encodes it."""
+    chat_template: str | None = None
+    """The source's Jinja chat template (pretrained tokenizers), kept verbatim."""
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a prompt as the source model expects it: BOS first when it adds one."""
+        ids = self.encode(text)
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -117,26 +134,47 @@ def _import_tokenizers():
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers.Tokenizer`` with a guaranteed EOS token.
 
-    EOS is ``<|endoftext|>``; if the vocabulary lacks it, it is added as a special token
-    (one extra id), because documents must be separable in the packed stream.
+    For data freeformer tokenizes itself (``pretrained=False``) EOS is ``<|endoftext|>``; if
+    the vocabulary lacks it, it is added as a special token (one extra id), because
+    documents must be separable in the packed stream, and special-token text in documents
+    stays plain text. A pretrained model's tokenizer (``pretrained=True``) is used exactly
+    as its source: ``eos_token`` must exist, nothing is added, special tokens in text are
+    parsed (chat templates rely on it).
     """
 
-    def __init__(self, tokenizer: Any, spec: str = "hf") -> None:
-        eos = tokenizer.token_to_id(EOS_TOKEN)
+    def __init__(self, tokenizer: Any, spec: str = "hf", *, pretrained: bool = False,
+                 eos_token: str = EOS_TOKEN, bos_token: str | None = None,
+                 add_bos: bool = False, chat_template: str | None = None) -> None:
+        eos = tokenizer.token_to_id(eos_token)
         if eos is None:
-            tokenizer.add_special_tokens([EOS_TOKEN])
-            eos = tokenizer.token_to_id(EOS_TOKEN)
-        # Text that happens to contain "<|endoftext|>" must not forge a document boundary.
+            if pretrained:
+                raise DataError(f"the tokenizer has no EOS token {eos_token!r} in its vocabulary")
+            tokenizer.add_special_tokens([eos_token])
+            eos = tokenizer.token_to_id(eos_token)
+        bos = None
+        if bos_token is not None:
+            bos = tokenizer.token_to_id(bos_token)
+            if bos is None:
+                raise DataError(f"the tokenizer has no BOS token {bos_token!r} in its vocabulary")
+        if add_bos and bos is None:
+            raise DataError("add_bos is set but the tokenizer names no bos_token")
+        # Text that happens to contain "<|endoftext|>" must not forge a document boundary;
+        # a pretrained tokenizer parses special tokens as its source does.
         if hasattr(tokenizer, "encode_special_tokens"):
-            tokenizer.encode_special_tokens = True
+            tokenizer.encode_special_tokens = not pretrained
         self._tok = tokenizer
         self.spec = spec
+        self.pretrained = pretrained
+        self.eos_token, self.bos_token = eos_token, bos_token
         self.eos_id = int(eos)
+        self.bos_id = None if bos is None else int(bos)
+        self.add_bos = bool(add_bos)
+        self.chat_template = chat_template
         # max id + 1 rather than the vocab length: ids may be sparse in a foreign file.
         self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
     @classmethod
-    def from_file(cls, path: str | Path, spec: str | None = None) -> HFTokenizer:
+    def from_file(cls, path: str | Path, spec: str | None = None, **options: Any) -> HFTokenizer:
         tokenizers = _import_tokenizers()
         path = Path(path)
         if not path.is_file():
@@ -149,7 +187,7 @@ class HFTokenizer(Tokenizer):
                 f"{path} is not a valid Hugging Face tokenizer.json ({first}); "
                 "give a file saved by tokenizers.Tokenizer.save"
             ) from None
-        return cls(tok, spec=spec if spec is not None else str(path))
+        return cls(tok, spec=spec if spec is not None else str(path), **options)
 
     @property
     def hf(self) -> Any:
@@ -172,9 +210,11 @@ class HFTokenizer(Tokenizer):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(directory / HF_FILE))
-        _write_json(
-            directory / CONFIG_FILE, {"type": "hf", "spec": self.spec, "eos_token": EOS_TOKEN}
-        )
+        cfg: dict[str, Any] = {"type": "hf", "spec": self.spec, "eos_token": self.eos_token}
+        if self.pretrained:
+            cfg.update(pretrained=True, bos_token=self.bos_token, add_bos=self.add_bos,
+                       chat_template=self.chat_template, eos_id=self.eos_id, bos_id=self.bos_id)
+        _write_json(directory / CONFIG_FILE, cfg)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, spec: str | None = None) -> HFTokenizer:
@@ -230,6 +270,10 @@ def build_tokenizer(spec: str, texts: Callable[[], Iterable[str]] | None = None)
             raise ConfigError(f"tokenizer {spec!r} must be trained: pass the corpus texts")
         return train_bpe(texts(), vocab, spec=spec)
     path = Path(spec).expanduser()
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        # A directory freeformer wrote (prepared data, a run's or a converted model's
+        # tokenizer/): restore it with its recorded EOS/BOS conventions.
+        return load_tokenizer(path)
     if path.is_dir():
         path = path / HF_FILE
     if not path.exists():
@@ -255,7 +299,21 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "hf":
-        return HFTokenizer.from_file(directory / HF_FILE, spec=cfg.get("spec", "hf"))
+        if not cfg.get("pretrained"):
+            return HFTokenizer.from_file(directory / HF_FILE, spec=cfg.get("spec", "hf"))
+        try:
+            tok = HFTokenizer.from_file(
+                directory / HF_FILE, spec=cfg.get("spec", "hf"), pretrained=True,
+                eos_token=cfg["eos_token"], bos_token=cfg.get("bos_token"),
+                add_bos=bool(cfg.get("add_bos", False)), chat_template=cfg.get("chat_template"))
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{cfg_path} is incomplete ({e}); convert the model again") from None
+        # The ids were recorded at conversion: a tokenizer.json swapped since must not pass.
+        for name in ("eos_id", "bos_id"):
+            if name in cfg and cfg[name] != getattr(tok, name):
+                raise DataError(f"{cfg_path} records {name} = {cfg[name]} but tokenizer.json "
+                                f"gives {getattr(tok, name)}; the files do not belong together")
+        return tok
     raise DataError(f"{cfg_path} has unknown type {kind!r}; expected 'byte' or 'hf'")
 
 

@@ -1,0 +1,296 @@
+"""Pretrained decoder → freeformer run directory (``freeformer convert``).
+
+One key-template map, :data:`FROM_HF`, says where each freeformer parameter comes from in a
+Hugging Face Llama checkpoint (``{i}``: block index); a target with several sources is
+their rows stacked in that order (K before V in ``wkv``, gate before up in ``w_in``, as
+:mod:`freeformer.layers` splits them). Families differ only by small overrides
+(:data:`FAMILY_EXTRA`: Qwen2's q/k/v biases). No RoPE permutation: Hugging Face and
+freeformer both rotate the first half of each head against the second (GGUF's permuted
+layout is undone when reading, in :mod:`freeformer.pretrained.sources`).
+
+Every parameter must come from exactly one source tensor of the expected shape and every
+source tensor must be used: a missing, extra or mis-shaped tensor is refused by name.
+
+Without ``--baseline`` the latent path is added so that the converted Free Transformer
+computes exactly the source's function at step 0, whatever the codes, and still learns
+(:func:`init_latent_path`; the reasons are in docs/design.md, "Starting from a pretrained
+decoder").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from freeformer.config import ModelConfig
+from freeformer.errors import ConfigError, ConvertError
+from freeformer.pretrained.sources import SourceModel, read_source
+
+# Longest context a converted model gets unless --max-seq-len asks for more: RoPE tables and
+# KV caches are sized by it, and 128k-position tables help nobody fine-tuning on a CPU.
+DEFAULT_MAX_SEQ_LEN = 8192
+
+_L = "model.layers.{i}."
+FROM_HF: dict[str, tuple[str, ...]] = {
+    "tok_emb.weight": ("model.embed_tokens.weight",),
+    "norm.weight": ("model.norm.weight",),
+    "head.weight": ("lm_head.weight",),
+    "blocks.{i}.attn_norm.weight": (_L + "input_layernorm.weight",),
+    "blocks.{i}.mlp_norm.weight": (_L + "post_attention_layernorm.weight",),
+    "blocks.{i}.attn.wq.weight": (_L + "self_attn.q_proj.weight",),
+    "blocks.{i}.attn.wkv.weight": (_L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
+    "blocks.{i}.attn.wo.weight": (_L + "self_attn.o_proj.weight",),
+    "blocks.{i}.mlp.w_in.weight": (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
+    "blocks.{i}.mlp.w_out.weight": (_L + "mlp.down_proj.weight",),
+}
+FAMILY_EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {
+        "blocks.{i}.attn.wq.bias": (_L + "self_attn.q_proj.bias",),
+        "blocks.{i}.attn.wkv.bias": (_L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"),
+    },
+}
+# Buffers some old checkpoints carry: recomputed from the config, never weights.
+_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+# ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+def _rope(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """rope_theta and llama3 scaling from either config layout (transformers 4: rope_theta +
+    rope_scaling; transformers 5: rope_parameters)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta, scaling = params["rope_theta"], params
+    else:
+        theta, scaling = cfg.get("rope_theta", 10000.0), cfg.get("rope_scaling")
+    out: dict[str, Any] = {"rope_theta": theta}
+    if not scaling:
+        return out
+    if not isinstance(scaling, dict):
+        raise ConvertError(f"{where}: rope scaling {scaling!r} is not an object")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        return out
+    if kind != "llama3":
+        raise ConvertError(f"{where}: RoPE scaling type {kind!r} is not supported "
+                           "(only 'llama3', Llama 3.1/3.2's)")
+    try:
+        out.update(rope_scaling="llama3", rope_factor=float(scaling["factor"]),
+                   rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                   rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                   rope_original_max_len=int(scaling["original_max_position_embeddings"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConvertError(f"{where}: llama3 RoPE scaling lacks or mangles {e}") from None
+    return out
+
+
+def _sliding_window(src: SourceModel) -> int | None:
+    """The attention window when the source uses one (it then caps max_seq_len: within a
+    window, sliding-window attention is full causal attention)."""
+    c = src.config
+    window = c.get("sliding_window")
+    if src.arch == "qwen2":
+        layer_types = c.get("layer_types")
+        uses = bool(c.get("use_sliding_window")) or (
+            isinstance(layer_types, list) and "sliding_attention" in layer_types)
+        window = window if uses else None
+    if window is None:
+        return None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ConvertError(f"{src.path}: sliding_window = {window!r} is not a positive integer")
+    return window
+
+
+def model_config_from_source(src: SourceModel, *, latent: bool, max_seq_len: int | None = None,
+                             **latent_fields: Any) -> ModelConfig:
+    """The ModelConfig of ``src``; every value freeformer cannot reproduce is refused."""
+    c, where = src.config, f"{src.path}"
+
+    def get(key: str, default: Any = None, required: bool = True) -> Any:
+        if key not in c or c[key] is None:
+            if required and default is None:
+                raise ConvertError(f"{where}: config value {key} is missing")
+            return default
+        return c[key]
+
+    act = get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConvertError(f"{where}: hidden_act = {act!r}; only SwiGLU with silu is supported")
+    for flag in ("attention_bias", "mlp_bias"):
+        if get(flag, False, required=False):
+            raise ConvertError(f"{where}: {flag} = true is not supported (Llama-style biases "
+                               "on every projection; only Qwen2's q/k/v biases are)")
+    dim, n_heads = get("hidden_size"), get("num_attention_heads")
+    head_dim = get("head_dim", None, required=False)
+    if isinstance(dim, int) and isinstance(n_heads, int) and n_heads > 0 and head_dim is not None \
+            and head_dim * n_heads != dim:
+        raise ConvertError(f"{where}: head_dim = {head_dim} differs from hidden_size / "
+                           f"num_attention_heads = {dim}/{n_heads}; not supported")
+    source_len = get("max_position_embeddings")
+    window = _sliding_window(src)
+    limit = min(source_len, window) if window is not None else source_len
+    if max_seq_len is None:
+        max_seq_len = min(limit, DEFAULT_MAX_SEQ_LEN)
+    elif max_seq_len > limit:
+        why = (f"its sliding window ({window}), beyond which attention differs"
+               if window is not None and window < source_len
+               else f"the source's context length ({source_len})")
+        raise ConvertError(f"--max-seq-len {max_seq_len} exceeds {why}")
+    fields = dict(
+        vocab_size=get("vocab_size"), dim=dim, n_layers=get("num_hidden_layers"),
+        n_heads=n_heads, n_kv_heads=get("num_key_value_heads", n_heads),
+        mlp_hidden=get("intermediate_size"), max_seq_len=max_seq_len,
+        tie_embeddings=bool(get("tie_word_embeddings", False, required=False)),
+        norm_eps=get("rms_norm_eps"), qkv_bias=src.arch == "qwen2",
+        **_rope(c, where), latent=latent, **latent_fields)
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        raise ConvertError(f"{where}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------
+def _template(key: str) -> tuple[str, str | None]:
+    m = re.match(r"^(blocks)\.(\d+)\.(.*)$", key)
+    return (f"blocks.{{i}}.{m.group(3)}", m.group(2)) if m else (key, None)
+
+
+def convert_weights(src: SourceModel, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Baseline (latent=False) state dict of ``config`` from ``src``'s tensors."""
+    from freeformer.model import FreeTransformer
+
+    with torch.device("meta"):
+        target = FreeTransformer(config.replace(latent=False)).state_dict()
+    table = {**FROM_HF, **FAMILY_EXTRA[src.arch]}
+    used: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, param in target.items():
+        template, i = _template(key)
+        if template not in table:
+            raise ConvertError(f"internal: no source for parameter {key}")  # pragma: no cover
+        names = [n.replace("{i}", i) if i is not None else n for n in table[template]]
+        rows = param.shape[0] // len(names)
+        parts = []
+        for name in names:
+            if name not in src.shapes:
+                raise ConvertError(f"{src.path}: tensor {name} is missing (needed for {key})")
+            want = (rows, *param.shape[1:])
+            if tuple(src.shapes[name]) != want:
+                raise ConvertError(f"{src.path}: tensor {name} has shape "
+                                   f"{tuple(src.shapes[name])}, the config implies {want}")
+            parts.append(src.load(name))
+            used.add(name)
+        out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if config.tie_embeddings and "lm_head.weight" in src.shapes:
+        # Some tied checkpoints store the head anyway: accept it only if it is the embedding.
+        head = src.load("lm_head.weight")
+        if head.shape != out["tok_emb.weight"].shape or not torch.equal(head, out["tok_emb.weight"]):
+            raise ConvertError(f"{src.path}: tie_word_embeddings is true but lm_head.weight "
+                               "differs from the embeddings")
+        used.add("lm_head.weight")
+    extra = sorted(n for n in src.shapes if n not in used and not _IGNORED.match(n))
+    if extra:
+        raise ConvertError(f"{src.path}: unexpected tensor {extra[0]} ({len(extra)} unused) for "
+                           f"a {src.arch} model with this config; refusing to drop weights")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Latent path
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_latent_path(model: torch.nn.Module, seed: int = 0) -> None:
+    """Initialise the latent path of a Free Transformer whose decoder holds pretrained
+    weights, so that at step 0 it computes the decoder's function under any codes.
+
+    * post-sampler = 0: r = 0 for every code, so block L/2+1 reads keys/values from x + 0,
+      exactly the source's block — the only place the latent enters (paper Algorithm 2).
+      It still learns: its gradient is the one-hot scatter of dLoss/dr, nonzero at step 1.
+    * encoder blocks = copies of decoder block L/2 (the one that reads the same residual
+      stream x): pretrained keys/values and MLP features of x from the first step, instead
+      of random projections of it.
+    * ζ: small random (std 0.02). It is RMS-normed into the queries (so only its direction
+      matters there, and a random direction breaks the symmetry between heads), and it is
+      the encoder's residual stream, which should be dominated by the attention read-out.
+    * encoder readout: bit logits of std ≈ 0.1, so Q(Z|S) starts near uniform: the codes
+      the decoder sees in training start like the prior codes of generation, and the
+      per-token KL (≈ H·0.1²/8 nats) starts far below any useful κ.
+    With r = 0 the encoder's gradient (through W^T in the mapper) is 0 at step 1 and
+    nonzero from step 2, once the table has moved.
+    """
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    src_block = model.blocks[c.inject_layer]
+    for block in model.encoder.blocks:
+        block.load_state_dict(src_block.state_dict())
+    model.encoder.zeta.copy_(torch.randn(model.encoder.zeta.shape, generator=g) * 0.02)
+    model.encoder.norm.weight.fill_(1.0)
+    ro = model.encoder.readout.weight
+    ro.copy_(torch.randn(ro.shape, generator=g) * (0.1 / math.sqrt(c.dim)))
+    model.post_sampler.weight.zero_()
+
+
+# ---------------------------------------------------------------------------------------
+# Run directory
+# ---------------------------------------------------------------------------------------
+def convert(src: str | Path, out: str | Path, *, baseline: bool = False, latent_bits: int = 16,
+            free_bits: float = 0.5, inject_layer: int | None = None, encoder_layers: int = 1,
+            max_seq_len: int | None = None, seed: int = 0) -> Path:
+    """Convert ``src`` (Hugging Face directory or .gguf) into the run directory ``out``.
+
+    ``out`` holds config.json, tokenizer/ (the source's) and checkpoints/step_00000000/:
+    an ordinary run directory for generate / validate / eval / load_model.
+    """
+    from freeformer import __version__
+    from freeformer.checkpoint import save_checkpoint, write_json_atomic
+    from freeformer.model import FreeTransformer
+    from freeformer.runconfig import DataConfig, RunConfig, TrainConfig
+
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConvertError(f"{out} already exists and is not empty; choose another --out")
+    source = read_source(src)
+    latent_fields = {} if baseline else dict(latent_bits=latent_bits, free_bits=free_bits,
+                                            inject_layer=inject_layer,
+                                            encoder_layers=encoder_layers)
+    mc = model_config_from_source(source, latent=not baseline, max_seq_len=max_seq_len,
+                                  **latent_fields)
+    tok = source.tokenizer
+    if tok.vocab_size > mc.vocab_size:
+        raise ConvertError(f"{source.path}: the tokenizer has ids up to {tok.vocab_size - 1}, "
+                           f"beyond the model's vocab_size {mc.vocab_size}")
+    weights = convert_weights(source, mc)
+    model = FreeTransformer(mc, seed=seed)
+    model.load_state_dict(weights, strict=False)  # the decoder; the latent path is not in it
+    if mc.latent:
+        init_latent_path(model, seed)
+
+    cfg = RunConfig(model=mc, train=TrainConfig(seq_len=min(256, mc.max_seq_len)),
+                    data=DataConfig(source="none"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write_json_atomic(tmp / "config.json", {**cfg.to_dict(), "version": __version__})
+        tok.save(tmp / "tokenizer")
+        save_checkpoint(tmp, 0, model_state=model.state_dict(), keep_last=1, state={
+            "config": cfg.to_dict(), "tokens": 0, "converted_from": source.describe()})
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
