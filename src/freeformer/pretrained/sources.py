@@ -329,7 +329,8 @@ def read_gguf(path: Path) -> SourceModel:
             raise ConvertError(f"{path}: tensor {t.name} has quantisation type "
                                f"{t.tensor_type.name}, which the gguf package cannot "
                                "dequantize; use a file with another type") from None
-        w = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shapes[name])
+        w = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: GGUF data is a read-only map
+        w = w.reshape(shapes[name])
         if g_arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             # qwen2 files are stored for NEOX (half-split) RoPE and need nothing.
             w = unpermute_rope_rows(w, n_heads if "q_proj" in name else n_kv)
