@@ -200,8 +200,13 @@ class FreeformerLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        # Conditions empty contexts and the first rolling window. Training data ends every
-        # document with EOS, so EOS starts one; the synthetic vocabulary has none: id 0 ('_').
+        # Conditions empty contexts and the first rolling window. A converted pretrained
+        # model's tokenizer has the source's BOS: lm-eval's own `hf` model uses it, so the
+        # scores agree. Otherwise training data ends every document with EOS, so EOS starts
+        # one; the synthetic vocabulary has none: id 0 ('_').
+        bos = getattr(self.tok, "bos_id", None)
+        if bos is not None:
+            return int(bos)
         eos = self.tok.eos_id
         return 0 if eos is None else int(eos)
 
@@ -214,7 +219,15 @@ class FreeformerLM(TemplateLM):
         return f"freeformer-{type(self.tok).__name__}-{self.tok.vocab_size}"
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return list(self.tok.encode(string))
+        ids = list(self.tok.encode(string))
+        # As lm-eval's `hf` model does with the source tokenizer: its default special
+        # tokens (BOS first, for a converted model whose source adds one), unless the text
+        # already starts with BOS. Tokenizers of freeformer's own data add nothing.
+        bos = getattr(self.tok, "bos_id", None)
+        if add_special_tokens is not False and getattr(self.tok, "add_bos", False) \
+                and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
 
     def tok_decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids))

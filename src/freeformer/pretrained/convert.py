@@ -271,10 +271,21 @@ def convert(src: str | Path, out: str | Path, *, baseline: bool = False, latent_
         raise ConvertError(f"{source.path}: the tokenizer has ids up to {tok.vocab_size - 1}, "
                            f"beyond the model's vocab_size {mc.vocab_size}")
     weights = convert_weights(source, mc)
-    model = FreeTransformer(mc, seed=seed)
-    model.load_state_dict(weights, strict=False)  # the decoder; the latent path is not in it
+    # Every parameter is set below (the decoder from the source, the latent path by
+    # init_latent_path), so no random init is drawn only to be overwritten.
+    with torch.device("meta"):
+        model = FreeTransformer(mc)
+    model.to_empty(device="cpu")
+    model.reset_buffers()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))  # anything left unset below would show, not pass silently
+    model.load_state_dict(weights, strict=False, assign=True)
     if mc.latent:
         init_latent_path(model, seed)
+    unset = [n for n, p in model.named_parameters() if p.isnan().any()]
+    if unset:  # pragma: no cover - a parameter the converter does not know about
+        raise ConvertError(f"internal: parameter {unset[0]} was not initialised by convert")
 
     cfg = RunConfig(model=mc, train=TrainConfig(seq_len=min(256, mc.max_seq_len)),
                     data=DataConfig(source="none"))
