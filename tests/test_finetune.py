@@ -210,3 +210,20 @@ def test_smollm2_fine_tune_config_matches_conversion(tmp_path):
     bcfg = load_run_config(preset="smollm2-135m-ft",
                            overrides=[*over, f"train.init_from={base}", "model.latent=false"])
     assert load_init_checkpoint(bcfg) is not None
+
+
+def test_validate_batch_size_picks_the_fine_tune_windows(source, capsys):
+    """`validate --batch-size` scores the windows a run with that batch size validates on,
+    so a converted model and its fine-tuned run are compared on the same text."""
+    from freeformer.train import evaluate, format_val
+
+    capsys.readouterr()
+    assert main(["validate", str(source), "--batches", "2", "--batch-size", "3", "--k", "2"]) == 0
+    got = capsys.readouterr().out.strip()
+    cfg = debug_cfg()
+    model, ck = load_model(source)
+    val = SyntheticBatches(3, cfg.train.seed, 0, 1).fixed_batches(2)
+    want = evaluate(model, val, latent=True, n_bits=cfg.model.latent_bits, k=2,
+                    seed=cfg.train.seed + 2, device=torch.device("cpu"))
+    assert got == format_val(ck.step, want)
+    assert val[0][0].shape[0] == 3

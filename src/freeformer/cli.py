@@ -45,6 +45,9 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: config)")
     p.add_argument("--k", type=int, default=None, help="importance samples (default: config)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="sequences per validation batch (default: config's train.batch_size); "
+                        "with the same --batches, N and data, two runs see the same windows")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="prepared data directory to validate on (default: the run's data; "
                         "needed for a converted model)")
@@ -273,11 +276,12 @@ def cmd_validate(args: argparse.Namespace) -> None:
     cfg = RunConfig.from_dict(saved)
     tc = cfg.train
     n = args.batches or tc.eval_batches
-    if n < 1 or (args.k is not None and args.k < 1):
-        raise UserError("--batches and --k must be ≥ 1")
+    bs = args.batch_size or tc.batch_size
+    if n < 1 or bs < 1 or (args.k is not None and args.k < 1):
+        raise UserError("--batches, --batch-size and --k must be ≥ 1")
     import dataclasses
 
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n, batch_size=bs))
     if args.data is not None:
         from freeformer.runconfig import DataConfig
 
