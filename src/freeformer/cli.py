@@ -24,7 +24,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                "--train.dist=ddp|fsdp")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="shipped config name (debug, synthetic, stdlib-code, "
-                                      "paper-1.5b, paper-8b)")
+                                      "paper-1.5b, paper-8b, smollm2-135m-ft)")
     src.add_argument("--config", help="path to a TOML config")
     p.add_argument("--out", help="run directory (default: runs/<preset or config name>)")
     p.add_argument("--resume", metavar="RUN_DIR",
