@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     t = C.alternate(fns, args.rounds, warmup=1, before={n: zero_fn(n) for n in models},
                     device=device)
     for n in fns:
-        print(f"{n}: median {t.median(n):.3f} s  {['%.3f' % x for x in t.times[n]]}", flush=True)
+        print(f"{n}: median {t.median(n):.3f} s  {[f'{x:.3f}' for x in t.times[n]]}", flush=True)
 
     shape = theory.Shape.from_config("smollm2", (models.get("ours-ft") or base).config, T, B, H)
     costs = theory.costs(shape)
