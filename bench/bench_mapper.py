@@ -19,6 +19,7 @@ quality printed), unless --dense-full.
     python bench/bench_mapper.py --quick    # < 1 min
     python bench/bench_mapper.py --write    # also update bench/RESULTS.md
     python bench/bench_mapper.py --device cuda --dtype bf16
+    python bench/bench_mapper.py --smoke        # tiny sizes: the script runs (seconds)
 """
 
 from __future__ import annotations
@@ -192,6 +193,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--quick", action="store_true", help="small sizes only (< 1 min)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes (N 256, H 10, D 64), seconds: checks the script runs "
+                         "(bench/gpu_check.sh --smoke); the figures mean nothing")
     ap.add_argument("--write", action="store_true", help="update the mapper section of bench/RESULTS.md")
     ap.add_argument("--threads", default="1",
                     help="comma-separated intra-op thread counts to time (default 1: on a shared "
@@ -212,13 +216,19 @@ def main(argv=None) -> int:
                     help="measure the dense formulation at N = 8192 too (~10 GiB) instead of "
                          "extrapolating")
     args = ap.parse_args(argv)
+    if args.smoke and args.write:
+        ap.error("--smoke figures mean nothing: do not --write them")
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     rounds = args.rounds or 3
     threads = [int(x) for x in args.threads.split(",")]
     parts = set(args.parts.split(","))
     D = 1024
-    if args.quick:
+    if args.smoke:
+        D = 64
+        bwd_sizes = fwd_sizes = mem_ours = [(256, 10, D)]
+        dense_ns, big_n = [], 256
+    elif args.quick:
         bwd_sizes = [(1024, 16, D)]
         fwd_sizes = [(256, 16, D), (1024, 16, D)]
         mem_ours = [(1024, 16, D), (2048, 16, D)]
@@ -319,7 +329,8 @@ def main(argv=None) -> int:
         sections.append("### Forward (sample codes + row lookup)\n\n" + t2)
     if ours_mem:
         xs = sorted(n for n in dense_mem if isinstance(n, int))
-        a, b, resid = fit_line([float(n) for n in xs], [float(dense_mem[n]["extra"]) for n in xs])
+        a, b, resid = (fit_line([float(n) for n in xs], [float(dense_mem[n]["extra"]) for n in xs])
+                       if len(xs) >= 2 else (0.0, 0.0, 0.0))
         n_codes = 1 << 16
         elt = torch.tensor([], dtype=dtype).element_size()
         mem_rows = []

@@ -48,6 +48,26 @@ def test_train_and_generate_from_run(run_dir, capsys):
     assert "ce(prior codes)" in capsys.readouterr().out
 
 
+def test_shared_latent_flag_gives_every_sample_one_code_sequence(run_dir, capsys, monkeypatch):
+    from freeformer import FreeTransformer
+
+    seen = []
+    real = FreeTransformer.generate
+
+    def spy(self, prompt, n, **kw):
+        seen.append((prompt.shape, kw.get("latents")))
+        return real(self, prompt, n, **kw)
+
+    monkeypatch.setattr(FreeTransformer, "generate", spy)
+    for flag in (["--shared-latent"], []):
+        assert main(["generate", str(run_dir), "--prompt", "K>", "-n", "3",
+                     "--max-new-tokens", "6", "--seed", "3", *flag]) == 0
+    capsys.readouterr()
+    (shape, shared), (_, independent) = seen
+    assert shape[0] == 3 and independent is None  # without the flag: codes per sample
+    assert shared.shape == (1, shape[1] + 6)  # one sequence for every position, all samples
+
+
 def test_prepare_then_train_on_files(tmp_path, corpus, capsys):
     data = tmp_path / "data"
     assert main(["prepare", str(corpus), "--out", str(data), "--val-fraction", "0.2"]) == 0

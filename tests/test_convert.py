@@ -28,8 +28,10 @@ from freeformer.pretrained import convert  # noqa: E402
 
 VOCAB = 320
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                 "<|im_end|>\n{% endfor %}")
+# Block tags on their own lines: rendering must trim them as transformers does.
+CHAT_TEMPLATE = ("{% for m in messages %}\n<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}\n{% if add_generation_prompt %}\n"
+                 "<|im_start|>assistant\n{% endif %}")
 TEXTS = [
     "Hello world!", "  leading spaces and trailing  ", "def f(x):\n\treturn x * 2\n",
     "digits 1234567890 and 3.14159", "Ünïcödé — ❤ 日本語 emoji 🙂",
@@ -218,10 +220,35 @@ def test_tokenizer_gives_the_source_ids(kind, sources, converted):
         assert tok.encode(text) == src(text, add_special_tokens=False)["input_ids"], text
         assert tok.decode(tok.encode(text)) == src.decode(src(text, add_special_tokens=False)
                                                           ["input_ids"])
-    chat = src.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    chat = src.apply_chat_template(msgs, tokenize=False)
+    assert tok.apply_chat_template(msgs, add_generation_prompt=False) == chat
+    assert tok.apply_chat_template(msgs) == src.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True)
+    assert chat.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
     assert "<|im_end|>" in chat and tok.encode(chat) == src(chat, add_special_tokens=False)[
         "input_ids"]
     assert tok.encode("<|im_end|>") == [src.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_tokenizer_without_bos_like_qwen2(sources, tmp_path):
+    """A tokenizer that declares no BOS (Qwen2) while config.json names a bos_token_id:
+    no BOS, as transformers' tokenizer, and lm-eval's prefix is then EOS."""
+    d = _copy_dir(sources["qwen2"], tmp_path / "nobos")
+    tcfg = json.loads((d / "tokenizer_config.json").read_text())
+    del tcfg["bos_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    raw = json.loads((d / "tokenizer.json").read_text())
+    raw["post_processor"] = None
+    (d / "tokenizer.json").write_text(json.dumps(raw))
+    src = transformers.AutoTokenizer.from_pretrained(d)
+    assert src.bos_token_id is None and json.loads((d / "config.json").read_text())[
+        "bos_token_id"] == 0
+    _, ck = load_model(convert(d, tmp_path / "run", baseline=True))
+    tok = load_run_tokenizer(ck)
+    assert tok.bos_id is None and not tok.add_bos and tok.eos_id == src.eos_token_id
+    for text in TEXTS:
+        assert tok.encode_prompt(text) == src(text)["input_ids"], text
 
 
 def test_generate_cli_decodes_text_and_prepare_uses_the_source_tokenizer(
@@ -231,6 +258,9 @@ def test_generate_cli_decodes_text_and_prepare_uses_the_source_tokenizer(
                  "--temperature", "0"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("<s>Hello world")  # BOS first, as the source encodes a prompt
+    assert main(["generate", str(run), "--prompt", "Hello", "--chat", "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("<|im_start|>user\nHello<|im_end|>\n")
     # Fine-tuning data tokenized with the converted tokenizer: the source's ids and EOS.
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -250,7 +280,8 @@ def test_generate_cli_decodes_text_and_prepare_uses_the_source_tokenizer(
     shard = data / manifest["train"][0]["file"]
     ids = np.fromfile(shard, dtype=manifest["dtype"]).tolist()
     doc = (corpus / "d0.txt").read_text()
-    want = src(doc, add_special_tokens=False)["input_ids"] + [1]
+    want = src(doc)["input_ids"] + [1]  # BOS first (the source adds it), EOS last
+    assert want[0] == 0
     assert any(ids[i:i + len(want)] == want for i in range(len(ids) - len(want) + 1))
     # validate on that data: the converted run has no data of its own.
     capsys.readouterr()
@@ -291,7 +322,7 @@ def test_encoder_starts_as_a_copy_of_the_injection_block(converted):
     src = ft.blocks[ft.config.inject_layer].state_dict()
     for k, v in ft.encoder.blocks[0].state_dict().items():
         assert torch.equal(v, src[k]), k
-    assert float(ft.post_sampler.weight.abs().max()) == 0.0
+    assert float(ft.post_sampler.weight.detach().abs().max()) == 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,7 +349,8 @@ def write_gguf(path: Path, model, *, quant: str = "Q8_0", bad_tensor: str | None
     import numpy as np
 
     c = model.config
-    tok = _train_tokenizer()
+    qwen2 = arch == "qwen2"
+    tok = _train_tokenizer(qwen2)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
     w.add_block_count(c.num_hidden_layers)
@@ -338,7 +370,7 @@ def write_gguf(path: Path, model, *, quant: str = "Q8_0", bad_tensor: str | None
     types = [3 if t in SPECIALS or t == "<|endoftext|>" else 1 for t in tokens]
     merges = [m if isinstance(m, str) else " ".join(m) for m in raw["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("qwen2" if qwen2 else "default")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -355,13 +387,17 @@ def write_gguf(path: Path, model, *, quant: str = "Q8_0", bad_tensor: str | None
            "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     qtype = getattr(gguf.GGMLQuantizationType, quant)
     for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and c.tie_word_embeddings:
+            continue  # llama.cpp writes no output.weight for tied embeddings
         if k in names:
             name = names[k]
         else:
             parts = k.split(".")  # model.layers.I.<module path>.weight
             name = f"blk.{parts[2]}.{per['.'.join(parts[3:-1])]}.{parts[-1]}"
         a = v.float().numpy()
-        if name.endswith("attn_q.weight"):
+        if qwen2:
+            pass  # stored for NEOX (half-split) RoPE: no permutation
+        elif name.endswith("attn_q.weight"):
             a = _permute(a, c.num_attention_heads)
         elif name.endswith("attn_k.weight"):
             a = _permute(a, c.num_key_value_heads)
@@ -386,10 +422,10 @@ def gguf_model(tmp_path_factory):
 
 
 @needs_gguf
-@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
-def test_gguf_equals_transformers_gguf_loader(quant, tmp_path):
+@pytest.mark.parametrize("kind,quant", [("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "Q8_0")])
+def test_gguf_equals_transformers_gguf_loader(kind, quant, tmp_path):
     path = tmp_path / f"tiny-{quant}.gguf"
-    write_gguf(path, _hf_model("llama"), quant=quant)
+    write_gguf(path, _hf_model(kind), quant=quant, arch=kind)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     base, _ = load_model(convert(path, tmp_path / "base", baseline=True))
@@ -463,10 +499,19 @@ def test_refusals(sources, gguf_model, tmp_path, capsys):
         err = _refused(capsys, ["convert", str(d), "--out", out])
         assert ("model.layers.1.self_attn.v_proj.weight is missing" in err if what == "missing"
                 else "unexpected tensor model.layers.1.self_attn.o_proj.bias" in err)
+    # A tied checkpoint whose stored head is not the embedding.
+    d = _copy_dir(sources["llama_tied"], tmp_path / "tied")
+    t = load_file(str(d / "model.safetensors"))
+    assert "lm_head.weight" not in t
+    t["lm_head.weight"] = t["model.embed_tokens.weight"] + 1
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    assert "lm_head.weight differs from the embeddings" in _refused(
+        capsys, ["convert", str(d), "--out", out])
     # Unsupported RoPE scaling, Llama biases.
     for change, msg in ((
             {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-            "'yarn' is not supported"), ({"attention_bias": True}, "attention_bias")):
+            "'yarn' is not supported"), ({"attention_bias": True}, "attention_bias"),
+            ({"head_dim": 32}, "head_dim = 32 differs from hidden_size / num_attention_heads")):
         d = _copy_dir(sources["llama"], tmp_path / f"c{len(msg)}")
         (d / "config.json").write_text(json.dumps({**cfg, **change}))
         assert msg in _refused(capsys, ["convert", str(d), "--out", out])
@@ -526,6 +571,8 @@ def test_real_smollm2_gguf(tmp_path):
     tok = load_run_tokenizer(ck)
     chat = src.apply_chat_template([{"role": "user", "content": "What is the capital of "
                                      "France?"}], tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template([{"role": "user", "content": "What is the capital of "
+                                     "France?"}]) == chat
     for prompt in ("The capital of France is", "def fibonacci(n):\n    ", chat):
         ids = tok.encode_prompt(prompt)
         assert ids == src(prompt)["input_ids"]

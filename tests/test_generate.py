@@ -24,16 +24,29 @@ def prompt(B=3, T=5):
 
 
 @pytest.mark.parametrize("prefill", ["encoder", "prior"])
-def test_greedy_cached_equals_full_forward(model, prefill):
+def test_cached_sampling_logits_equal_uncached_forward(prefill):
+    """Every logit row generation samples from (prefill, then each cached decode step) equals
+    the uncached forward: the prefill's against a forward over the prompt drawing its codes
+    with the same generator (the encoder's posterior, or the prior), the decode steps'
+    against the whole sequence with every code pinned. The model listens to Z, so a wrong
+    code anywhere moves the logits far beyond the tolerance."""
+    model = listening_model()
     p = prompt()
-    out, codes = model.generate(p, 20, temperature=0, prefill=prefill, generator=gen(0),
-                                return_latents=True)
-    assert out.shape == (3, 25) and codes.shape == (3, 25)
-    assert torch.equal(out[:, :5], p)
-    # Re-run the whole sequence without a cache, with the same latents pinned: each
-    # generated token is the argmax of the full forward at the position before it.
-    logits = model(out, latents=codes).logits
-    assert torch.equal(logits[:, 4:-1].argmax(-1), out[:, 5:])
+    rows = []
+    hook = model.register_forward_hook(lambda mod, args, out: rows.append(out.logits[:, -1]))
+    out, codes = model.generate(p, 12, prefill=prefill, generator=gen(0), return_latents=True)
+    hook.remove()
+    assert out.shape == (3, 17) and codes.shape == (3, 17) and torch.equal(out[:, :5], p)
+    assert len(rows) == 12  # the prefill and 11 decode steps (the last token is not fed back)
+    ref = model(p, latents=None if prefill == "encoder" else "prior", generator=gen(0))
+    assert torch.equal(codes[:, :5], ref.codes)  # the same draws give the same prompt codes
+    torch.testing.assert_close(rows[0], ref.logits[:, -1], rtol=1e-5, atol=1e-4)
+    full = model(out, latents=codes).logits  # uncached, every code pinned
+    torch.testing.assert_close(torch.stack(rows, 1), full[:, 4:-1], rtol=1e-5, atol=1e-4)
+    # The codes matter to these logits: one changed prompt code moves them.
+    other = codes.clone()
+    other[:, 2] = (other[:, 2] + 1) % CFG.n_codes
+    assert (model(out, latents=other).logits[:, 4:-1] - full[:, 4:-1]).abs().max() > 0.1
 
 
 def test_chunked_prefill_with_cache_equals_full_forward(model):
@@ -53,13 +66,44 @@ def test_prefill_codes_come_from_encoder_over_prompt(model):
     assert torch.equal(codes[:, :5], ref)
 
 
-def test_shared_latents_make_greedy_samples_identical(model):
+def listening_model():
+    """A Free Transformer whose decoder listens to Z: the injection block's attention output
+    (the only path from r) dominates the residual stream and the readout is sharp."""
+    m = FreeTransformer(CFG, seed=0).eval()
+    with torch.no_grad():
+        m.blocks[CFG.inject_layer].attn.wo.weight.mul_(300)
+        m.head.weight.mul_(30)
+    return m
+
+
+def check_group_follows_shared_codes(m):
+    """A group of rows sharing one Z (Figure 4's green groups), sampled at temperature 1:
+    the same codes and draws give the same group; other codes, with the same draws, change
+    every row; and every token is the one sampled from the uncached logits with Z pinned."""
     p = prompt(B=1).expand(4, -1)
-    z = torch.randint(0, CFG.n_codes, (1, 5 + 12), generator=gen(3))
-    out = model.generate(p, 12, temperature=1.0, latents=z, generator=gen(9))
-    assert out.shape == (4, 17)
-    greedy = model.generate(p, 12, temperature=0, latents=z)
-    assert (greedy == greedy[0]).all()
+    z1 = torch.randint(0, CFG.n_codes, (1, 17), generator=gen(3))
+    z2 = torch.randint(0, CFG.n_codes, (1, 17), generator=gen(4))
+    a = m.generate(p, 12, latents=z1, generator=gen(9))
+    assert torch.equal(a, m.generate(p, 12, latents=z1, generator=gen(9)))
+    g, seq = gen(9), p
+    for _ in range(12):
+        logits = m(seq, latents=z1[0, :seq.shape[1]]).logits[:, -1]
+        seq = torch.cat([seq, sample(logits, generator=g)[:, None]], 1)
+    assert torch.equal(seq, a)
+    b = m.generate(p, 12, latents=z2, generator=gen(9))
+    assert (a != b).any(1).all(), "a row of the group did not follow the shared codes"
+
+
+def test_shared_latents_steer_every_sampled_row():
+    check_group_follows_shared_codes(listening_model())
+
+
+def test_shared_latent_check_fails_for_a_model_that_ignores_z():
+    deaf = listening_model()
+    with torch.no_grad():
+        deaf.post_sampler.weight.zero_()  # r = 0: the baseline's logits (test_model.py)
+    with pytest.raises(AssertionError, match="did not follow"):
+        check_group_follows_shared_codes(deaf)
 
 
 def test_new_tokens_draw_fresh_uniform_codes(model):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_reference import dense_mapper
 
 import freeformer.latent as latent
 from freeformer.latent import (
@@ -17,16 +18,6 @@ from freeformer.latent import (
     sample_codes,
     uniform_codes,
 )
-
-
-def dense_mapper(bit_logits, table, codes):
-    """The paper's formulation, materialising one-hot and G: r = (Y + G − sg(G)) W."""
-    H = bit_logits.shape[-1]
-    bits = bit_matrix(H, bit_logits.dtype)                      # (2^H, H)
-    logp, logq = F.logsigmoid(bit_logits), F.logsigmoid(-bit_logits)
-    G = (logp @ bits.T + logq @ (1 - bits).T).exp()            # (..., 2^H)
-    Y = F.one_hot(codes, 1 << H).to(bit_logits.dtype)
-    return (Y + G - G.detach()) @ table
 
 
 @pytest.mark.parametrize("H,N,D", [(3, 5, 4), (6, 17, 8), (12, 9, 5)])
@@ -167,3 +158,35 @@ def test_mapper_backward_under_bf16_autocast_uses_low_precision_products():
         grads.append(lg.grad)
     err = (grads[1] - grads[0]).norm() / grads[0].norm()
     assert 0 < err < 2e-2
+
+
+def test_mapper_backward_never_allocates_tokens_by_codes():
+    """README: nothing of size tokens × 2^H is ever allocated. Every tensor the mapper's
+    forward and backward create is recorded; the largest must stay within the chunk budget
+    (or the 2^H × D table gradient), far below N × 2^H."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.max = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.max = max(self.max, t.numel())
+            return out
+
+    N, H, D = 4096, 12, 8
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(N, H, generator=g).requires_grad_()
+    table = torch.randn(1 << H, D, generator=g).requires_grad_()
+    w = torch.randn(N, D, generator=g)
+    sizes = Sizes()
+    with sizes:
+        r, _ = binary_mapper(logits, table, torch.Generator().manual_seed(1))
+        (r * w).sum().backward()
+    budget = max(latent._CHUNK_ELEMENTS, table.numel())
+    assert sizes.max <= budget < N * (1 << H) // 8, (sizes.max, budget)
+    assert logits.grad.abs().sum() > 0

@@ -1,10 +1,13 @@
 """Model invariants: causality, encoder non-causality, matched baseline, injection point."""
 
+import math
+
 import pytest
 import torch
 
 from freeformer import FreeTransformer, ModelConfig
 from freeformer.errors import ConfigError, DataError
+from freeformer.model import IGNORE_INDEX
 
 CFG = ModelConfig.preset("debug")
 
@@ -96,11 +99,151 @@ def test_training_forward_reports_kl_of_encoder_posterior():
     torch.testing.assert_close(prior.loss, prior.ce)
 
 
+def hand_kl_nats(bit_logits):
+    """Σ_h (log 2 − h_b(σ(L_h))) in float64, straight from the definition."""
+    p = torch.sigmoid(bit_logits.double())
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log())
+    return (math.log(2) - entropy).sum(-1)
+
+
+def spread_posteriors(m):
+    """Make Q differ by position (sharp encoder attention dominating ζ) and KL_t span
+    ≈ 0.2–1.2 nats, as a trained encoder's do; at init every position's KL is ≈ 0."""
+    b = m.encoder.blocks[0]
+    b.attn.wq.weight.mul_(30)
+    b.attn.wo.weight.mul_(100)
+    m.encoder.readout.weight.mul_(12)
+
+
 def test_free_bits_loss_uses_kappa_in_nats():
-    m = FreeTransformer(CFG.replace(free_bits=0.0))
-    x = tokens()
+    """κ = 1 bit is log 2 nats in the hinge (paper: "1/2 bit" = log(2)/2), exactly."""
+    cfg = CFG.replace(free_bits=1.0)
+    m = FreeTransformer(cfg)
+    with torch.no_grad():  # spread the per-token KL across κ: some under, some over 1 bit
+        spread_posteriors(m)
+    x = tokens(B=4, T=16)
     out = m(x, x, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out.kl_loss, out.kl)  # κ = 0: the hinge is the KL itself
+    kl = hand_kl_nats(out.bit_logits)
+    torch.testing.assert_close(out.kl_tokens.double(), kl, rtol=1e-5, atol=1e-6)
+    hinge_nats = (kl - math.log(2)).clamp(min=0).mean()
+    hinge_bits_as_nats = (kl - 1.0).clamp(min=0).mean()  # the mistake this test guards
+    assert (kl < math.log(2)).any() and (kl > 1.0).any()
+    assert hinge_nats - hinge_bits_as_nats > 0.01
+    torch.testing.assert_close(out.kl_loss.double(), hinge_nats, rtol=1e-5, atol=1e-7)
+    assert cfg.free_bits_nats == math.log(2)
+
+
+@pytest.mark.parametrize("preset", ["debug", "synthetic",
+                                    pytest.param("paper-1.5b", marks=pytest.mark.slow),
+                                    pytest.param("paper-8b", marks=pytest.mark.slow)])
+def test_kl_at_init_is_far_below_kappa_at_every_width(preset):
+    """A fixed-std readout on the RMS-normed encoder output gives bit logits of std ∝ √D and a
+    KL at init above κ at the paper's widths (≈ 1.2 bits at D 1536, 3 bits at D 4096).
+    The paper shapes run with 2 layers, a 256-token vocabulary and a narrow MLP: the bit
+    logits are readout · RMSNorm(h), whose scale depends only on D and the readout's init."""
+    over = {}
+    if preset.startswith("paper"):
+        over = dict(n_layers=2, vocab_size=256, max_seq_len=64, mlp_hidden=256)
+    cfg = ModelConfig.preset(preset, **over)
+    m = FreeTransformer(cfg, seed=0)
+    x = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = m(x, x, generator=torch.Generator().manual_seed(0))
+    kl_bits = out.kl.item() / math.log(2)
+    assert kl_bits < cfg.free_bits / 4, kl_bits
+    assert 0.07 < out.bit_logits.std().item() < 0.13  # BIT_LOGIT_INIT_STD at every width
+    assert out.kl_loss.item() == 0
+
+
+def test_encoder_gets_gradient_from_the_first_step():
+    m = FreeTransformer(CFG)
+    x = tokens()
+    m(x, x, generator=torch.Generator().manual_seed(0)).loss.backward()
+    enc = m.encoder
+    for name, p in [("readout", enc.readout.weight), ("zeta", enc.zeta),
+                    ("wq", enc.blocks[0].attn.wq.weight), ("wkv", enc.blocks[0].attn.wkv.weight),
+                    ("blocks before the injection", m.blocks[0].attn.wkv.weight)]:
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+def scored_means(out, y, kappa_nats):
+    """CE, KL and the token-wise hinge as hand-computed means over the scored positions."""
+    keep = y != IGNORE_INDEX
+    nll = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(),
+                                            y.clamp(min=0).flatten(),
+                                            reduction="none").view_as(y)
+    kl = out.kl_tokens
+    return nll[keep].mean(), kl[keep].mean(), (kl[keep] - kappa_nats).clamp(min=0).mean()
+
+
+def test_ignored_targets_leave_kl_and_hinge_like_the_cross_entropy():
+    """Loss terms and their gradients are means over the scored positions only."""
+    m = FreeTransformer(CFG.replace(free_bits=0.25))
+    with torch.no_grad():  # per-token KL on both sides of κ, so the hinge is not 0 or all
+        spread_posteriors(m)
+    x = tokens(B=3, T=12)
+    y = tokens(B=3, T=12, seed=1)
+    y[0, 7:] = IGNORE_INDEX   # a right-padded row
+    y[1, :4] = IGNORE_INDEX   # a masked prompt
+    y[2, 5] = IGNORE_INDEX
+    noise = torch.rand(3, 12, CFG.latent_bits, generator=torch.Generator().manual_seed(2))
+    out = m(x, y, bit_noise=noise)
+    ce, kl, hinge = scored_means(out, y, CFG.replace(free_bits=0.25).free_bits_nats)
+    torch.testing.assert_close(out.ce, ce)
+    torch.testing.assert_close(out.kl, kl)
+    torch.testing.assert_close(out.kl_loss, hinge)
+    assert hinge > 0
+    # An unmasked mean would differ: the masked positions carry KL too.
+    assert (out.kl - out.kl_tokens.mean()).abs() > 1e-3
+    # Gradients: the model's loss vs the hand-computed one, on the same graph.
+    params = [p for p in m.parameters() if p.requires_grad]
+    g_model = torch.autograd.grad(out.loss, params, retain_graph=True, allow_unused=True)
+    g_hand = torch.autograd.grad(ce + hinge, params, allow_unused=True)
+    for a, b in zip(g_model, g_hand):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("latent", [False, True])
+def test_right_padding_with_ignored_targets_changes_nothing_for_the_decoder(latent):
+    """A padded batch gives the unpadded loss and gradients where no non-causal encoder runs
+    (the baseline; a Free Transformer with pinned codes). With the encoder, padding is part
+    of what the non-causal encoder reads (see FreeTransformer.forward): there the test above
+    pins the masked terms down instead."""
+    m = FreeTransformer(CFG.replace(latent=latent), seed=4)
+    x, y = tokens(B=2, T=9), tokens(B=2, T=9, seed=1)
+    pad = 5
+    xp = torch.cat([x, tokens(B=2, T=pad, seed=3)], 1)
+    yp = torch.cat([y, torch.full((2, pad), IGNORE_INDEX)], 1)
+    codes = torch.randint(0, CFG.n_codes, (2, 9 + pad), generator=torch.Generator().manual_seed(5))
+    kw = lambda T: {"latents": codes[:, :T]} if latent else {}  # noqa: E731
+    results = []
+    for xi, yi in ((x, y), (xp, yp)):
+        m.zero_grad()
+        out = m(xi, yi, **kw(xi.shape[1]))
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in m.named_parameters()
+                              if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    for k in ("loss", "ce", "kl", "kl_loss"):
+        torch.testing.assert_close(getattr(a, k), getattr(b, k), rtol=1e-6, atol=1e-7)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_padding_changes_the_encoders_posterior_at_real_positions():
+    """The documented limit: the encoder is non-causal, so right-padding moves Q(Z | S)."""
+    m = FreeTransformer(CFG)
+    with torch.no_grad():
+        m.encoder.blocks[0].attn.wq.weight.mul_(30)  # sharp attention, as after training
+    x = tokens(B=1, T=9)
+    xp = torch.cat([x, tokens(B=1, T=4, seed=3)], 1)
+    a = m(x, generator=torch.Generator().manual_seed(0)).bit_logits
+    b = m(xp, generator=torch.Generator().manual_seed(0)).bit_logits[:, :9]
+    assert (a - b).abs().max() > 1e-4
 
 
 def test_baseline_is_plain_decoder_with_matched_init():
@@ -133,21 +276,94 @@ def test_zero_post_sampler_gives_baseline_logits():
                                    rtol=0, atol=0)
 
 
-def test_latent_never_enters_residual_stream():
-    """Only block L/2's keys/values see r: its queries' residual output is unchanged."""
-    m = FreeTransformer(CFG)
-    x = tokens(B=1, T=8)
+def rms(v, w, eps):
+    return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope(t, cos, sin):  # t: (B, T, h, hd); rotate (first half, second half) pairs
+    a, b = t.chunk(2, -1)
+    c, s = cos[:, None], sin[:, None]
+    return torch.cat([a * c - b * s, a * s + b * c], -1)
+
+
+def hand_block(blk, xq, xkv, cos, sin, causal=True):
+    """x + attn(q = norm(xq), kv = norm(xkv)) + mlp(norm(·)), written out: GQA attention
+    with RoPE, SwiGLU — no call into the model's Block or Attention code."""
+    eps = blk.attn_norm.eps
+    B, T, D = xq.shape
+    a = blk.attn
+    nh, nkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
+    hq = rms(xq, blk.attn_norm.weight, eps)
+    hkv = rms(xkv, blk.attn_norm.weight, eps)
+    q = (hq @ a.wq.weight.T).view(B, T, nh, hd)
+    k, v = (hkv @ a.wkv.weight.T).view(B, T, 2, nkv, hd).unbind(2)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    k, v = (t.repeat_interleave(nh // nkv, dim=2) for t in (k, v))
+    att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+    if causal:
+        att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    y = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v).reshape(B, T, D)
+    x = xq + y @ a.wo.weight.T
+    gate, up = (rms(x, blk.mlp_norm.weight, eps) @ blk.mlp.w_in.weight.T).chunk(2, -1)
+    return x + (torch.nn.functional.silu(gate) * up) @ blk.mlp.w_out.weight.T
+
+
+@pytest.mark.parametrize("latents", ["pinned", "encoder"])
+def test_latent_enters_only_the_injection_blocks_keys_and_values(latents):
+    """Paper Algorithm 2: block L/2+1 = x + attn(q = norm(x), kv = norm(x + r)) + mlp(...);
+    r joins neither the residual stream nor the queries. The model's logits are rebuilt by
+    hand from the injection block's input x and r = post_sampler[codes]."""
+    m = FreeTransformer(CFG.replace(n_layers=6), seed=1)
+    B, T = 2, 10
+    x = tokens(B=B, T=T)
     seen = {}
-    blk = m.blocks[CFG.inject_layer]
-
-    def hook_fn(mod, args, kwargs, out):
-        seen["io"] = (args[0].clone(), kwargs["kv"].clone())
-
-    hook = blk.register_forward_hook(hook_fn, with_kwargs=True)
-    m(x, latents=torch.zeros(8, dtype=torch.long))
+    blk = m.blocks[m.config.inject_layer]
+    with torch.no_grad():  # sharp attention and a large attention output, as after training:
+        blk.attn.wq.weight.mul_(30)  # at init the pattern is near uniform whatever the
+        blk.attn.wo.weight.mul_(30)  # queries, and a query leak would hide under atol
+    hook = blk.register_forward_pre_hook(
+        lambda mod, args: seen.update(x=args[0].detach().clone()))  # returns None: args kept
+    codes = torch.randint(0, CFG.n_codes, (B, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = (m(x, latents=codes) if latents == "pinned"
+               else m(x, generator=torch.Generator().manual_seed(0)))
     hook.remove()
-    x_in, kv = seen["io"]
-    torch.testing.assert_close(kv - x_in, m.post_sampler.weight[0].expand_as(x_in))
+    with torch.no_grad():
+        cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+        r = m.post_sampler.weight[out.codes]
+        assert r.abs().mean() > 0.5  # r at the residual's scale: a leak would show
+        h = hand_block(blk, seen["x"], seen["x"] + r, cos, sin)
+        for b in m.blocks[m.config.inject_layer + 1:]:
+            h = b(h, cos, sin)
+        ref = m.head(m.norm(h))
+    torch.testing.assert_close(out.logits, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2])
+def test_encoder_is_zeta_queries_over_x_written_out(n_blocks):
+    """Paper Algorithm 2: h = ζ repeated over T; each (non-causal) encoder block takes its
+    queries from h and its keys/values from x, the output of block L/2; bit logits =
+    readout(norm(h)). Deeper encoders (a choice the paper leaves open) read x in every block."""
+    m = FreeTransformer(CFG.replace(encoder_layers=n_blocks), seed=2)
+    with torch.no_grad():  # sharp, large attention so a wrong query or key input shows
+        for b in m.encoder.blocks:
+            b.attn.wq.weight.mul_(30)
+            b.attn.wo.weight.mul_(30)
+        m.encoder.zeta.normal_(generator=torch.Generator().manual_seed(0))
+    x = tokens(B=2, T=11)
+    T = x.shape[1]
+    cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+    with torch.no_grad():
+        out = m(x, generator=torch.Generator().manual_seed(0))
+        h_dec = m.tok_emb(x)
+        for b in m.blocks[:CFG.inject_layer]:
+            h_dec = b(h_dec, cos, sin)
+        h = m.encoder.zeta.expand_as(h_dec)
+        for b in m.encoder.blocks:
+            h = hand_block(b, h, h_dec, cos, sin, causal=False)
+        e = m.encoder
+        ref = rms(h, e.norm.weight, e.norm.eps) @ e.readout.weight.T
+    torch.testing.assert_close(out.bit_logits, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_tied_embeddings_share_the_matrix():

@@ -7,10 +7,19 @@ import math
 import pytest
 import torch
 
+import freeformer.train as train_mod
 from freeformer import FreeTransformer, ModelConfig
 from freeformer.checkpoint import list_checkpoints, load_checkpoint
 from freeformer.runconfig import TrainConfig, available_presets, load_run_config
-from freeformer.train import LatentMonitor, evaluate, lr_at, param_groups, train
+from freeformer.train import (
+    LatentMonitor,
+    autocast,
+    evaluate,
+    lr_at,
+    param_groups,
+    resolve_precision,
+    train,
+)
 
 
 def debug_cfg(**train):
@@ -22,8 +31,11 @@ def records(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_is_bit_identical_to_uninterrupted(tmp_path):
-    cfg = debug_cfg(max_steps=12, ckpt_every=6, eval_every=6, log_every=1, keep_last=5)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bit_identical_to_uninterrupted(tmp_path, precision):
+    # bf16: CPU autocast, what precision=auto picks on CPUs with native bf16 matmuls.
+    cfg = debug_cfg(max_steps=12, ckpt_every=6, eval_every=6, log_every=1, keep_last=5,
+                    precision=precision)
     full = tmp_path / "full"
     train(cfg, full, quiet=True)
     # Simulate a crash right after the step-6 checkpoint: drop later checkpoints and logs.
@@ -141,7 +153,24 @@ def test_every_shipped_config_parses(name):
     cfg = load_run_config(preset=name)
     assert cfg.train.seq_len <= cfg.model.max_seq_len
     assert set(available_presets()) >= {"debug", "synthetic", "stdlib-code", "paper-1.5b",
-                                        "paper-8b"}
+                                        "paper-8b", "paper-8b-1t"}
+
+
+# The paper's token budgets (Section 4.2): 1.5B on 47B tokens; 8B on 200B, and on 1T tokens
+# with κ = 1/2 bit for the long run.
+PAPER_BUDGETS = {"paper-1.5b": ("paper-1.5b", 47e9), "paper-8b": ("paper-8b", 200e9),
+                 "paper-8b-1t": ("paper-8b", 1e12)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_BUDGETS))
+def test_paper_configs_train_the_papers_token_budget(name):
+    shape, budget = PAPER_BUDGETS[name]
+    cfg = load_run_config(preset=name)
+    tc = cfg.train
+    tokens = tc.max_steps * tc.batch_size * tc.seq_len  # optimizer steps × global batch tokens
+    assert abs(tokens / budget - 1) < 0.01, f"{name}: {tokens / 1e9:.1f}B tokens, paper {budget / 1e9:g}B"
+    assert cfg.model == ModelConfig.preset(shape)  # the paper's shape, κ = 1/2 bit
+    assert cfg.model.free_bits == 0.5
 
 
 def test_activation_checkpointing_gives_identical_gradients():
@@ -156,3 +185,72 @@ def test_activation_checkpointing_gives_identical_gradients():
         m(x, x, bit_noise=noise).loss.backward()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)
+
+
+def test_auto_precision_is_bf16_only_where_measured_faster(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    wide, narrow = train_mod.CPU_BF16_MIN_DIM, train_mod.CPU_BF16_MIN_DIM // 2
+    for native in (True, False):
+        monkeypatch.setattr(train_mod, "bf16_native_cpu", lambda n=native: n)
+        assert resolve_precision(cpu, "auto", wide) == ("bf16" if native else "fp32")
+        assert resolve_precision(cpu, "auto", narrow) == "fp32"  # casts cost more than bf16 saves
+        assert resolve_precision(cuda, "auto", narrow) == "bf16"
+        for explicit in ("fp32", "bf16"):  # explicit choices are never overridden
+            assert resolve_precision(cpu, explicit, narrow) == explicit
+    monkeypatch.setattr(train_mod, "bf16_native_cpu", lambda: True)
+    with autocast(cpu, "auto", wide):
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+    with autocast(cpu, "auto", narrow):
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
+
+
+def test_ce_and_kl_stay_float32_under_cpu_bf16_autocast():
+    F = torch.nn.functional
+    cfg = ModelConfig.preset("debug", dim=128, n_heads=4, n_kv_heads=2)
+    model = FreeTransformer(cfg, seed=0)
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with autocast(torch.device("cpu"), "bf16"):
+        out = model(x, x, generator=torch.Generator().manual_seed(1))
+    assert out.logits.dtype == torch.bfloat16  # autocast is on: the matmuls ran in bf16
+    for v in (out.ce, out.kl, out.kl_loss, out.kl_tokens):
+        assert v.dtype == torch.float32
+    # Both equal their float64 evaluation on the (bf16-rounded) logits to float32 accuracy.
+    ce64 = F.cross_entropy(out.logits.double().flatten(0, 1), x.flatten())
+    torch.testing.assert_close(out.ce.double(), ce64, rtol=1e-6, atol=1e-6)
+    L = out.bit_logits.double()  # KL_t = Σ_h (log 2 − h_b(σ(L_h))) in float64
+    kl64 = (math.log(2) + torch.sigmoid(L) * F.logsigmoid(L)
+            + torch.sigmoid(-L) * F.logsigmoid(-L)).sum(-1)
+    torch.testing.assert_close(out.kl_tokens.double(), kl64, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_give_the_same_step_and_losses():
+    """1, 2 and 4 micro-batches: same reported metrics and the same SGD step (lr = 1, no
+    clipping, so the parameter change is exactly minus the averaged gradient)."""
+    import contextlib
+
+    from freeformer.train import train_step
+
+    cfg = ModelConfig.preset("debug")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (8, 16), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (8, 16), generator=g)
+    noise = torch.rand(8, 16, cfg.latent_bits, generator=g)
+    tc = TrainConfig(batch_size=8, seq_len=16, grad_clip=0.0)
+    init = FreeTransformer(cfg, seed=0).state_dict()
+    results = {}
+    for n in (1, 2, 4):
+        m = FreeTransformer(cfg, seed=0)
+        with torch.no_grad():  # KL per token over κ for part of the batch: the hinge is live
+            m.encoder.readout.weight.mul_(60)
+        metrics = train_step(m, torch.optim.SGD(m.parameters(), lr=1.0), x, y, noise, n, tc,
+                             contextlib.nullcontext())
+        results[n] = ({k: float(v) for k, v in metrics.items()}, m.state_dict())
+    m1, s1 = results[1]
+    assert m1["kl_loss"] > 0
+    assert max(float((s1[k] - init[k]).abs().max()) for k in s1) > 1e-2
+    for n in (2, 4):
+        mn, sn = results[n]
+        for k in ("loss", "ce", "kl", "kl_loss"):
+            assert mn[k] == pytest.approx(m1[k], rel=1e-6), (n, k)
+        for k in s1:
+            torch.testing.assert_close(sn[k], s1[k], rtol=1e-5, atol=1e-7, msg=f"{n}: {k}")

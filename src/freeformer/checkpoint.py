@@ -270,6 +270,11 @@ class _SyntheticTokenizer:
     def decode(self, ids) -> str:
         return self._s.decode(ids)
 
+    encode_prompt = encode  # no BOS
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        raise UserError("the synthetic task's vocabulary has no chat template")
+
 
 def load_run_tokenizer(ck: Checkpoint):
     """The tokenizer a checkpoint's run was trained with."""

@@ -24,7 +24,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                "--train.dist=ddp|fsdp")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="shipped config name (debug, synthetic, stdlib-code, "
-                                      "paper-1.5b, paper-8b, smollm2-135m-ft)")
+                                      "paper-1.5b, paper-8b, paper-8b-1t, smollm2-135m-ft)")
     src.add_argument("--config", help="path to a TOML config")
     p.add_argument("--out", help="run directory (default: runs/<preset or config name>)")
     p.add_argument("--resume", metavar="RUN_DIR",
@@ -58,15 +58,20 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a run or checkpoint")
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user message in the model's chat template "
+                        "(converted instruct models)")
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--shared-latent", action="store_true",
-                   help="the N samples share one latent sequence (paper Fig. 4, green groups)")
+                   help="the N samples share one latent sequence, drawn from the uniform prior "
+                        "for every position, prompt included (paper Fig. 4, green groups)")
     p.add_argument("--prefill", choices=["encoder", "prior"], default="encoder",
-                   help="prompt codes from the encoder (paper) or the prior")
+                   help="prompt codes from the encoder (paper) or the prior; unused with "
+                        "--shared-latent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
@@ -303,7 +308,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
     model, ck = load_model(args.path, device)
     tok = load_run_tokenizer(ck)
-    ids = tok.encode_prompt(args.prompt)  # BOS first where the source model expects it
+    if args.chat:  # the prompt as one user message, in the source's chat template
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
+    else:
+        ids = tok.encode_prompt(args.prompt)  # BOS first where the source model expects it
     if not ids:
         raise UserError("--prompt is empty after tokenization")
     prompt = torch.tensor(ids, dtype=torch.long, device=device)[None].expand(args.num_samples, -1)

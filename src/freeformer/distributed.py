@@ -7,7 +7,9 @@ Launch: ``torchrun --nproc_per_node=N -m freeformer train ... --train.dist=ddp|f
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +78,38 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
         fully_shard(model)
         return model
     return model
+
+
+@contextlib.contextmanager
+def accumulating(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Context for one micro-batch's forward and backward: with ``sync=False`` its gradients
+    accumulate locally and nothing is communicated; the micro-batch with ``sync=True`` (the
+    last one) reduces the sum across processes once.
+
+    DDP: ``no_sync``. FSDP2: ``set_requires_gradient_sync(False)`` on every sharded module —
+    each gradient, the dense 2^H × D post-sampler's included, is reduce-scattered once per
+    step instead of once per micro-batch. Unsharded gradients are held between micro-batches
+    (DDP's memory for gradients); parameters still reshard after each backward, so the
+    sharded parameter memory is kept, at the price of re-gathering them in the next forward.
+    """
+    m = getattr(model, "_orig_mod", model)  # through torch.compile's wrapper
+    if sync:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(m, DDP):
+        with m.no_sync():
+            yield
+    elif isinstance(m, FSDPModule):
+        m.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            m.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None

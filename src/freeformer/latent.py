@@ -196,9 +196,19 @@ def kl_per_token(bit_logits: Tensor) -> Tensor:
     return (math.log(2.0) - entropy).sum(-1)
 
 
-def free_bits_loss(kl_tokens: Tensor, kappa_nats: float) -> Tensor:
-    """Token-wise free bits: mean_t max(0, KL_t − κ). No β, no schedule (paper Section 3.3)."""
-    return (kl_tokens - kappa_nats).clamp(min=0).mean()
+def token_mean(values: Tensor, scored: Tensor | None = None) -> Tensor:
+    """Mean of per-token ``values`` over the positions where ``scored`` is True (all when
+    None): the cross-entropy's normalisation, so padding never dilutes a term. Like
+    ``F.cross_entropy``, it is NaN when no position is scored."""
+    if scored is None:
+        return values.mean()
+    return torch.where(scored, values, 0).sum() / scored.sum()
+
+
+def free_bits_loss(kl_tokens: Tensor, kappa_nats: float, scored: Tensor | None = None) -> Tensor:
+    """Token-wise free bits: (1/T) Σ_t max(0, KL_t − κ) over the scored tokens. No β, no
+    schedule (paper Section 3.3)."""
+    return token_mean((kl_tokens - kappa_nats).clamp(min=0), scored)
 
 
 # ---------------------------------------------------------------------------------------

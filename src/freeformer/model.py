@@ -28,6 +28,7 @@ from freeformer.latent import (
     PostSampler,
     free_bits_loss,
     kl_per_token,
+    token_mean,
     uniform_codes,
 )
 from freeformer.layers import Block, RMSNorm, rope_tables
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from freeformer.generate import KVCache
 
 IGNORE_INDEX = -100
+BIT_LOGIT_INIT_STD = 0.1
+"""Std of the encoder's bit logits at initialisation, whatever the width (see init_weights)."""
 
 
 @dataclass
@@ -43,7 +46,9 @@ class ModelOutput:
     """What ``FreeTransformer.forward`` returns, whatever the flags.
 
     ``kl`` is the mean per-token KL(Q || uniform) in nats and ``kl_loss`` the free-bits term;
-    both are 0 when no encoder posterior was used (baseline, prior or pinned codes).
+    both are 0 when no encoder posterior was used (baseline, prior or pinned codes). With
+    targets, ``ce``, ``kl`` and ``kl_loss`` are all means over the positions whose target is
+    not ``IGNORE_INDEX``; without, ``kl`` and ``kl_loss`` average every position.
     ``loss = ce + kl_loss`` when targets are given, else None.
     """
 
@@ -55,7 +60,7 @@ class ModelOutput:
     codes: Tensor | None = None
     """(B, T) latent codes used at each position (None for the baseline)."""
     kl_tokens: Tensor | None = None
-    """(B, T) per-token KL in nats when the encoder ran."""
+    """(B, T) per-token KL in nats when the encoder ran (every position, ignored ones too)."""
     bit_logits: Tensor | None = None
     """(B, T, H) the encoder's bit logits when it ran (for log Q(Z | S))."""
 
@@ -134,8 +139,14 @@ class FreeTransformer(nn.Module):
             for b in self.encoder.blocks:
                 init_block(b, gl)
             self.encoder.norm.weight.fill_(1.0)
-            # Small readout: bit logits start near 0, so Q starts near uniform (KL ≈ 0).
-            normal(self.encoder.readout.weight, std, gl)
+            # The readout reads an RMS-normed vector (norm √D), so a fixed std would give bit
+            # logits of std std·√D: KL at init then grows with width (≈ 3 bits/token at
+            # D = 4096 with std 0.02, above κ from the first step). Scaling by 1/√D fixes the
+            # bit logits' std at BIT_LOGIT_INIT_STD at every width: KL at init ≈ H·s²/8 nats
+            # (0.03 bit at H = 16), well under any κ the paper uses (¼ bit and up), while
+            # the encoder still gets gradient from the first step (a zero readout would
+            # block it for one step). See docs/design.md.
+            normal(self.encoder.readout.weight, BIT_LOGIT_INIT_STD / math.sqrt(c.dim), gl)
             # r must start at the residual stream's scale or the decoder learns to ignore it.
             ps_std = lstd if c.latent_embedding == "table" else lstd / math.sqrt(c.latent_bits)
             normal(self.post_sampler.weight, ps_std, gl)
@@ -202,11 +213,23 @@ class FreeTransformer(nn.Module):
         whole prompt in one call, since the encoder is non-causal. ``check_inputs=False``
         skips the id-range checks (each costs a host sync) for callers that validated once,
         as generation's decode steps do.
+
+        Targets equal to ``IGNORE_INDEX`` drop their positions from the cross-entropy, the KL
+        and the free-bits hinge alike (each is a mean over the scored positions). They do not
+        hide the input tokens: the decoder is causal, so tokens after the last scored position
+        change nothing before it, but the encoder is non-causal and reads every input
+        position — right-padding a sequence changes Q(Z | S) at its real positions, hence the
+        sampled codes and the KL there. That is right for masked prompt tokens (the encoder
+        should see them); a caller that pads should know the padding is part of what the
+        encoder reads.
         """
         c = self.config
         if tokens.dim() == 1:
             tokens = tokens[None]
             targets = targets[None] if targets is not None else None
+        if targets is not None and targets.shape != tokens.shape:
+            raise DataError(f"targets shape {tuple(targets.shape)} != tokens shape "
+                            f"{tuple(tokens.shape)}")
         pos = cache.pos if cache is not None else 0
         self._check_tokens(tokens, pos, check_inputs)
         B, T = tokens.shape
@@ -229,8 +252,10 @@ class FreeTransformer(nn.Module):
                 bit_logits = self.encoder(x, cos, sin)
                 r, codes = self.post_sampler.sample(bit_logits, generator, bit_noise)
                 kl_tokens = kl_per_token(bit_logits)
-                kl = kl_tokens.mean()
-                kl_loss = free_bits_loss(kl_tokens, c.free_bits_nats)
+                # Normalised like the cross-entropy: over positions with a real target.
+                scored = None if targets is None else targets != IGNORE_INDEX
+                kl = token_mean(kl_tokens, scored)
+                kl_loss = free_bits_loss(kl_tokens, c.free_bits_nats, scored)
             else:
                 if isinstance(latents, str):
                     if latents != "prior":
@@ -259,9 +284,6 @@ class FreeTransformer(nn.Module):
         if targets is not None:
             if last_logits_only:
                 raise ValueError("last_logits_only=True computes no logits to score targets with")
-            if targets.shape != tokens.shape:
-                raise DataError(f"targets shape {tuple(targets.shape)} != tokens shape "
-                                f"{tuple(tokens.shape)}")
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                  ignore_index=IGNORE_INDEX)
             loss = ce + kl_loss

@@ -8,6 +8,7 @@ the same global batch; latent draws are sliced from one global draw for the same
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -51,10 +52,56 @@ def resolve_device(tc: TrainConfig, info: D.DistInfo | None = None) -> torch.dev
     return torch.device("cpu")
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA by default; fp32 on CPU (CPU bf16 is slower and less exact)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+@functools.lru_cache(maxsize=1)
+def bf16_native_cpu() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware: x86 AVX512-BF16 or AMX-BF16.
+
+    Elsewhere oneDNN emulates bf16 GEMMs through float32, which is slower than FP32 itself.
+    A capability check, not a timing at start-up: timings on a shared machine are noisy, and
+    the gain was measured side by side once (bench/bench_precision.py, bench/RESULTS.md).
+    """
+    caps = getattr(getattr(torch, "cpu", None), "get_capabilities", None)
+    if caps is not None:  # torch ≥ 2.13
+        c = caps()
+        return bool(c.get("avx512_bf16") or c.get("amx_bf16"))
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+# Below this width the casts around every small matmul cost more than bf16 matmuls save:
+# measured on an AVX512-BF16 CPU (bench/RESULTS.md, precision-cpu), bf16 autocast made a
+# training step 0.55 × as fast at D 32 and 0.7 × at D 64 (the debug and synthetic presets),
+# and 1.2 × faster at D 128, 1.3–1.5 × at D 256, 1.6 × at D 512.
+CPU_BF16_MIN_DIM = 128
+
+
+def resolve_precision(device: torch.device, precision: str, dim: int | None = None) -> str:
+    """"fp32" or "bf16" for ``train.precision`` on ``device`` for a model of width ``dim``.
+
+    "auto" means bf16 autocast on CUDA, and on CPUs with native bf16 matmuls for models at
+    least ``CPU_BF16_MIN_DIM`` wide (where it was measured faster); FP32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    if (device.type == "cpu" and bf16_native_cpu()
+            and (dim is None or dim >= CPU_BF16_MIN_DIM)):
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str,
+             dim: int | None = None) -> contextlib.AbstractContextManager:
+    """bf16 autocast (float32 master weights; the model computes CE and KL in float32) when
+    ``resolve_precision`` says bf16, else no autocast."""
+    if resolve_precision(device, precision, dim) != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -231,15 +278,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
                ctx: contextlib.AbstractContextManager) -> dict[str, Tensor]:
     """Forward/backward over ``n_micro`` micro-batches, clip, step. Returns mean metrics as
     0-d tensors: converting them to floats here would cost a host sync per step on CUDA, so
-    the loop does it only on logging steps."""
+    the loop does it only on logging steps.
+
+    The step's loss is the mean of the micro-batches' losses, which equals the mean over the
+    batch's tokens because every micro-batch scores the same number of tokens (the training
+    data never uses IGNORE_INDEX). Gradients cross processes once, on the last micro-batch.
+    """
     sums: dict[str, Tensor] = {}
     xs, ys = x.chunk(n_micro), y.chunk(n_micro)
     ns = noise.chunk(n_micro) if noise is not None else [None] * n_micro
     for i in range(n_micro):
-        sync = contextlib.nullcontext()
-        if i < n_micro - 1 and hasattr(model, "no_sync"):
-            sync = model.no_sync()  # DDP: all-reduce once, on the last micro-batch
-        with sync:
+        # DDP / FSDP2: gradients are reduced across processes once, on the last micro-batch.
+        with D.accumulating(model, sync=i == n_micro - 1):
             with ctx:
                 out = model(xs[i], ys[i], bit_noise=ns[i])
             (out.loss / n_micro).backward()
@@ -502,7 +552,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
         start, tokens = ck.step, int(ck.state["tokens"])
     if tc.compile:
         wrapped = torch.compile(wrapped)
-    ctx = autocast(device, tc.precision)
+    ctx = autocast(device, tc.precision, mc.dim)
     log = MetricsLog(run_dir, cfg, info.is_main, start)
     monitor = LatentMonitor(mc.free_bits, mc.latent_bits) if mc.latent else None
     tokens_per_step = tc.batch_size * tc.seq_len

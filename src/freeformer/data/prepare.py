@@ -8,7 +8,8 @@ Layout of a prepared data directory::
     tokenizer_config.json    (+ tokenizer.json for Hugging Face tokenizers)
 
 Each file, or each record of a ``.jsonl`` file, is one document; every document is followed
-by the tokenizer's EOS id, and the documents of a split are concatenated into one stream
+by the tokenizer's EOS id (and preceded by BOS when the tokenizer is a converted model's
+whose source adds one), and the documents of a split are concatenated into one stream
 cut into shards of ``shard_tokens`` ids (a document may straddle two shards: readers treat
 the shards of a split as a single stream).
 
@@ -302,6 +303,10 @@ def prepare(
         train = _ShardWriter(tmp, "train", dtype, shard_tokens)
         val = _ShardWriter(tmp, "val", dtype, shard_tokens)
         eos = np.array([tok.eos_id], dtype=dtype)
+        # A converted model's tokenizer whose source starts every text with BOS (Llama):
+        # documents start with it too, as the source saw them in pretraining.
+        bos = np.array([tok.bos_id] if tok.add_bos and tok.bos_id is not None else [],
+                       dtype=dtype)
         total_bytes = sum(f.stat().st_size for f in files)
         content_tokens = 0
         n_seen = 0
@@ -315,7 +320,7 @@ def prepare(
                         if n_seen >= n_docs:
                             raise DataError("sources changed while preparing; re-run prepare")
                         content_tokens += len(ids)
-                        doc = np.concatenate([ids.astype(dtype, copy=False), eos])
+                        doc = np.concatenate([bos, ids.astype(dtype, copy=False), eos])
                         if split_rule == "tail":
                             k = min(len(doc) - 1, max(1, round(val_fraction * len(doc))))
                             train.write(doc[: len(doc) - k])

@@ -61,6 +61,35 @@ class Tokenizer(ABC):
         ids = self.encode(text)
         return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
 
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """The source's chat template rendered for ``messages`` ([{"role", "content"}]).
+
+        Rendered the way transformers renders it (a sandboxed Jinja environment with
+        trim_blocks and lstrip_blocks, bos_token / eos_token defined); the text already
+        holds any BOS the template wants, so encode it with :meth:`encode`.
+        """
+        if self.chat_template is None:
+            raise UserError(f"{self.spec}: this tokenizer has no chat template")
+        try:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:  # pragma: no cover - jinja2 comes with torch
+            raise UserError("chat templates need jinja2: pip install jinja2") from None
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=getattr(self, "bos_token", None) or "",
+                eos_token=getattr(self, "eos_token", None) or "")
+        except TemplateError as e:
+            raise UserError(f"the chat template failed: {e}") from None
+
     @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Ids of ``text``, without any BOS/EOS added."""

@@ -30,6 +30,7 @@ import torch
 
 from freeformer.config import ModelConfig
 from freeformer.errors import ConfigError, ConvertError
+from freeformer.model import BIT_LOGIT_INIT_STD
 from freeformer.pretrained.sources import SourceModel, read_source
 
 # Longest context a converted model gets unless --max-seq-len asks for more: RoPE tables and
@@ -223,9 +224,10 @@ def init_latent_path(model: torch.nn.Module, seed: int = 0) -> None:
     * ζ: small random (std 0.02). It is RMS-normed into the queries (so only its direction
       matters there, and a random direction breaks the symmetry between heads), and it is
       the encoder's residual stream, which should be dominated by the attention read-out.
-    * encoder readout: bit logits of std ≈ 0.1, so Q(Z|S) starts near uniform: the codes
-      the decoder sees in training start like the prior codes of generation, and the
-      per-token KL (≈ H·0.1²/8 nats) starts far below any useful κ.
+    * encoder readout: bit logits of std BIT_LOGIT_INIT_STD (0.1) at any width, as from
+      scratch, so Q(Z|S) starts near uniform: the codes the decoder sees in training start
+      like the prior codes of generation, and the per-token KL (≈ H·0.1²/8 nats) starts
+      far below any useful κ.
     With r = 0 the encoder's gradient (through W^T in the mapper) is 0 at step 1 and
     nonzero from step 2, once the table has moved.
     """
@@ -237,7 +239,7 @@ def init_latent_path(model: torch.nn.Module, seed: int = 0) -> None:
     model.encoder.zeta.copy_(torch.randn(model.encoder.zeta.shape, generator=g) * 0.02)
     model.encoder.norm.weight.fill_(1.0)
     ro = model.encoder.readout.weight
-    ro.copy_(torch.randn(ro.shape, generator=g) * (0.1 / math.sqrt(c.dim)))
+    ro.copy_(torch.randn(ro.shape, generator=g) * (BIT_LOGIT_INIT_STD / math.sqrt(c.dim)))
     model.post_sampler.weight.zero_()
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from freeformer.data.tokenizer import HFTokenizer
+from freeformer.data.tokenizer import HFTokenizer, _import_tokenizers
 from freeformer.errors import ConvertError, UserError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -165,23 +165,24 @@ def _hf_dir_tokenizer(path: Path, config: dict[str, Any]) -> HFTokenizer:
         path / "special_tokens_map.json").is_file() else {}
     gcfg = _read_json(path / "generation_config.json") if (
         path / "generation_config.json").is_file() else {}
-    from tokenizers import Tokenizer
-
+    tokenizers = _import_tokenizers()
     try:
-        raw = Tokenizer.from_file(str(tok_file))
+        raw = tokenizers.Tokenizer.from_file(str(tok_file))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise ConvertError(f"{tok_file} is not a valid tokenizer.json "
                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
-    def special(name: str) -> str | None:
+    def special(name: str, fallback: bool) -> str | None:
         text = _token_text(tcfg.get(name)) or _token_text(smap.get(name))
-        if text is None:  # fall back to the model's ids (config.json, generation_config.json)
+        if text is None and fallback:  # the model's ids (config.json, generation_config.json)
             i = _first_id(config.get(f"{name}_id"))
             i = _first_id(gcfg.get(f"{name}_id")) if i is None else i
             text = raw.id_to_token(i) if i is not None else None
         return text
 
-    eos, bos = special("eos_token"), special("bos_token")
+    # BOS only as the tokenizer declares it (Qwen2 declares none; transformers' tokenizer
+    # then has no BOS, and lm-eval prefixes with EOS). EOS must exist: documents end with it.
+    eos, bos = special("eos_token", True), special("bos_token", False)
     if eos is None:
         raise ConvertError(f"{path}: no EOS token named in tokenizer_config.json, "
                            "special_tokens_map.json, config.json or generation_config.json")

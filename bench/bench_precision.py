@@ -1,0 +1,131 @@
+"""CPU precision: one full training step (forward, loss, backward, clip, AdamW) in FP32 against
+bf16 autocast, at the shipped presets' shapes, Free Transformer and baseline.
+
+This is the measurement behind ``train.precision = "auto"`` on CPU (train.py::resolve_precision):
+bf16 autocast is chosen where the CPU has native bf16 matmul instructions (AVX512-BF16 or
+AMX-BF16) and the model is at least ``CPU_BF16_MIN_DIM`` wide.
+The step is ``freeformer.train.train_step`` itself, on random tokens of the preset's shape
+(the data do not change the cost), with the preset's batch, micro-batches and optimizer. The
+FP32 and bf16 runs are separate models built with the same seed, timed alternately in rounds
+(order rotated each round); the speed-up is the median of per-round ratios fp32 / bf16.
+
+    python bench/bench_precision.py                       # synthetic + stdlib-code (~2 min)
+    python bench/bench_precision.py --presets stdlib-code --rounds 7 --write
+    python bench/bench_precision.py --smoke               # debug preset, 1 round (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import common as C
+import theory
+import torch
+
+from freeformer import FreeTransformer
+from freeformer.runconfig import available_presets, load_run_config
+from freeformer.train import (
+    autocast,
+    bf16_native_cpu,
+    build_optimizer,
+    resolve_precision,
+    train_step,
+)
+
+
+def make_step(cfg, latent: bool, precision: str):
+    """A closure doing one optimizer step of ``cfg`` (latent on/off) at ``precision``."""
+    mc, tc = cfg.model.replace(latent=latent), cfg.train
+    device = torch.device("cpu")
+    model = FreeTransformer(mc, seed=tc.seed).train()
+    opt = build_optimizer(model, tc)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len + 1), generator=g)
+    x, y = x[:, :-1], x[:, 1:]
+    n_micro = tc.batch_size // (tc.micro_batch_size or tc.batch_size)
+    ctx = autocast(device, precision)
+
+    def step():
+        noise = (torch.rand(tc.batch_size, tc.seq_len, mc.latent_bits, generator=g)
+                 if latent else None)
+        m = train_step(model, opt, x, y, noise, n_micro, tc, ctx)
+        return float(m["loss"])
+    return step
+
+
+def run_config(name: str):
+    """A shipped preset's RunConfig, or stdlib-code's with the model, T and B of a shape of
+    bench_train.py (d128-L4, d256-L8, d512-L8); a preset wins where a name is both (debug)."""
+    if name in available_presets():
+        return load_run_config(preset=name, overrides=["train.progress=false"])
+    shapes = {n: (cfg, T, B) for n, cfg, T, B in theory.bench_train_shapes(12)}
+    if name not in shapes:
+        return None
+    mc, T, B = shapes[name]
+    cfg = load_run_config(preset="stdlib-code", overrides=["train.progress=false"])
+    return dataclasses.replace(cfg, model=mc.replace(max_seq_len=max(T, mc.max_seq_len)),
+                               train=dataclasses.replace(cfg.train, seq_len=T, batch_size=B))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--presets", default="synthetic,stdlib-code",
+                    help="comma-separated shipped presets, or bench shapes d128-L4, d256-L8, "
+                         "d512-L8 (stdlib-code's run settings with that model, T and B; "
+                         "default synthetic,stdlib-code)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    ap.add_argument("--smoke", action="store_true", help="debug preset, 1 round: checks the "
+                    "script runs (the figure means nothing)")
+    ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
+    ap.add_argument("--section", default="precision-cpu",
+                    help="RESULTS.md section --write replaces (default precision-cpu)")
+    args = ap.parse_args(argv)
+    C.setup_threads(args.threads)
+    presets = ["debug"] if args.smoke else [p for p in args.presets.split(",") if p]
+    rounds = 1 if args.smoke else args.rounds
+    header = C.machine_line(C.CPU)
+    native = bf16_native_cpu()
+    print(header, f"native bf16 matmul: {native}", sep="\n", flush=True)
+    rows = []
+    for name in presets:
+        cfg = run_config(name)
+        if cfg is None:
+            ap.error(f"unknown preset or shape {name!r}")
+        tc, mc = cfg.train, cfg.model
+        for latent in (True, False):
+            fns = {p: make_step(cfg, latent, p) for p in ("fp32", "bf16")}
+            t = C.alternate(fns, rounds, warmup=1)
+            lo, hi = t.ratio_range("fp32", "bf16")
+            label = "FT" if latent else "baseline"
+            rows.append([name, label, f"D {mc.dim}, L {mc.n_layers}, H {mc.latent_bits}",
+                         f"{tc.batch_size}×{tc.seq_len}", C.fmt_ms(t.median("fp32")),
+                         C.fmt_ms(t.median("bf16")),
+                         f"{t.ratio('fp32', 'bf16'):.2f} ({lo:.2f}–{hi:.2f})",
+                         resolve_precision(C.CPU, "auto", mc.dim), t.load_range()])
+            print(rows[-1], flush=True)
+    table = C.md_table(["preset", "model", "shape", "B×T", "FP32 step (ms)",
+                        "bf16 autocast step (ms)", "speed-up fp32/bf16 (range)",
+                        "precision=auto picks (this CPU)", "load"], rows)
+    body = "\n\n".join([
+        "## CPU precision: FP32 vs bf16 autocast (`bench/bench_precision.py`)",
+        f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}; native bf16 matmul "
+        f"(AVX512-BF16 or AMX-BF16): {'yes' if native else 'no'}  \n{rounds} alternating "
+        "rounds; one step = `train.train_step` (forward, loss, backward, clip, AdamW) at the "
+        "preset's batch, on random tokens; speed-up = median of per-round fp32 / bf16 ratios.",
+        table,
+    ])
+    print()
+    print(body)
+    if args.write and not args.smoke:
+        C.write_section(args.section, body)
+        print(f"\nwrote {C.RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
