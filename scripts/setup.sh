@@ -13,6 +13,6 @@ stamp=".venv/.freeformer-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip >/dev/null
   python -m pip install -q "${FREEFORMER_TORCH:-torch==2.13.0}"
-  python -m pip install -q -e ".[dev,hf,plot,eval,pretrained]"
+  python -m pip install -q -e ".[dev,hf,plot,eval,pretrained-gguf]"
   touch "$stamp"
 fi

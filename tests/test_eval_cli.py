@@ -167,10 +167,12 @@ def test_bad_inputs_are_one_line_errors(run, tasks, tmp_path, capsys):
     one_line_error(capsys, ["compare", str(tmp_path / "only.json")], "at least one more")
     one_line_error(capsys, ["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")],
                    "not found")  # fmt: skip
-    with pytest.raises(SystemExit) as exc:  # argparse: bad flag values
-        cli.main(["eval", str(run), "--latent-samples", "0"])
-    assert exc.value.code == 2
-    assert "--latent-samples" in capsys.readouterr().err
+    for flag, bad in (("--latent-samples", "0"), ("--latent-mode", "posterior")):
+        with pytest.raises(SystemExit) as exc:  # argparse: bad flag values, one line
+            cli.main(["eval", str(run), flag, bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert flag in err and "Traceback" not in err
 
 
 def test_missing_eval_extra(run, capsys, monkeypatch):
@@ -187,3 +189,7 @@ def test_help_documents_latent_modes(capsys):
     for flag in ("--latent-mode", "--latent-samples", "--data-source", "--allow-code-execution",
                  "--include-path", "--num-fewshot", "--limit", "--seed", "--batch-size"):
         assert flag in text
+    # the flag offers exactly the adapter's modes (the proposals of freeformer.likelihood)
+    from freeformer.evaluation.lm_eval_model import LATENT_MODES
+
+    assert "{" + ",".join(LATENT_MODES) + "}" in text

@@ -76,18 +76,23 @@ PAIRS = [
 ]
 
 
-def manual_ll(lm, ctx, cont, latents=None):
-    """Sum of log-softmax over the continuation from one plain forward (left truncation)."""
+def manual_ll(lm, ctx, cont, latents=None, with_context=False):
+    """Sum of log-softmax over the continuation from one plain forward (left truncation);
+    ``with_context``: also the sum over the context's predicted tokens."""
     n = len(ctx) - len(ctx.rstrip())  # lm-eval moves the context's trailing spaces over
     ctx, cont = (ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont)
     ctx_ids = lm.tok_encode(ctx) if ctx else [lm.prefix_token_id]
     cont_ids = lm.tok_encode(cont)
-    inp = (ctx_ids + cont_ids)[:-1][-lm.max_length :]
+    full = (ctx_ids + cont_ids)[-(lm.max_length + 1) :]
+    inp = full[:-1]
     logits = lm.model(torch.tensor([inp]), latents=latents(inp, len(inp) - len(cont_ids) + 1)
                       if latents else None).logits[0]  # fmt: skip
-    logp = logits[-len(cont_ids) :].log_softmax(-1)
-    tgt = torch.tensor(cont_ids)
-    return logp.gather(-1, tgt[:, None]).sum().item(), bool((logp.argmax(-1) == tgt).all())
+    logp = logits.log_softmax(-1).gather(-1, torch.tensor(full[1:])[:, None])[:, 0]
+    m = len(cont_ids)
+    greedy = bool((logits[-m:].argmax(-1) == torch.tensor(cont_ids)).all())
+    if with_context:
+        return logp[:-m].sum().item(), logp[-m:].sum().item(), greedy
+    return logp[-m:].sum().item(), greedy
 
 
 def test_registered_and_built_from_arg_string(runs):
@@ -124,25 +129,30 @@ def test_baseline_loglikelihood_is_sum_of_log_softmax(runs):
         assert greedy == greedy_ref
 
 
-def test_prior_mode_is_log_mean_exp_over_draws(runs):
+def test_prior_mode_weights_draws_by_the_context(runs):
+    """log P(cont | ctx) ≈ log Σ_j P(ctx | Z_j) P(cont | ctx, Z_j) − log Σ_j P(ctx | Z_j)."""
     k = 3
-    lm = loud(FreeformerLM(runs["ft"], device="cpu", latent_samples=k, seed=7))
+    lm = loud(FreeformerLM(runs["ft"], device="cpu", latent_mode="prior", latent_samples=k,
+                           seed=7))
     H, L = lm.model.config.latent_bits, lm.max_length
     got = lm.loglikelihood([req("loglikelihood", c, x) for c, x in PAIRS], disable_tqdm=True)
     with torch.no_grad():
         for (ctx, cont), (ll, greedy) in zip(PAIRS, got):
             draws = [
                 manual_ll(lm, ctx, cont, lambda inp, n_ctx, j=j: draw_latents(
-                    request_seed(7, inp[:n_ctx], j), L, H)[0][: len(inp)][None])
+                    request_seed(7, inp[:n_ctx], j), L, H)[0][: len(inp)][None],
+                    with_context=True)
                 for j in range(k)
             ]  # fmt: skip
-            lls = [d[0] for d in draws]
-            assert max(lls) - min(lls) > 1e-4  # the draws matter...
-            # ...and are averaged as probabilities, not as log-probabilities
-            mean_prob = math.log(sum(math.exp(v) for v in lls) / k)
-            assert ll == pytest.approx(mean_prob, rel=1e-5, abs=1e-4)
-            assert abs(ll - sum(lls) / k) > 1e-6
-            assert greedy == draws[0][1]  # is_greedy: under the first draw
+            a = torch.tensor([d[0] for d in draws], dtype=torch.float64)
+            b = torch.tensor([d[1] for d in draws], dtype=torch.float64)
+            assert b.max() - b.min() > 1e-4  # the draws matter...
+            ref = (torch.logsumexp(a + b, 0) - torch.logsumexp(a, 0)).item()
+            assert ll == pytest.approx(ref, rel=1e-5, abs=1e-4)
+            old = (torch.logsumexp(b, 0) - math.log(k)).item()  # log E_Z[P(cont | ctx, Z)]
+            if ctx:  # ...weighted by how well each explains the context: not the plain mean
+                assert abs(ll - old) > 1e-3
+            assert greedy == draws[0][2]  # is_greedy: under the first draw
 
 
 def test_encoder_mode_never_shows_the_continuation_to_the_encoder(runs):
@@ -168,19 +178,28 @@ def test_encoder_mode_never_shows_the_continuation_to_the_encoder(runs):
     with torch.no_grad():
         for cont, (ll, _) in zip(conts, got):
             inp = (ctx_ids + lm.tok_encode(cont))[:-1]
-            lls = []
+            a, b = [], []
             for j in range(2):
                 codes, noise = draw_latents(request_seed(1, ctx_ids, j), L, H)
                 # codes of the context: those of a forward over the context alone
-                enc = model(torch.tensor([ctx_ids]), bit_noise=noise[None, : len(ctx_ids)]).codes[0]
+                out = model(torch.tensor([ctx_ids]), bit_noise=noise[None, : len(ctx_ids)])
+                enc = out.codes[0]
                 want = torch.cat([enc, codes[len(ctx_ids) : len(inp)]])
                 assert any(torch.equal(p[: len(inp)], want) for b in pinned for p in b)
+                # importance weight of the context's codes: P(ctx | Z) P(Z) / Q(Z | ctx)
+                bits = (enc[:, None] >> torch.arange(H)) & 1
+                logq = torch.where(bits.bool(), torch.nn.functional.logsigmoid(out.bit_logits[0]),
+                                   torch.nn.functional.logsigmoid(-out.bit_logits[0])).sum()
                 logits = model(torch.tensor([inp]), latents=want[None]).logits[0]
-                cont_ids = torch.tensor(lm.tok_encode(cont))
-                logp = logits[len(ctx_ids) - 1 :].log_softmax(-1)
-                lls.append(logp.gather(-1, cont_ids[:, None]).sum().item())
-            ref = (torch.logsumexp(torch.tensor(lls, dtype=torch.float64), 0) - math.log(2)).item()
+                tgt = torch.tensor((ctx_ids + lm.tok_encode(cont))[1:])
+                logp = logits.log_softmax(-1).gather(-1, tgt[:, None])[:, 0]
+                n = len(ctx_ids) - 1
+                a.append(logp[:n].sum().item() - len(ctx_ids) * H * math.log(2) - logq.item())
+                b.append(logp[n:].sum().item())
+            a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+            ref = (torch.logsumexp(a + b, 0) - torch.logsumexp(a, 0)).item()
             assert ll == pytest.approx(ref, rel=1e-5, abs=1e-4)
+            assert abs(ll - (torch.logsumexp(b, 0) - math.log(2)).item()) > 1e-3
 
 
 @pytest.mark.parametrize("run, mode", [("base", "prior"), ("ft", "prior"), ("ft", "encoder")])
@@ -345,3 +364,65 @@ def test_simple_evaluate_runs_local_tasks(runs, tmp_path):
     assert res["ff_ppl"]["bits_per_byte,none"] > 0
     assert len(results["samples"]["ff_mc"]) == 4
     assert results["config"]["latent_mode"] == "encoder"  # our get_model_info
+
+
+def tiny_h1(lm):
+    """Swap in an H = 1 model (byte vocabulary) whose codes visibly matter, small enough to
+    enumerate every code sequence of a short request."""
+    from freeformer.config import ModelConfig
+    from freeformer.model import FreeTransformer
+
+    cfg = ModelConfig.preset("debug", latent_bits=1, vocab_size=lm.model.config.vocab_size)
+    m = FreeTransformer(cfg, seed=0).eval()
+    with torch.no_grad():
+        m.post_sampler.weight.mul_(30)
+        m.blocks[cfg.inject_layer].attn.wo.weight.mul_(300)
+        (m.head.weight if m.head is not None else m.tok_emb.weight).mul_(20)
+        m.encoder.readout.weight.mul_(15)
+    lm.model = m
+    return lm
+
+
+def enumerated(model, inp, targets, n_ctx):
+    """Exact log P(targets[n_ctx−1:] | inp[:n_ctx]) and the old estimand, over 2^T codes."""
+    import itertools
+
+    from freeformer.likelihood import token_log_probs
+
+    T = len(inp)
+    Z = torch.tensor(list(itertools.product([0, 1], repeat=T)))
+    with torch.no_grad():
+        lp = token_log_probs(model(torch.tensor([inp]).expand(len(Z), -1), latents=Z).logits,
+                             torch.tensor([targets]).expand(len(Z), -1)).double()
+    a, b = lp[:, : n_ctx - 1].sum(1), lp[:, n_ctx - 1 :].sum(1)
+    return ((torch.logsumexp(a + b, 0) - torch.logsumexp(a, 0)).item(),
+            (torch.logsumexp(b, 0) - math.log(len(Z))).item())
+
+
+@pytest.mark.parametrize("mode", ["prior", "encoder"])
+def test_scores_converge_to_the_enumerated_likelihood(runs, mode):
+    """loglikelihood → log P(cont | ctx), loglikelihood_rolling → log P(doc | prefix), both
+    within 4 measured standard errors (+1e-3 for the O(1/k) ratio bias) of enumeration; the
+    old estimand log E_Z[P(cont | ctx, Z)] lies far outside."""
+    ctx, cont, doc = "ret", "urn", "x * 3"
+    k, seeds = 2048, range(6)
+    lms = [tiny_h1(FreeformerLM(runs["ft"], device="cpu", latent_mode=mode, latent_samples=k,
+                                batch_size=k, seed=s)) for s in seeds]  # fmt: skip
+    lm = lms[0]
+    c_ids, x_ids = lm.tok_encode(ctx), lm.tok_encode(cont)
+    exact, old = enumerated(lm.model, (c_ids + x_ids)[:-1], (c_ids + x_ids)[1:], len(c_ids))
+    d_ids = [lm.prefix_token_id] + lm.tok_encode(doc)
+    exact_doc, _ = enumerated(lm.model, d_ids[:-1], d_ids[1:], 1)
+    tols = []
+    for want, score in [
+        (exact, lambda m: m.loglikelihood([req("loglikelihood", ctx, cont)], True)[0][0]),
+        (exact_doc, lambda m: m.loglikelihood_rolling([req("loglikelihood_rolling", doc)],
+                                                      True)[0]),
+    ]:  # fmt: skip
+        vals = torch.tensor([score(m) for m in lms], dtype=torch.float64)
+        mean, se = vals.mean().item(), (vals.std() / math.sqrt(len(vals))).item()
+        print(f"{mode}: {mean:.4f} ± {se:.4f}, exact {want:.4f} (old estimand {old:.4f})")
+        assert se < 0.02
+        assert abs(mean - want) < 4 * se + 1e-3
+        tols.append(4 * se + 1e-3)
+    assert abs(old - exact) > 10 * tols[0]

@@ -167,17 +167,23 @@ def test_encoder_gets_gradient_from_the_first_step():
 
 
 def scored_means(out, y, kappa_nats):
-    """CE, KL and the token-wise hinge as hand-computed means over the scored positions."""
+    """CE over the scored targets; KL and the token-wise hinge summed over every position up
+    to the row's last scored target (those codes reach a scored token), all per scored target."""
     keep = y != IGNORE_INDEX
+    reach = torch.zeros_like(keep)
+    for b in range(y.shape[0]):
+        last = int(keep[b].nonzero().max())
+        reach[b, :last + 1] = True
     nll = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(),
                                             y.clamp(min=0).flatten(),
                                             reduction="none").view_as(y)
-    kl = out.kl_tokens
-    return nll[keep].mean(), kl[keep].mean(), (kl[keep] - kappa_nats).clamp(min=0).mean()
+    kl, n = out.kl_tokens, keep.sum()
+    return nll[keep].mean(), kl[reach].sum() / n, (kl[reach] - kappa_nats).clamp(min=0).sum() / n
 
 
 def test_ignored_targets_leave_kl_and_hinge_like_the_cross_entropy():
-    """Loss terms and their gradients are means over the scored positions only."""
+    """CE per scored target; KL and hinge over the codes that reach a scored target (a masked
+    prompt's codes condition the answer and pay their KL), per scored target; gradients too."""
     m = FreeTransformer(CFG.replace(free_bits=0.25))
     with torch.no_grad():  # per-token KL on both sides of κ, so the hinge is not 0 or all
         spread_posteriors(m)
@@ -193,8 +199,11 @@ def test_ignored_targets_leave_kl_and_hinge_like_the_cross_entropy():
     torch.testing.assert_close(out.kl, kl)
     torch.testing.assert_close(out.kl_loss, hinge)
     assert hinge > 0
-    # An unmasked mean would differ: the masked positions carry KL too.
+    # An unmasked mean would differ: the padded positions carry KL too …
     assert (out.kl - out.kl_tokens.mean()).abs() > 1e-3
+    # … and so would dropping the masked prompt's codes (they reach the scored answer).
+    keep = y != IGNORE_INDEX
+    assert (out.kl - out.kl_tokens[keep].mean()).abs() > 1e-3
     # Gradients: the model's loss vs the hand-computed one, on the same graph.
     params = [p for p in m.parameters() if p.requires_grad]
     g_model = torch.autograd.grad(out.loss, params, retain_graph=True, allow_unused=True)

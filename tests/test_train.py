@@ -100,6 +100,7 @@ def test_importance_sampled_nll_matches_enumeration():
     v = evaluate(model, [(x, y)], latent=True, n_bits=1, k=400, seed=0,
                  device=torch.device("cpu"))
     assert v["nll_is"] == pytest.approx(exact, abs=0.01)
+    assert v["nll_is_prior"] == pytest.approx(exact, abs=0.01)
     assert v["elbo"] >= exact - 1e-4  # the ELBO is an upper bound on −log P(S)/T
     assert v["kl_bits"] > 0.02  # Q ≠ prior, so the log Q − log P terms matter
 
@@ -114,7 +115,7 @@ def test_validation_of_an_unused_latent_is_exact():
     v = evaluate(model, [(x[:, :-1], x[:, 1:])], latent=True, n_bits=cfg.latent_bits, k=3,
                  seed=0, device=torch.device("cpu"))
     assert v["kl_bits"] == pytest.approx(0, abs=1e-6)
-    for key in ("ce_encoder", "elbo", "nll_is"):
+    for key in ("ce_encoder", "elbo", "nll_is", "nll_is_prior"):
         assert v[key] == pytest.approx(v["ce_prior"], abs=1e-5)
 
 

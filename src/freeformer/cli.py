@@ -39,9 +39,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="honest validation metrics of a run or checkpoint",
-                       description="Prints CE with prior codes (what generation does), CE with "
-                                   "encoder codes (sees the future), KL bits, the ELBO and an "
-                                   "importance-sampled −log P(S); CE for a baseline.")
+                       description="Prints the model's −log P(S) per token estimated by "
+                                   "importance sampling with k samples (encoder and prior "
+                                   "proposals; upper bounds in expectation, consistent as k "
+                                   "grows), the ELBO, KL bits, CE with prior codes (what "
+                                   "generation does) and CE with encoder codes (sees the "
+                                   "future); CE for a baseline.")
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: config)")
     p.add_argument("--k", type=int, default=None, help="importance samples (default: config)")

@@ -196,18 +196,32 @@ def kl_per_token(bit_logits: Tensor) -> Tensor:
     return (math.log(2.0) - entropy).sum(-1)
 
 
+def reaching_codes(scored: Tensor) -> Tensor:
+    """(B, T) bool: positions up to each row's last scored target.
+
+    Given the codes the decoder is causal, so the code at position t reaches every
+    prediction ≥ t: exactly these positions' codes can change a scored token. Their KL
+    belongs to the ELBO of the scored tokens even where their own target is ignored (a
+    masked prompt); leaving it out would let the encoder hide the answer in the prompt's
+    codes at no cost. Codes after the last scored target reach nothing and are left out.
+    """
+    return scored.flip(-1).int().cumsum(-1).flip(-1) > 0
+
+
 def token_mean(values: Tensor, scored: Tensor | None = None) -> Tensor:
-    """Mean of per-token ``values`` over the positions where ``scored`` is True (all when
-    None): the cross-entropy's normalisation, so padding never dilutes a term. Like
-    ``F.cross_entropy``, it is NaN when no position is scored."""
+    """Per-token ``values`` summed over the positions whose code reaches a scored target
+    (:func:`reaching_codes`) and divided by the number of scored targets — the
+    cross-entropy's normalisation, so that ce + kl is the per-scored-token ELBO and padding
+    never dilutes a term. All positions when ``scored`` is None. Like ``F.cross_entropy``,
+    it is NaN when no position is scored."""
     if scored is None:
         return values.mean()
-    return torch.where(scored, values, 0).sum() / scored.sum()
+    return torch.where(reaching_codes(scored), values, 0).sum() / scored.sum()
 
 
 def free_bits_loss(kl_tokens: Tensor, kappa_nats: float, scored: Tensor | None = None) -> Tensor:
-    """Token-wise free bits: (1/T) Σ_t max(0, KL_t − κ) over the scored tokens. No β, no
-    schedule (paper Section 3.3)."""
+    """Token-wise free bits: (1/T) Σ_t max(0, KL_t − κ), normalised like the KL (see
+    :func:`token_mean`). No β, no schedule (paper Section 3.3)."""
     return token_mean((kl_tokens - kappa_nats).clamp(min=0), scored)
 
 

@@ -214,8 +214,11 @@ class FreeTransformer(nn.Module):
         skips the id-range checks (each costs a host sync) for callers that validated once,
         as generation's decode steps do.
 
-        Targets equal to ``IGNORE_INDEX`` drop their positions from the cross-entropy, the KL
-        and the free-bits hinge alike (each is a mean over the scored positions). They do not
+        Targets equal to ``IGNORE_INDEX`` are not scored by the cross-entropy. The KL and the
+        free-bits hinge count every position whose code reaches a scored target (all
+        positions up to the row's last scored one: a masked prompt's codes still condition
+        the answer, so they must pay their KL) and are divided by the number of scored
+        targets, like the cross-entropy (``latent.token_mean``). Ignored targets do not
         hide the input tokens: the decoder is causal, so tokens after the last scored position
         change nothing before it, but the encoder is non-causal and reads every input
         position — right-padding a sequence changes Q(Z | S) at its real positions, hence the
@@ -252,7 +255,7 @@ class FreeTransformer(nn.Module):
                 bit_logits = self.encoder(x, cos, sin)
                 r, codes = self.post_sampler.sample(bit_logits, generator, bit_noise)
                 kl_tokens = kl_per_token(bit_logits)
-                # Normalised like the cross-entropy: over positions with a real target.
+                # Per scored target, over the codes that reach one (latent.token_mean).
                 scored = None if targets is None else targets != IGNORE_INDEX
                 kl = token_mean(kl_tokens, scored)
                 kl_loss = free_bits_loss(kl_tokens, c.free_bits_nats, scored)

