@@ -24,11 +24,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                "--train.dist=ddp|fsdp")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="shipped config name (debug, synthetic, stdlib-code, "
-                                      "paper-1.5b, paper-8b, paper-8b-1t)")
+                                      "paper-1.5b, paper-8b, paper-8b-1t, smollm2-135m-ft)")
     src.add_argument("--config", help="path to a TOML config")
     p.add_argument("--out", help="run directory (default: runs/<preset or config name>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its newest checkpoint")
+    p.add_argument("--init-from", metavar="RUN_DIR",
+                   help="fine-tune: start from the weights of RUN_DIR (or a checkpoint), e.g. "
+                        "one made by `freeformer convert`; fresh optimizer, schedule and step "
+                        "count; [model] must equal its config (same as --train.init_from); "
+                        "--train.trainable=latent trains only the latent path")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -43,6 +48,9 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: config)")
     p.add_argument("--k", type=int, default=None, help="importance samples (default: config)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="sequences per validation batch (default: config's train.batch_size); "
+                        "with the same --batches, N and data, two runs see the same windows")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="prepared data directory to validate on (default: the run's data; "
                         "needed for a converted model)")
@@ -206,6 +214,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from freeformer.runconfig import RunConfig, build_run_config, load_run_config
     from freeformer.train import train
 
+    if args.init_from:
+        if args.resume:
+            raise UserError("--init-from starts a new run from weights and --resume continues "
+                            "a run: give one of them")
+        overrides = [*overrides, f"train.init_from={args.init_from}"]
     if args.resume:
         if args.preset or args.config:
             raise UserError("--resume takes its config from the run; drop --preset/--config")
@@ -271,11 +284,12 @@ def cmd_validate(args: argparse.Namespace) -> None:
     cfg = RunConfig.from_dict(saved)
     tc = cfg.train
     n = args.batches or tc.eval_batches
-    if n < 1 or (args.k is not None and args.k < 1):
-        raise UserError("--batches and --k must be ≥ 1")
+    bs = args.batch_size or tc.batch_size
+    if n < 1 or bs < 1 or (args.k is not None and args.k < 1):
+        raise UserError("--batches, --batch-size and --k must be ≥ 1")
     import dataclasses
 
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, eval_batches=n, batch_size=bs))
     if args.data is not None:
         from freeformer.runconfig import DataConfig
 

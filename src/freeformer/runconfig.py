@@ -30,6 +30,7 @@ DIST_MODES = ("none", "ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 DATA_SOURCES = ("synthetic", "files", "stdlib", "none")
+TRAINABLE = ("all", "latent")
 
 
 def _check(ok: bool, section: str, name: str, value: Any, expect: str) -> None:
@@ -96,6 +97,14 @@ class TrainConfig:
     wandb_project: str = "freeformer"
     progress: bool = True
     """Show a progress bar."""
+    init_from: str = ""
+    """Fine-tuning: a run directory or checkpoint (e.g. made by `freeformer convert`) whose
+    weights start this run. Weights only: the optimizer, the schedule, the step count and the
+    data position start fresh. The [model] section must equal the checkpoint's model config."""
+    trainable: str = "all"
+    """"all": train every weight. "latent": train only the latent path — the encoder, the
+    post-sampler and the injection block (block L/2+1, whose keys/values read x + r); every
+    other weight is frozen (requires_grad False, no optimizer state, no weight decay)."""
 
     def __post_init__(self) -> None:
         s = "train"
@@ -123,6 +132,10 @@ class TrainConfig:
         _check(self.device in DEVICES, s, "device", self.device, f"one of {', '.join(DEVICES)}")
         _check(self.precision in PRECISIONS, s, "precision", self.precision,
                f"one of {', '.join(PRECISIONS)}")
+        _check(isinstance(self.init_from, str), s, "init_from", self.init_from,
+               "a run directory or checkpoint path (a string)")
+        _check(self.trainable in TRAINABLE, s, "trainable", self.trainable,
+               f"one of {', '.join(TRAINABLE)}")
 
 
 @dataclass(frozen=True)
@@ -161,6 +174,9 @@ class RunConfig:
                    self.model.vocab_size, f"≥ {VOCAB_SIZE} for the synthetic task")
         _check(self.train.seq_len <= self.model.max_seq_len, "train", "seq_len",
                self.train.seq_len, f"≤ model.max_seq_len = {self.model.max_seq_len}")
+        _check(self.train.trainable != "latent" or self.model.latent, "train", "trainable",
+               self.train.trainable, "'all' for a baseline (model.latent = false has no "
+               "latent path to train)")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),

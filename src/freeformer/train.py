@@ -125,6 +125,79 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def latent_path_prefixes(model: FreeTransformer) -> tuple[str, ...]:
+    """Parameter-name prefixes of the latent path: the encoder, the post-sampler and the
+    injection block, the one block whose keys/values read x + r (paper Algorithm 2)."""
+    return ("encoder.", "post_sampler.", f"blocks.{model.config.inject_layer}.")
+
+
+def set_trainable(model: FreeTransformer, trainable: str) -> None:
+    """``"all"``: every weight trains. ``"latent"``: only the latent path does; the rest is
+    frozen (requires_grad False), so it gets no gradient, no optimizer state and no decay."""
+    keep = latent_path_prefixes(model) if trainable == "latent" else ("",)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(keep))
+
+
+def load_init_checkpoint(cfg: RunConfig) -> Checkpoint | None:
+    """The checkpoint named by ``train.init_from``, checked against the run's [model] section."""
+    src = cfg.train.init_from
+    if not src:
+        return None
+    ck = load_checkpoint(src)
+    saved, own = ck.state["config"]["model"], cfg.model.to_dict()
+    diff = [k for k in own if saved.get(k) != own[k]]
+    if diff:
+        k = diff[0]
+        more = f" (and {len(diff) - 1} more field(s) differ)" if len(diff) > 1 else ""
+        raise CheckpointError(
+            f"--init-from {src}: model.{k} = {own[k]!r} in this run's config but "
+            f"{saved.get(k)!r} in the checkpoint{more}; set --model.{k}={saved.get(k)} or make "
+            "[model] equal the checkpoint's config.json")
+    return ck
+
+
+def _check_same_tokenizer(init: Checkpoint, data_dir: Path) -> None:
+    """Data prepared with another tokenizer than the initial weights' would train on
+    meaningless ids without any error; refuse it."""
+    from freeformer.checkpoint import load_run_tokenizer
+    from freeformer.data.tokenizer import load_tokenizer
+
+    run_dir = init.path.parent.parent
+    if not (run_dir / "tokenizer").is_dir():
+        return  # the source run has no tokenizer to compare with (synthetic task)
+    a, b = load_run_tokenizer(init), load_tokenizer(data_dir)
+    # Same vocabulary and ids; the document separator may differ (prepare with the
+    # tokenizer.json file ends documents with <|endoftext|>, with the directory with the
+    # source's own EOS), both are ids the model knows.
+    same = type(a) is type(b) and a.vocab_size == b.vocab_size
+    if same and hasattr(a, "hf"):
+        same = (a.hf.get_vocab(with_added_tokens=True) == b.hf.get_vocab(with_added_tokens=True)
+                and a.encode(_PROBE) == b.encode(_PROBE))
+    if not same:
+        raise ConfigError(f"the data in {data_dir} was prepared with another tokenizer than "
+                          f"the --init-from run's; prepare it with --tokenizer "
+                          f"{run_dir / 'tokenizer'}")
+
+
+_PROBE = "def f(x):\n    return x  # Ünïcödé, 中文, emoji 🙂\n\tThe end. 12345"
+
+
+def build_model(cfg: RunConfig, device: torch.device, init: Checkpoint | None = None
+                ) -> FreeTransformer:
+    """The model of a new run: seeded init, or exactly ``init``'s weights; then frozen as
+    ``train.trainable`` says."""
+    if init is None:
+        model = FreeTransformer(cfg.model, seed=cfg.train.seed).to(device)
+    else:
+        with torch.device("meta"):  # no seeded init that would be overwritten at once
+            model = FreeTransformer(cfg.model)
+        model.to_empty(device=device)
+        load_model_state(model, init.model_state)
+    set_trainable(model, cfg.train.trainable)
+    return model
+
+
 def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr,
@@ -410,9 +483,9 @@ def _check_resume_compatible(ck: Checkpoint, cfg: RunConfig) -> None:
         diff = [k for k in saved["model"] if saved["model"].get(k) != cfg.model.to_dict().get(k)]
         raise CheckpointError(f"cannot resume: the model config differs from the checkpoint's "
                               f"({', '.join(diff)})")
-    for key in ("batch_size", "seq_len", "seed"):
+    for key in ("batch_size", "seq_len", "seed", "trainable"):
         if saved["train"][key] != getattr(cfg.train, key):
-            raise CheckpointError(f"cannot resume: train.{key} = {getattr(cfg.train, key)} but "
+            raise CheckpointError(f"cannot resume: train.{key} = {getattr(cfg.train, key)!r} but "
                                   f"the checkpoint used {saved['train'][key]}")
     if saved["data"] != {"source": cfg.data.source, "path": cfg.data.path}:
         raise CheckpointError("cannot resume: the data section differs from the checkpoint's")
@@ -447,16 +520,30 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
     # Everything that can fail on user input is checked before the run directory is touched.
     n_micro = micro_batches(tc, info)
     train_data, val_batches = build_data(cfg, info)
+    init = None if resume else load_init_checkpoint(cfg)
+    data_dir = getattr(train_data, "data_dir", None)
+    if init is not None and data_dir is not None:
+        _check_same_tokenizer(init, Path(data_dir))
     if info.is_main and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), "version": __version__})
-        if cfg.data.source != "synthetic":
+        init_tok = init.path.parent.parent / "tokenizer" if init is not None else None
+        if init_tok is not None and init_tok.is_dir():
+            # The source's own files (special tokens, chat template) go on with its weights.
+            import shutil
+
+            shutil.copytree(init_tok, run_dir / "tokenizer", dirs_exist_ok=True)
+        elif cfg.data.source != "synthetic":
             from freeformer.data.tokenizer import load_tokenizer
 
             load_tokenizer(train_data.data_dir).save(run_dir / "tokenizer")
-    model = FreeTransformer(mc, seed=tc.seed).to(device)
     if ck is not None:
+        model = FreeTransformer(mc, seed=tc.seed).to(device)
         load_model_state(model, ck.model_state)  # before sharding: fully_shard keeps values
+        set_trainable(model, tc.trainable)
+    else:
+        model = build_model(cfg, device, init)
+    del init
     if tc.activation_checkpointing:
         _enable_activation_checkpointing(model)
     # FSDP2 swaps parameters for sharded ones, so the optimizer is built after wrapping.

