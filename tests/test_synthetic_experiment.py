@@ -97,5 +97,7 @@ def test_plain_summary_names_what_sharing_z_did():
                           "baseline": {**scores(0.95, 0.03, 0.03, 0.03, 0.03), "val": {}}})
     assert "generation breaks" in mild[0]
     assert lines[3].startswith("baseline")
+    weak = plain_summary({"1": res(0.93, 0.04, 0.21, 0.03, 0.03)})[0]
+    assert "weak effect" in weak
     both = plain_summary({"1": res(0.9, 0.05, 0.85, 0.09, 0.6)})[0]
     assert "where the target goes and where the noise falls" in both
