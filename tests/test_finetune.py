@@ -14,11 +14,11 @@ from freeformer.distributed import DistInfo
 from freeformer.errors import CheckpointError, ConfigError
 from freeformer.runconfig import load_run_config
 from freeformer.train import (
+    NEW_LATENT_PREFIXES,
     build_model,
     build_optimizer,
     global_bit_noise,
     latent_path_prefixes,
-    NEW_LATENT_PREFIXES,
     load_init_checkpoint,
     lr_at,
     param_groups,
