@@ -31,9 +31,9 @@ import common as C
 import theory
 import torch
 import torch.nn.functional as F
+from bench_train import mapper_gemm
 
 from freeformer.checkpoint import load_model
-from freeformer.latent import _CHUNK_ELEMENTS, _CODE_CHUNK_BITS
 
 
 def load_hf(gguf: Path, device: torch.device):
@@ -43,23 +43,6 @@ def load_hf(gguf: Path, device: torch.device):
                                                  dtype=torch.float32,
                                                  attn_implementation="sdpa")
     return model.to(device)
-
-
-def mapper_gemm(H: int, D: int, N: int, device: torch.device):
-    """The GEMMs the mapper backward cannot avoid, at its chunk shapes (bench_train.py)."""
-    k = min(H, _CODE_CHUNK_BITS)
-    Cc = 1 << k
-    nt = max(1, min(N, _CHUNK_ELEMENTS // Cc))
-    W = torch.randn(1 << H, D, device=device)
-    dr = torch.randn(N, D, device=device)
-    S = torch.empty(nt, Cc, device=device)
-
-    def run():
-        for t0 in range(0, N, nt):
-            g = dr[t0:t0 + nt]
-            for j in range(0, 1 << H, Cc):
-                torch.mm(g, W[j:j + Cc].T, out=S[:g.shape[0]])
-    return run
 
 
 def main(argv=None) -> int:
@@ -146,7 +129,7 @@ def main(argv=None) -> int:
     fns = {n: step_fn(n) for n in models}
     H = cfg.latent_bits if "ours-ft" not in models else models["ours-ft"].config.latent_bits
     if "ours-ft" in models:
-        fns["mapper-gemm"] = mapper_gemm(H, cfg.dim, B * T, device)
+        fns["mapper-gemm"] = mapper_gemm(models["ours-ft"].config, B * T, device)
     print(f"timing {', '.join(fns)}: {args.rounds} rounds", flush=True)
     t = C.alternate(fns, args.rounds, warmup=1, before={n: zero_fn(n) for n in models},
                     device=device)

@@ -84,14 +84,20 @@ def test_conditional_estimate_converges_to_enumeration(tiny, proposal):
     assert abs(old - exact) > 10 * tol
 
 
+def right_padded(x, y, lens):
+    """Rows of the first ``len`` tokens of x[0] / y[0], right-padded (ignored targets)."""
+    xp = torch.zeros(len(lens), x.shape[1], dtype=torch.long)
+    yp = torch.full((len(lens), x.shape[1]), IGNORE_INDEX)
+    for i, n in enumerate(lens):
+        xp[i, :n], yp[i, :n] = x[0, :n], y[0, :n]
+    return xp, yp
+
+
 def test_document_estimate_with_padding_converges_to_enumeration(tiny):
     """Right-padded rows of a batch (ignored targets) estimate each unpadded row's log P."""
     model, x, y = tiny
     lens = [7, 4]
-    xp = torch.zeros(2, 7, dtype=torch.long)
-    yp = torch.full((2, 7), IGNORE_INDEX)
-    for i, n in enumerate(lens):
-        xp[i, :n], yp[i, :n] = x[0, :n], y[0, :n]
+    xp, yp = right_padded(x, y, lens)
     exact = torch.tensor([exact_document(model, x[:, :n], y[:, :n]) for n in lens])
     ests = torch.stack([log_likelihood(model, xp, yp, 2048,
                                        generator=torch.Generator().manual_seed(s))
@@ -194,10 +200,7 @@ def test_validation_estimate_matches_enumeration_with_padding(tiny):
     scored token, within the measured standard error."""
     model, x, y = tiny
     lens = [7, 3]
-    xp = torch.zeros(2, 7, dtype=torch.long)
-    yp = torch.full((2, 7), IGNORE_INDEX)
-    for i, n in enumerate(lens):
-        xp[i, :n], yp[i, :n] = x[0, :n], y[0, :n]
+    xp, yp = right_padded(x, y, lens)
     exact = -sum(exact_document(model, x[:, :n], y[:, :n]) for n in lens) / sum(lens)
     vals = [evaluate(model, [(xp, yp)], latent=True, n_bits=1, k=256, seed=s,
                      device=torch.device("cpu")) for s in range(4)]  # fmt: skip
