@@ -14,12 +14,14 @@ from freeformer.distributed import DistInfo
 from freeformer.errors import CheckpointError, ConfigError
 from freeformer.runconfig import load_run_config
 from freeformer.train import (
+    NEW_LATENT_PREFIXES,
     build_model,
     build_optimizer,
     global_bit_noise,
     latent_path_prefixes,
     load_init_checkpoint,
     lr_at,
+    param_groups,
     train,
 )
 
@@ -130,9 +132,10 @@ def test_trainable_latent_changes_only_the_latent_path(source, tmp_path):
     assert all(in_latent_path(k.rpartition("/")[0], model) for k in ck.optimizer_tensors())
 
 
-def test_trainable_latent_resume_is_bit_identical(source, tmp_path):
-    cfg = debug_cfg(init_from=str(source), max_steps=6, ckpt_every=3, trainable="latent",
-                    keep_last=5)
+@pytest.mark.parametrize("trainable,scale", [("latent", 1.0), ("latent", 10.0), ("all", 10.0)])
+def test_trainable_latent_resume_is_bit_identical(source, tmp_path, trainable, scale):
+    cfg = debug_cfg(init_from=str(source), max_steps=6, ckpt_every=3, trainable=trainable,
+                    keep_last=5, latent_lr_scale=scale)
     full, cut = tmp_path / "full", tmp_path / "cut"
     train(cfg, full, quiet=True)
     shutil.copytree(full, cut)
@@ -140,6 +143,77 @@ def test_trainable_latent_resume_is_bit_identical(source, tmp_path):
     train(cfg, cut, resume=True, quiet=True)
     a, b = load_checkpoint(full).model_state, load_checkpoint(cut).model_state
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_latent_lr_scale_groups_only_the_new_latent_weights(source):
+    """Scale ≠ 1: the encoder and post-sampler weights (and nothing else) sit in groups with
+    lr_scale = scale; every weight keeps its weight decay; each trainable weight is in one
+    group. The injection block, a pretrained decoder block, is not among them."""
+    cfg = debug_cfg(init_from=str(source))
+    model = build_model(cfg, torch.device("cpu"), load_init_checkpoint(cfg))
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def by_name(groups):
+        out = {}
+        for g in groups:
+            for p in g["params"]:
+                assert names[id(p)] not in out  # one group per weight
+                out[names[id(p)]] = (g["weight_decay"], g["lr_scale"])
+        return out
+
+    one, ten = by_name(param_groups(model, 0.1)), by_name(param_groups(model, 0.1, 10.0))
+    assert set(one) == set(ten) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n: wd for n, (wd, _) in ten.items()} == {n: wd for n, (wd, _) in one.items()}
+    assert {s for _, s in one.values()} == {1.0}
+    scaled = {n for n, (_, s) in ten.items() if s == 10.0}
+    assert scaled == {n for n in ten if n.startswith(("encoder.", "post_sampler."))}
+    assert {"encoder.zeta", "encoder.readout.weight", "post_sampler.weight"} <= scaled
+    assert not any(n.startswith(f"blocks.{cfg.model.inject_layer}.") for n in scaled)
+    assert {s for n, (_, s) in ten.items() if n not in scaled} == {1.0}
+    assert NEW_LATENT_PREFIXES == ("encoder.", "post_sampler.")
+
+
+def test_latent_lr_scale_scales_the_first_adam_update(source, tmp_path):
+    """One training step from the same weights, batch and draws: Adam's first update is
+    ±lr per element (and decoupled decay is ∝ lr), so the new latent weights move exactly
+    `scale` × as far, and every other weight moves exactly as with scale 1."""
+    src = load_checkpoint(source).model_state
+    moved = {}
+    for scale in (1.0, 7.0):
+        run = tmp_path / f"s{scale}"
+        train(debug_cfg(init_from=str(source), max_steps=1, warmup_steps=1, lr=1e-3,
+                        latent_lr_scale=scale), run, quiet=True)
+        got = load_checkpoint(run).model_state
+        moved[scale] = {k: (got[k] - src[k]).double() for k in src}
+    n_new = 0
+    for k, d1 in moved[1.0].items():
+        d7 = moved[7.0][k]
+        if k.startswith(("encoder.", "post_sampler.")):
+            assert d1.abs().max() > 0, k
+            # atol: float32 rounding of weights ~1e-1 (one ulp ~1e-8); the steps are ~1e-3
+            torch.testing.assert_close(d7, 7.0 * d1, rtol=1e-3, atol=1e-6,
+                                       msg=lambda m, k=k: f"{k}: {m}")
+            n_new += 1
+        else:
+            assert torch.equal(d7, d1), k
+    assert n_new >= 3
+
+
+def test_latent_lr_scale_is_validated(source, tmp_path, capsys):
+    from test_cli import check_error
+
+    for bad in ("0", "-1", "nan", "inf", "true", "big"):
+        with pytest.raises(ConfigError, match="train.latent_lr_scale"):
+            debug_cfg(latent_lr_scale=bad)
+    check_error(capsys, ["train", "--preset", "debug", "--train.latent_lr_scale=0",
+                         "--out", str(tmp_path / "never")], "train.latent_lr_scale")
+    assert not (tmp_path / "never").exists()
+    # A resumed run must rebuild the same param groups and rates: another scale is refused.
+    run = tmp_path / "run"
+    cfg = debug_cfg(init_from=str(source), max_steps=2, latent_lr_scale=5.0)
+    train(cfg, run, quiet=True)
+    with pytest.raises(CheckpointError, match="train.latent_lr_scale"):
+        train(debug_cfg(init_from=str(source), max_steps=3), run, resume=True, quiet=True)
 
 
 def test_trainable_is_validated():

@@ -105,6 +105,11 @@ class TrainConfig:
     """"all": train every weight. "latent": train only the latent path — the encoder, the
     post-sampler and the injection block (block L/2+1, whose keys/values read x + r); every
     other weight is frozen (requires_grad False, no optimizer state, no weight decay)."""
+    latent_lr_scale: float = 1.0
+    """Multiplies the learning rate (at every step of the schedule) of the latent path's new
+    weights: the encoder (with ζ and the bit readout) and the post-sampler — not the
+    injection block, a pretrained decoder block. For fine-tuning a converted model, whose
+    post-sampler starts at 0 (docs/pretrained.md); no effect without a latent path."""
 
     def __post_init__(self) -> None:
         s = "train"
@@ -118,6 +123,8 @@ class TrainConfig:
             _check(_is_int(v) and v >= 0, s, n, v, "an integer ≥ 0")
         _check(self.log_every > 0, s, "log_every", self.log_every, "a positive integer")
         _check(_is_num(self.lr) and self.lr > 0, s, "lr", self.lr, "a positive number")
+        _check(_is_num(self.latent_lr_scale) and self.latent_lr_scale > 0, s,
+               "latent_lr_scale", self.latent_lr_scale, "a positive number (1: the same lr)")
         for n in ("min_lr_ratio", "beta1", "beta2"):
             v = getattr(self, n)
             _check(_is_num(v) and 0 <= v < 1 + (n == "min_lr_ratio"), s, n, v,

@@ -112,17 +112,34 @@ def autocast(device: torch.device, precision: str,
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float,
+                 latent_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """Decay matrices; no decay for norms, ζ, the token embedding and the post-sampler table
-    (rows of a lookup table that most steps do not touch would only shrink)."""
-    decay, no_decay = [], []
+    (rows of a lookup table that most steps do not touch would only shrink).
+
+    With ``latent_lr_scale`` ≠ 1 the latent path's new weights (``NEW_LATENT_PREFIXES``) get
+    groups of their own whose ``lr_scale`` multiplies the scheduled lr. The groups depend on
+    the model and these two numbers only, so a resumed run rebuilds them identically."""
+    new = NEW_LATENT_PREFIXES if latent_lr_scale != 1.0 else ()
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {
+        (d, n): [] for n in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lookup = name.startswith(("tok_emb.", "post_sampler."))
-        (decay if p.dim() >= 2 and not lookup else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        buckets[(p.dim() >= 2 and not lookup, bool(new) and name.startswith(new))].append(p)
+    groups = []
+    for (decay, is_new), params in buckets.items():
+        if params or not is_new:  # the two base groups always exist, as before the option
+            groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                           "lr_scale": latent_lr_scale if is_new else 1.0})
+    return groups
+
+
+# The latent path's weights that a converted pretrained model does not have: the encoder
+# (its blocks, ζ, the bit readout) and the post-sampler. The injection block is a decoder
+# block of the source model, so it is not among them.
+NEW_LATENT_PREFIXES = ("encoder.", "post_sampler.")
 
 
 def latent_path_prefixes(model: FreeTransformer) -> tuple[str, ...]:
@@ -200,7 +217,7 @@ def build_model(cfg: RunConfig, device: torch.device, init: Checkpoint | None = 
 
 def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
     on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr,
+    return torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.latent_lr_scale), lr=tc.lr,
                              betas=(tc.beta1, tc.beta2), fused=on_cuda or None)
 
 
@@ -483,10 +500,12 @@ def _check_resume_compatible(ck: Checkpoint, cfg: RunConfig) -> None:
         diff = [k for k in saved["model"] if saved["model"].get(k) != cfg.model.to_dict().get(k)]
         raise CheckpointError(f"cannot resume: the model config differs from the checkpoint's "
                               f"({', '.join(diff)})")
-    for key in ("batch_size", "seq_len", "seed", "trainable"):
-        if saved["train"][key] != getattr(cfg.train, key):
+    for key in ("batch_size", "seq_len", "seed", "trainable", "latent_lr_scale"):
+        # .get: checkpoints from before latent_lr_scale existed trained with 1.0
+        was = saved["train"].get(key, 1.0 if key == "latent_lr_scale" else None)
+        if was != getattr(cfg.train, key):
             raise CheckpointError(f"cannot resume: train.{key} = {getattr(cfg.train, key)!r} but "
-                                  f"the checkpoint used {saved['train'][key]}")
+                                  f"the checkpoint used {was}")
     if saved["data"] != {"source": cfg.data.source, "path": cfg.data.path}:
         raise CheckpointError("cannot resume: the data section differs from the checkpoint's")
 
@@ -549,6 +568,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
     # FSDP2 swaps parameters for sharded ones, so the optimizer is built after wrapping.
     wrapped = D.wrap_model(model, info)
     optimizer = build_optimizer(model, tc)
+    # Taken before a checkpoint's param groups are loaded over the optimizer's own.
+    lr_scales = [g["lr_scale"] for g in optimizer.param_groups]
     gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
     start, tokens = 0, 0
     if ck is not None:
@@ -594,8 +615,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
     window_t, window_tok = t0, tokens
     for step in range(start, tc.max_steps):
         lr = lr_at(step, tc)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        for g, scale in zip(optimizer.param_groups, lr_scales):
+            g["lr"] = lr * scale
         x, y = train_data.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         noise = global_bit_noise(cfg, gen, info, device)
