@@ -47,8 +47,9 @@ class ModelOutput:
 
     ``kl`` is the mean per-token KL(Q || uniform) in nats and ``kl_loss`` the free-bits term;
     both are 0 when no encoder posterior was used (baseline, prior or pinned codes). With
-    targets, ``ce``, ``kl`` and ``kl_loss`` are all means over the positions whose target is
-    not ``IGNORE_INDEX``; without, ``kl`` and ``kl_loss`` average every position.
+    targets, all three are per scored target (target not ``IGNORE_INDEX``): ``ce`` over the
+    scored targets, ``kl`` and ``kl_loss`` over every code that reaches one (see forward);
+    without, ``kl`` and ``kl_loss`` average every position.
     ``loss = ce + kl_loss`` when targets are given, else None.
     """
 
