@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from dense_reference import dense_mapper
+from dense_reference import check_mapper_against_dense_float64
 
 from freeformer import FreeTransformer, ModelConfig
-from freeformer.latent import binary_mapper
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -26,28 +25,6 @@ def test_greedy_cached_equals_full_forward_on_cuda():
     out, codes = m.generate(p, 16, temperature=0, generator=g, return_latents=True)
     logits = m(out, latents=codes).logits
     assert torch.equal(logits[:, 4:-1].argmax(-1), out[:, 5:])
-
-
-def check_mapper_against_dense_float64(device):
-    """The mapper on ``device`` (float32) against the paper's dense formulation
-    (one_hot + G − G.detach()) @ table evaluated in float64 on the CPU: forward and both
-    gradients. (A plain function so that the same body can be run once on the CPU.)"""
-    H, N, D = 14, 300, 64
-    g = torch.Generator().manual_seed(0)
-    logits = 4 * torch.randn(N, H, generator=g)
-    table = torch.randn(1 << H, D, generator=g)
-    w = torch.randn(N, D, generator=g)
-    ld = logits.clone().to(device).requires_grad_()  # clone: on the CPU .to() would alias
-    td = table.clone().to(device).requires_grad_()
-    r, codes = binary_mapper(ld, td, torch.Generator(device=device).manual_seed(0))
-    assert torch.equal(r, td[codes])  # forward: a row lookup
-    (r * w.to(device)).sum().backward()
-    l64, t64 = logits.double().requires_grad_(), table.double().requires_grad_()
-    r64 = dense_mapper(l64, t64, codes.cpu())
-    torch.testing.assert_close(r.detach().cpu().double(), r64.detach(), rtol=0, atol=1e-6)
-    (r64 * w.double()).sum().backward()
-    torch.testing.assert_close(ld.grad.cpu().double(), l64.grad, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(td.grad.cpu().double(), t64.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_mapper_on_cuda_matches_dense_float64_formulation():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from dense_reference import dense_mapper
+from dense_reference import check_mapper_against_dense_float64, dense_mapper
 
 import freeformer.latent as latent
 from freeformer.latent import (
@@ -190,3 +190,8 @@ def test_mapper_backward_never_allocates_tokens_by_codes():
     budget = max(latent._CHUNK_ELEMENTS, table.numel())
     assert sizes.max <= budget < N * (1 << H) // 8, (sizes.max, budget)
     assert logits.grad.abs().sum() > 0
+
+
+def test_mapper_matches_dense_float64_formulation_at_h14():
+    """The check the CUDA suite runs, here on the CPU (H = 14: several code chunks)."""
+    check_mapper_against_dense_float64("cpu")
