@@ -6,6 +6,6 @@
 # synthetic` (e.g. --out DIR, --seed N); drop --quick for the full run with every κ.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh plot   # only what the demo needs (the tests install the rest)
 . .venv/bin/activate
 exec freeformer synthetic --quick --out runs/synthetic-quick "$@"
