@@ -100,9 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads per model (0: 1 when models train in parallel, "
                         "else torch's default)")
     p.add_argument("--jobs", type=int, default=0,
-                   help="models trained at the same time, each in its own process with one "
-                        "thread (0: all of them, even on fewer cores: the cores then stay busy "
-                        "until the last model ends, where one per core leaves one idle)")
+                   help="models trained at the same time, each in its own process (0: one "
+                        "per CPU core, at most one per model)")
     p.add_argument("--out", default="runs/synthetic", help="output directory")
     p.set_defaults(func=main)
 
@@ -459,12 +458,11 @@ def main(args: argparse.Namespace) -> None:
     models: list[tuple[str, float | None]] = [(kappa_key(k), k) for k in plan.kappas]
     if plan.baseline:
         models.append(("baseline", None))
-    # Every model at once, one torch thread each: these tiny models scale poorly with threads,
-    # and with fewer cores than models, time-sharing keeps every core busy to the end (four
-    # Free Transformers and a baseline on 2 cores: 2130 CPU-s end in ≈ 1065 s, against
-    # 1230 s for two at a time, whose last model trains alone; a model's CPU time is the
-    # same either way, measured in docs/synthetic/results.md).
-    jobs = args.jobs or len(models)
+    # One model per core, one torch thread each: these tiny models scale poorly with threads.
+    # More processes than cores is slower: five models at once on 2 cores took 199 s against
+    # 182.5 s two at a time (200 steps each; each model's CPU time grew by a fifth from the
+    # time-sharing), measured in docs/synthetic/results.md.
+    jobs = args.jobs or min(os.cpu_count() or 1, len(models))
     threads = args.threads or (1 if jobs > 1 else 0)
     if threads:
         torch.set_num_threads(threads)
