@@ -31,7 +31,7 @@ from freeformer.errors import UserError
 GROUP_SIZE = 5
 DEFAULT_KAPPAS = "1/64,1/8,1,8"
 # The demo's κ: 2 bits (a κ of the paper's Section 4.2 runs) showed a shared-Z effect above
-# 0.3 in 2 of 4 seeds at 1000 steps, κ = 1 bit in 0 of 3 (docs/synthetic/results.md).
+# 0.3 in 2 of 5 seeds at 1000 steps, κ = 1 bit in 0 of 3 (docs/synthetic/results.md).
 QUICK_KAPPAS = "2"
 QUICK_STEPS = 1000
 
