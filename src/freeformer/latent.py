@@ -188,9 +188,10 @@ def kl_per_token(bit_logits: Tensor) -> Tensor:
 
     Q factorises over bits and the uniform prior over 2^H codes is uniform over each bit,
     so the KL is a sum of per-bit terms. Computed in float32 from log-sigmoids (stable for
-    large |L|). Shape: bit_logits (..., H) → (...).
+    large |L|; float64 logits stay float64, for the diagnostics). Shape: bit_logits (..., H)
+    → (...).
     """
-    L = bit_logits.float()
+    L = bit_logits.to(torch.promote_types(bit_logits.dtype, torch.float32))
     p = torch.sigmoid(L)
     entropy = -(p * F.logsigmoid(L) + (1 - p) * F.logsigmoid(-L))
     return (math.log(2.0) - entropy).sum(-1)

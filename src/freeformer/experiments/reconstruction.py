@@ -54,7 +54,7 @@ from freeformer.data.synthetic import (
 )
 from freeformer.errors import DataError
 from freeformer.experiments.scoring import jaccard
-from freeformer.latent import bit_matrix
+from freeformer.latent import bit_matrix, kl_per_token
 
 KINDS = ("prompt", "blank before target", "blank after target", "noise", "target start",
          "target rest")
@@ -62,7 +62,7 @@ LOG2 = 0.6931471805599453
 # Sequences whose posteriors estimate the aggregate posterior (at least this many).
 DECOMPOSITION_N = 1000
 # Codes enumerated at a time by kl_decomposition (bounds its memory at H = 16).
-_CODE_CHUNK = 1024
+_CODE_CHUNK = 256
 
 
 def token_kinds(tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -143,9 +143,7 @@ def kl_decomposition(bit_logits: torch.Tensor) -> dict[str, torch.Tensor]:
     n, T, H = L.shape
     lp = torch.nn.functional.logsigmoid(L).reshape(n * T, H)    # log σ(L): bit = 1
     lq = torch.nn.functional.logsigmoid(-L).reshape(n * T, H)   # log σ(−L): bit = 0
-    # Per-token KL in closed form: Σ_h (log 2 − binary entropy).
-    p = torch.sigmoid(L)
-    kl = (H * LOG2 + (p * lp.reshape(n, T, H) + (1 - p) * lq.reshape(n, T, H)).sum(-1)).mean(0)
+    kl = kl_per_token(L).mean(0)                                   # nats, float64
     mismatch = torch.zeros(T, dtype=torch.float64, device=L.device)
     bits = bit_matrix(H, torch.float64, L.device)                 # (2^H, H)
     for c0 in range(0, 1 << H, _CODE_CHUNK):
