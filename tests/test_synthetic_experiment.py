@@ -6,7 +6,8 @@ import pytest
 
 from freeformer.cli import main
 from freeformer.errors import UserError
-from freeformer.experiments.synthetic import kappa_key, parse_kappas, plain_summary, regime_checks
+from freeformer.experiments.synthetic import (kappa_key, parse_kappas, plain_summary, regime_checks,
+                                              rounds)
 
 
 def test_runner_writes_every_output_and_reuses_finished_runs(tmp_path, capsys):
@@ -47,6 +48,19 @@ def test_parallel_models_give_the_sequential_results(tmp_path, capsys):
     assert outs["1"][0] == outs["2"][0]
     for key in ("ind", "sha", "val", "recon", "steps"):
         assert outs["1"][1]["1"][key] == outs["2"][1]["1"][key]
+
+
+def test_rounds_give_the_leftover_models_the_idle_cores():
+    five = ["a", "b", "c", "d", "baseline"]
+    # Four κ two at a time on one thread each, then the baseline alone on both cores.
+    assert rounds(five, 2, 1, False) == [(five[:4], 2, 1), (["baseline"], 1, 2)]
+    # --threads fixes the count in every round.
+    assert rounds(five, 2, 1, True) == [(five[:4], 2, 1), (["baseline"], 1, 1)]
+    assert rounds(five[:4], 2, 1, False) == [(five[:4], 2, 1)]
+    assert rounds(five, 4, 1, False) == [(five[:4], 4, 1), (["baseline"], 1, 4)]
+    # Fewer models than cores: main() never asks for more processes than models.
+    assert rounds(five[:2], 2, 1, False) == [(five[:2], 2, 1)]
+    assert rounds(five[:3], 2, 2, False) == [(five[:2], 2, 2), (["c"], 1, 2)]
 
 
 def test_kappa_parsing_and_keys():

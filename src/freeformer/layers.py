@@ -55,10 +55,16 @@ def rope_tables(head_dim: int, max_len: int, theta: float,
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (first half, second half) of the last dim. x: (B, T, h, hd); cos/sin: (T, hd/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, hd/2), broadcast over heads
-    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).type_as(x)
+    """Rotate pairs (first half, second half) of the last dim. x: (B, T, h, hd); cos/sin: (T, hd/2).
+
+    (x1, x2) ↦ (x1·c − x2·s, x2·c + x1·s), written as x·[c, c] + roll(x)·[−s, s] with
+    roll(x) = (x2, x1): three ops on whole rows instead of four on strided halves and a cat,
+    1.8× faster, ~4 % of a synthetic-preset training step (bench/RESULTS.md, "Synthetic
+    experiment: throughput choices")."""
+    xf = x.float()
+    c = torch.cat([cos, cos], dim=-1)[:, None, :]  # (T, 1, hd), broadcast over heads
+    s = torch.cat([-sin, sin], dim=-1)[:, None, :]
+    return torch.addcmul(xf * c, xf.roll(x.shape[-1] // 2, dims=-1), s).type_as(x)
 
 
 class LayerKV:

@@ -446,6 +446,26 @@ def print_panel(name: str, panel: dict[str, Any]) -> None:
         print(render_group_ansi(grp, "green"))
 
 
+def rounds(models: list, jobs: int, threads: int, threads_fixed: bool
+           ) -> list[tuple[list, int, int]]:
+    """(models, processes, threads each) per round of parallel training.
+
+    Models are trained ``jobs`` at a time, one thread each; the r = len(models) mod jobs
+    left over for a last round would leave cores idle, so (unless --threads fixed the count)
+    they get jobs // r threads each. For four κ and the baseline on 2 cores: the four Free
+    Transformers two at a time, then the baseline on both cores (2 threads make its step
+    1.5× faster: docs/synthetic/results.md, Throughput), instead of the baseline sharing a
+    core with two Free Transformers while the other core idles for its last ~6 minutes.
+    """
+    full = len(models) - len(models) % jobs
+    out = [(models[:full], jobs, threads)] if full else []
+    rest = models[full:]
+    if rest:
+        out.append((rest, len(rest), threads if threads_fixed else
+                    max(threads, jobs // len(rest))))
+    return out
+
+
 def main(args: argparse.Namespace) -> None:
     from freeformer.runconfig import load_run_config
 
@@ -458,7 +478,8 @@ def main(args: argparse.Namespace) -> None:
     models: list[tuple[str, float | None]] = [(kappa_key(k), k) for k in plan.kappas]
     if plan.baseline:
         models.append(("baseline", None))
-    # One model per core, one torch thread each: these tiny models scale poorly with threads.
+    # One model per core, one torch thread each: two 1-thread processes do 2× the work of one,
+    # one 2-thread process 1.5–1.7× (docs/synthetic/results.md, Throughput).
     # More processes than cores is slower: five models at once on 2 cores took 199 s against
     # 182.5 s two at a time (200 steps each; each model's CPU time grew by a fifth from the
     # time-sharing), measured in docs/synthetic/results.md.
@@ -472,9 +493,9 @@ def main(args: argparse.Namespace) -> None:
     def name_of(kappa):
         return "baseline" if kappa is None else f"κ = {kappa_label(kappa)}"
 
-    def work(key, kappa, quiet):
+    def work(key, kappa, quiet, n_threads=threads):
         run_dir = out / "runs" / ("baseline" if kappa is None else f"kappa_{key}")
-        return (base, run_dir, kappa, plan.steps, args.seed, threads, args.groups, quiet,
+        return (base, run_dir, kappa, plan.steps, args.seed, n_threads, args.groups, quiet,
                 args.reconstruction)
 
     results: dict[str, dict] = {}
@@ -488,15 +509,16 @@ def main(args: argparse.Namespace) -> None:
         import multiprocessing as mp
 
         print("training in parallel; a line per model as it finishes")
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(train_and_score, *work(key, kappa, True)): (key, kappa)
-                       for key, kappa in models}
-            for fut in cf.as_completed(futures):
-                key, kappa = futures[fut]
-                r = results[key] = fut.result()
-                print(f"  [{name_of(kappa)}] trained in {r['train_s'] / 60:.1f} min, scored in "
-                      f"{r['score_s'] / 60:.1f} min ({time.perf_counter() - t_start:.0f} s "
-                      "since start)", flush=True)
+        for batch, n_jobs, n_threads in rounds(models, jobs, threads, args.threads > 0):
+            with cf.ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as pool:
+                futures = {pool.submit(train_and_score, *work(key, kappa, True, n_threads)):
+                           (key, kappa) for key, kappa in batch}
+                for fut in cf.as_completed(futures):
+                    key, kappa = futures[fut]
+                    r = results[key] = fut.result()
+                    print(f"  [{name_of(kappa)}] trained in {r['train_s'] / 60:.1f} min "
+                          f"({n_threads} thread(s)), scored in {r['score_s'] / 60:.1f} min "
+                          f"({time.perf_counter() - t_start:.0f} s since start)", flush=True)
         results = {key: results[key] for key, _ in models}
         for key, kappa in models:
             print_panel(name_of(kappa), results[key]["panel"])
