@@ -50,6 +50,21 @@ def test_parallel_models_give_the_sequential_results(tmp_path, capsys):
         assert outs["1"][1]["1"][key] == outs["2"][1]["1"][key]
 
 
+def test_quick_trains_the_quick_config(tmp_path, capsys):
+    """--quick is κ = 2 bits and the baseline with configs/synthetic-quick.toml."""
+    from freeformer.runconfig import preset_path, read_toml
+
+    quick = read_toml(preset_path("synthetic-quick"))["train"]
+    out = tmp_path / "q"
+    assert main(["synthetic", "--quick", "--steps", "2", "--groups", "1", "--jobs", "1",
+                 "--threads", "1", "--reconstruction", "4", "--out", str(out)]) == 0
+    assert set(json.loads((out / "samples.json").read_text())) == {"2", "baseline"}
+    for run in ("kappa_2", "baseline"):
+        cfg = json.loads((out / "runs" / run / "config.json").read_text())
+        assert cfg["train"]["lr"] == quick["lr"] != 3e-3 and cfg["train"]["max_steps"] == 2
+    assert cfg["model"]["latent"] is False
+
+
 def test_rounds_give_the_leftover_models_the_idle_cores():
     five = ["a", "b", "c", "d", "baseline"]
     # Four κ two at a time on one thread each, then the baseline alone on both cores.
