@@ -1,7 +1,8 @@
 """The paper's synthetic experiment (Section 4.1, Figures 3–4), end to end.
 
 Trains one Free Transformer per κ and the matched baseline on the synthetic task (several
-models at a time, one process and one thread each), then for each model generates groups of
+models at a time, one process and one thread each; leftover models of a last round get the
+idle cores), then for each model generates groups of
 5 sequences from random prompts — "independent" groups (every sequence draws its own code
 sequence from the uniform prior, prompt included) and "shared" groups (one code sequence
 drawn from the prior and pinned for the whole group), the paper's Figure-4 protocol —
@@ -494,8 +495,10 @@ def main(args: argparse.Namespace) -> None:
     threads = args.threads or (1 if jobs > 1 else 0)
     if threads:
         torch.set_num_threads(threads)
+    schedule = rounds(models, jobs, threads, args.threads > 0) if jobs > 1 else []
+    how = "; ".join(f"{len(b)} model(s) {n} at a time, {t} thread(s) each" for b, n, t in schedule)
     print(f"synthetic experiment: {len(models)} models × {plan.steps} steps → {out} "
-          f"({jobs} at a time, {threads or torch.get_num_threads()} thread(s) each)")
+          f"({how or f'one at a time, {threads or torch.get_num_threads()} thread(s)'})")
 
     def name_of(kappa):
         return "baseline" if kappa is None else f"κ = {kappa_label(kappa)}"
@@ -516,7 +519,7 @@ def main(args: argparse.Namespace) -> None:
         import multiprocessing as mp
 
         print("training in parallel; a line per model as it finishes")
-        for batch, n_jobs, n_threads in rounds(models, jobs, threads, args.threads > 0):
+        for batch, n_jobs, n_threads in schedule:
             with cf.ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as pool:
                 futures = {pool.submit(train_and_score, *work(key, kappa, True, n_threads)):
                            (key, kappa) for key, kappa in batch}
@@ -551,8 +554,8 @@ def main(args: argparse.Namespace) -> None:
     command = "freeformer " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["synthetic"] else \
         f"freeformer synthetic (args: {vars(args)})"
     md = ["# Synthetic experiment (paper Section 4.1, Figure 4)\n",
-          f"Command: `{command}`  \nRuntime: {runtime / 60:.1f} min ({jobs} model(s) at a "
-          f"time)  \nMachine: {machine()}  \n"
+          f"Command: `{command}`  \nRuntime: {runtime / 60:.1f} min "
+          f"({how or 'one model at a time'})  \nMachine: {machine()}  \n"
           f"Steps per model: {plan.steps}; groups scored per model: {args.groups} independent "
           f"+ {args.groups} shared, {GROUP_SIZE} sequences each (temperature 1).\n",
           "## Scores\n", table, "\n" + PROTOCOL_NOTE + "\n"]
