@@ -6,8 +6,13 @@ import pytest
 
 from freeformer.cli import main
 from freeformer.errors import UserError
-from freeformer.experiments.synthetic import (kappa_key, parse_kappas, plain_summary, regime_checks,
-                                              rounds)
+from freeformer.experiments.synthetic import (
+    kappa_key,
+    parse_kappas,
+    plain_summary,
+    regime_checks,
+    rounds,
+)
 
 
 def test_runner_writes_every_output_and_reuses_finished_runs(tmp_path, capsys):
@@ -51,17 +56,19 @@ def test_parallel_models_give_the_sequential_results(tmp_path, capsys):
 
 
 def test_quick_trains_the_quick_config(tmp_path, capsys):
-    """--quick is κ = 2 bits and the baseline with configs/synthetic-quick.toml."""
-    from freeformer.runconfig import preset_path, read_toml
+    """--quick is κ = 2 bits and the baseline: the shipped config with the quick overrides."""
+    from freeformer.runconfig import load_run_config
 
-    quick = read_toml(preset_path("synthetic-quick"))["train"]
+    shipped = load_run_config(preset="synthetic").to_dict()
     out = tmp_path / "q"
     assert main(["synthetic", "--quick", "--steps", "2", "--groups", "1", "--jobs", "1",
                  "--threads", "1", "--reconstruction", "4", "--out", str(out)]) == 0
     assert set(json.loads((out / "samples.json").read_text())) == {"2", "baseline"}
     for run in ("kappa_2", "baseline"):
         cfg = json.loads((out / "runs" / run / "config.json").read_text())
-        assert cfg["train"]["lr"] == quick["lr"] != 3e-3 and cfg["train"]["max_steps"] == 2
+        assert cfg["train"]["lr"] == 4.5e-3 != shipped["train"]["lr"]
+        assert cfg["train"]["max_steps"] == 2 and cfg["train"]["batch_size"] == 64
+        assert cfg["model"]["dim"] == shipped["model"]["dim"]
     assert cfg["model"]["latent"] is False
 
 
