@@ -82,6 +82,7 @@ def main(argv=None) -> int:
         outs.append((title, top_ops(runner.step, args.rows, True)))
     else:
         from freeformer import FreeTransformer
+        from freeformer.generate import generate
         from freeformer.latent import uniform_codes
 
         shape = args.shape or "d128-L4"
@@ -93,10 +94,10 @@ def main(argv=None) -> int:
         for latent in (True, False):
             m = FreeTransformer(cfg.replace(latent=latent)).eval()
             kw = dict(latents=codes) if latent else {}
-            m.generate(prompt, 512, temperature=0, **kw)
+            generate(m, prompt, 512, temperature=0, **kw)
             title = (f"512 cached decode steps, {'FT' if latent else 'baseline'}, {shape}")
-            outs.append((title, top_ops(lambda m=m, kw=kw: m.generate(prompt, 512, temperature=0,
-                                                                       **kw), args.rows, False)))
+            outs.append((title, top_ops(lambda m=m, kw=kw: generate(m, prompt, 512, temperature=0,
+                                                                    **kw), args.rows, False)))
     body = "\n\n".join(f"#### Profile: {t}\n\nCommand: `{C.command_line(sys.argv)}`  \n"
                        f"Machine: {header}\n\n{o}" for t, o in outs)
     print(body)

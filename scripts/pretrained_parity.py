@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     import transformers
 
     from freeformer.checkpoint import load_model, load_run_tokenizer
+    from freeformer.generate import generate
 
     g = args.gguf.resolve()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name,
@@ -55,9 +56,9 @@ def main(argv=None) -> int:
             d_pri = float((ft(x, latents="prior", generator=gen).logits - ref).abs().max())
             want = hf.generate(x, max_new_tokens=args.new_tokens, do_sample=False,
                                pad_token_id=tok.eos_id)
-            got_b = base.generate(x, args.new_tokens, temperature=0, eos_id=tok.eos_id)
-            got_f = ft.generate(x, args.new_tokens, temperature=0, eos_id=tok.eos_id,
-                                generator=gen)
+            got_b = generate(base, x, args.new_tokens, temperature=0, eos_id=tok.eos_id)
+            got_f = generate(ft, x, args.new_tokens, temperature=0, eos_id=tok.eos_id,
+                             generator=gen)
         n = want.shape[1]
         eq_b = got_b[:, :n].tolist() == want.tolist()
         eq_f = got_f[:, :n].tolist() == want.tolist()

@@ -50,16 +50,16 @@ def test_train_and_generate_from_run(run_dir, capsys):
 
 
 def test_shared_latent_flag_gives_every_sample_one_code_sequence(run_dir, capsys, monkeypatch):
-    from freeformer import FreeTransformer
+    import freeformer.generate
 
     seen = []
-    real = FreeTransformer.generate
+    real = freeformer.generate.generate
 
-    def spy(self, prompt, n, **kw):
+    def spy(model, prompt, n, **kw):
         seen.append((prompt.shape, kw.get("latents")))
-        return real(self, prompt, n, **kw)
+        return real(model, prompt, n, **kw)
 
-    monkeypatch.setattr(FreeTransformer, "generate", spy)
+    monkeypatch.setattr(freeformer.generate, "generate", spy)
     for flag in (["--shared-latent"], []):
         assert main(["generate", str(run_dir), "--prompt", "K>", "-n", "3",
                      "--max-new-tokens", "6", "--seed", "3", *flag]) == 0

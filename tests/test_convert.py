@@ -24,6 +24,7 @@ from freeformer.checkpoint import load_model, load_run_tokenizer  # noqa: E402
 from freeformer.cli import main  # noqa: E402
 from freeformer.config import ModelConfig  # noqa: E402
 from freeformer.errors import ConfigError  # noqa: E402
+from freeformer.generate import generate  # noqa: E402
 from freeformer.pretrained import convert  # noqa: E402
 
 VOCAB = 320
@@ -154,7 +155,7 @@ def test_baseline_logits_and_greedy_equal_transformers(kind, sources, converted)
     assert _max_abs(ref, got) < 1e-5 * max(1.0, scale)
     prompt = x[:1, :8]
     want = hf.generate(prompt, max_new_tokens=40, do_sample=False)
-    have = ours.generate(prompt, 40, temperature=0)
+    have = generate(ours, prompt, 40, temperature=0)
     assert want.tolist() == have.tolist()
 
 
@@ -171,8 +172,8 @@ def test_free_transformer_at_step_0_equals_baseline_under_any_codes(kind, conver
                         torch.full((2, 50), 63)):
             assert torch.equal(ft(x, latents=latents, generator=g).logits, ref)
     prompt = x[:1, :8]
-    assert ft.generate(prompt, 30, temperature=0, generator=g).tolist() == \
-        base.generate(prompt, 30, temperature=0).tolist()
+    assert generate(ft, prompt, 30, temperature=0, generator=g).tolist() == \
+        generate(base, prompt, 30, temperature=0).tolist()
 
 
 def test_rope_scaling_and_biases_are_what_make_the_logits_match(sources, converted):
@@ -437,7 +438,7 @@ def test_gguf_equals_transformers_gguf_loader(kind, quant, tmp_path):
         assert torch.equal(ft(x, latents="prior").logits, got)
     prompt = x[:1, :8]
     assert hf.generate(prompt, max_new_tokens=30, do_sample=False).tolist() == \
-        base.generate(prompt, 30, temperature=0).tolist()
+        generate(base, prompt, 30, temperature=0).tolist()
 
 
 @needs_gguf
@@ -584,7 +585,7 @@ def test_real_smollm2_gguf(tmp_path):
         # transformers stops at EOS (<|im_end|> after a chat answer); ours pads with it.
         want = hf.generate(x, max_new_tokens=20, do_sample=False)[0].tolist()
         for model in (base, ft):
-            have = model.generate(x, 20, temperature=0, eos_id=tok.eos_id)[0].tolist()
+            have = generate(model, x, 20, temperature=0, eos_id=tok.eos_id)[0].tolist()
             assert have[:len(want)] == want
             assert all(t == tok.eos_id for t in have[len(want):])
 

@@ -5,6 +5,7 @@ import torch
 from dense_reference import check_mapper_against_dense_float64
 
 from freeformer import FreeTransformer, ModelConfig
+from freeformer.generate import generate
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -22,7 +23,7 @@ def test_greedy_cached_equals_full_forward_on_cuda():
     m = FreeTransformer(CFG).cuda().eval()
     p = torch.randint(0, CFG.vocab_size, (3, 5), device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
-    out, codes = m.generate(p, 16, temperature=0, generator=g, return_latents=True)
+    out, codes = generate(m, p, 16, temperature=0, generator=g, return_latents=True)
     logits = m(out, latents=codes).logits
     assert torch.equal(logits[:, 4:-1].argmax(-1), out[:, 5:])
 

@@ -5,7 +5,7 @@ import torch
 
 from freeformer import FreeTransformer, ModelConfig
 from freeformer.errors import DataError
-from freeformer.generate import KVCache, sample
+from freeformer.generate import decode_stream, generate, new_cache, prefill_prompt, sample
 
 CFG = ModelConfig.preset("debug")
 
@@ -34,7 +34,7 @@ def test_cached_sampling_logits_equal_uncached_forward(prefill):
     p = prompt()
     rows = []
     hook = model.register_forward_hook(lambda mod, args, out: rows.append(out.logits[:, -1]))
-    out, codes = model.generate(p, 12, prefill=prefill, generator=gen(0), return_latents=True)
+    out, codes = generate(model, p, 12, prefill=prefill, generator=gen(0), return_latents=True)
     hook.remove()
     assert out.shape == (3, 17) and codes.shape == (3, 17) and torch.equal(out[:, :5], p)
     assert len(rows) == 12  # the prefill and 11 decode steps (the last token is not fed back)
@@ -53,7 +53,7 @@ def test_chunked_prefill_with_cache_equals_full_forward(model):
     x = prompt(B=2, T=14)
     codes = torch.randint(0, CFG.n_codes, (2, 14), generator=gen(1))
     full = model(x, latents=codes).logits
-    cache = KVCache(model, 2, 14)
+    cache = new_cache(model, 2, 14)
     parts = [model(x[:, a:b], latents=codes[:, a:b], cache=cache).logits
              for a, b in ((0, 6), (6, 7), (7, 14))]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
@@ -61,7 +61,7 @@ def test_chunked_prefill_with_cache_equals_full_forward(model):
 
 def test_prefill_codes_come_from_encoder_over_prompt(model):
     p = prompt()
-    _, codes = model.generate(p, 3, temperature=0, generator=gen(5), return_latents=True)
+    _, codes = generate(model, p, 3, temperature=0, generator=gen(5), return_latents=True)
     ref = model(p, generator=gen(5)).codes  # encoder over the prompt, same generator state
     assert torch.equal(codes[:, :5], ref)
 
@@ -83,14 +83,14 @@ def check_group_follows_shared_codes(m):
     p = prompt(B=1).expand(4, -1)
     z1 = torch.randint(0, CFG.n_codes, (1, 17), generator=gen(3))
     z2 = torch.randint(0, CFG.n_codes, (1, 17), generator=gen(4))
-    a = m.generate(p, 12, latents=z1, generator=gen(9))
-    assert torch.equal(a, m.generate(p, 12, latents=z1, generator=gen(9)))
+    a = generate(m, p, 12, latents=z1, generator=gen(9))
+    assert torch.equal(a, generate(m, p, 12, latents=z1, generator=gen(9)))
     g, seq = gen(9), p
     for _ in range(12):
         logits = m(seq, latents=z1[0, :seq.shape[1]]).logits[:, -1]
         seq = torch.cat([seq, sample(logits, generator=g)[:, None]], 1)
     assert torch.equal(seq, a)
-    b = m.generate(p, 12, latents=z2, generator=gen(9))
+    b = generate(m, p, 12, latents=z2, generator=gen(9))
     assert (a != b).any(1).all(), "a row of the group did not follow the shared codes"
 
 
@@ -108,7 +108,7 @@ def test_shared_latent_check_fails_for_a_model_that_ignores_z():
 
 def test_new_tokens_draw_fresh_uniform_codes(model):
     p = prompt(B=64, T=2)
-    _, codes = model.generate(p, 30, generator=gen(0), return_latents=True)
+    _, codes = generate(model, p, 30, generator=gen(0), return_latents=True)
     new = codes[:, 2:]
     assert new.min() >= 0 and new.max() < CFG.n_codes
     counts = torch.bincount(new.flatten(), minlength=CFG.n_codes).double()
@@ -119,22 +119,44 @@ def test_new_tokens_draw_fresh_uniform_codes(model):
 
 def test_sampling_is_reproducible_with_generator(model):
     p = prompt()
-    a = model.generate(p, 10, generator=gen(11))
-    b = model.generate(p, 10, generator=gen(11))
-    c = model.generate(p, 10, generator=gen(12))
+    a = generate(model, p, 10, generator=gen(11))
+    b = generate(model, p, 10, generator=gen(11))
+    c = generate(model, p, 10, generator=gen(12))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_eos_stops_and_pads(model):
     p = prompt(B=2)
     # Find the greedy continuation, then declare its 3rd new token the EOS.
-    ref = model.generate(p, 10, temperature=0, latents=torch.zeros(15, dtype=torch.long))
+    ref = generate(model, p, 10, temperature=0, latents=torch.zeros(15, dtype=torch.long))
     eos = int(ref[0, 7])
-    out = model.generate(p, 10, temperature=0, latents=torch.zeros(15, dtype=torch.long),
-                         eos_id=eos)
+    out = generate(model, p, 10, temperature=0, latents=torch.zeros(15, dtype=torch.long),
+                   eos_id=eos)
     first = (out[0, 5:] == eos).nonzero()[0].item() + 5
     assert (out[0, first:] == eos).all()
     assert torch.equal(out[0, :first], ref[0, :first])
+
+
+def test_decode_stream_stops_per_row_and_when_every_row_is_done(model):
+    """The one decode loop: it keeps running a row the caller finished (the batch steps
+    together) and ends once every row is finished, without a step after the last token."""
+    p = prompt(B=2)
+    codes = torch.zeros(2, 5 + 8, dtype=torch.long)
+    ref = generate(model, p, 8, temperature=0, latents=codes)
+    cache = new_cache(model, 2, 5 + 8)
+    logits = prefill_prompt(model, p, cache, codes[:, :5]).logits[:, -1]
+    finished = torch.zeros(2, dtype=torch.bool)
+    steps = []
+    hook = model.register_forward_hook(lambda *a: steps.append(1))
+    try:
+        for t, nxt in enumerate(decode_stream(model, logits, cache, 8, lambda x: x.argmax(-1),
+                                              codes=codes, finished=finished)):
+            assert torch.equal(nxt, ref[:, 5 + t])  # finished rows still follow the model
+            finished[0] |= t == 1
+            finished[1] |= t == 3
+    finally:
+        hook.remove()
+    assert t == 3 and len(steps) == 3  # 4 tokens, 3 decode steps after the prefill
 
 
 def test_top_k_and_top_p_restrict_support():
@@ -155,7 +177,7 @@ def test_top_k_and_top_p_restrict_support():
 def test_baseline_generates_and_matches_its_forward():
     base = FreeTransformer(CFG.replace(latent=False)).eval()
     p = prompt()
-    out, codes = base.generate(p, 8, temperature=0, return_latents=True)
+    out, codes = generate(base, p, 8, temperature=0, return_latents=True)
     assert codes is None
     assert torch.equal(base(out).logits[:, 4:-1].argmax(-1), out[:, 5:])
 
@@ -163,12 +185,12 @@ def test_baseline_generates_and_matches_its_forward():
 def test_generate_bad_arguments(model):
     p = prompt()
     with pytest.raises(DataError, match="max_seq_len"):
-        model.generate(p, CFG.max_seq_len)
+        generate(model, p, CFG.max_seq_len)
     with pytest.raises(DataError, match="prefill"):
-        model.generate(p, 2, prefill="posterior")
+        generate(model, p, 2, prefill="posterior")
     with pytest.raises(DataError, match="latents cover"):
-        model.generate(p, 2, latents=torch.zeros(3, 4, dtype=torch.long))
+        generate(model, p, 2, latents=torch.zeros(3, 4, dtype=torch.long))
     with pytest.raises(DataError, match="top_p"):
-        model.generate(p, 2, top_p=1.5)
+        generate(model, p, 2, top_p=1.5)
     with pytest.raises(DataError, match="temperature"):
-        model.generate(p, 2, temperature=-1)
+        generate(model, p, 2, temperature=-1)

@@ -21,6 +21,7 @@ from freeformer.evaluation.lm_eval_model import (  # noqa: E402
     draw_latents,
     request_seed,
 )
+from freeformer.generate import generate  # noqa: E402
 
 CORPUS = "".join(
     f"def f{i}(x, y):\n    return x * {i} + y  # {'abcdefghij'[i % 10] * (i % 7)}\n\n"
@@ -250,7 +251,7 @@ def gen(lm, prompt, **kw):
 def test_generate_until_stops_at_stop_strings(runs):
     lm = FreeformerLM(runs["base"], device="cpu")
     free = gen(lm, "def f1(x", until=[], max_gen_toks=24)
-    ref = lm.model.generate(torch.tensor([lm.tok_encode("def f1(x")]), 24, temperature=0)
+    ref = generate(lm.model, torch.tensor([lm.tok_encode("def f1(x")]), 24, temperature=0)
     assert free == lm.tok_decode(ref[0, 8:].tolist())  # greedy = the model's own generate
     stop = next(ch for ch in free[3:] if ch.isascii())  # bytes ≥ 128 decode in context
     calls = []
@@ -269,7 +270,7 @@ def test_generation_latents_and_sampling_are_per_request(runs):
     ids = lm.tok_encode(prompt)
     greedy = gen(lm, prompt, max_gen_toks=16)
     codes = draw_latents(request_seed(5, ids, 0), L, H)[0][: len(ids) + 16]
-    ref = lm.model.generate(torch.tensor([ids]), 16, temperature=0, latents=codes[None])
+    ref = generate(lm.model, torch.tensor([ids]), 16, temperature=0, latents=codes[None])
     assert greedy == lm.tok_decode(ref[0, len(ids) :].tolist())
     # sampling: the same text alone or batched with another prompt of the same length
     kw = {"do_sample": True, "temperature": 1.0, "max_gen_toks": 16, "until": []}

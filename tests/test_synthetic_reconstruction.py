@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import freeformer.experiments.reconstruction as reconstruction_module
+import freeformer.generate as generate_module
 from freeformer.config import ModelConfig
 from freeformer.data.synthetic import SEQ_LEN, encode, sample_annotated
 from freeformer.errors import DataError
@@ -66,13 +68,13 @@ def test_reconstruction_regenerates_from_the_posterior_codes(monkeypatch):
     for the unused last position), and the KL split covers every position once."""
     model = small_model()
     seen = {}
-    real_generate = model.generate
+    real_generate = reconstruction_module.generate
 
-    def spy(prompt, n, **kw):
+    def spy(m, prompt, n, **kw):
         seen["latents"] = kw["latents"].clone()
-        return real_generate(prompt, n, **kw)
+        return real_generate(m, prompt, n, **kw)
 
-    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(reconstruction_module, "generate", spy)
     gen = torch.Generator().manual_seed(3)
     r = reconstruction(model, 16, gen)
     # Replay the same draws: sources, then the posterior, on a fresh generator.
@@ -93,13 +95,14 @@ def test_reconstruction_regenerates_from_the_posterior_codes(monkeypatch):
 
 def _capture_latents(monkeypatch, model):
     calls = []
-    real_generate = model.generate
+    real_generate = generate_module.generate
 
-    def spy(prompt, n, **kw):
+    def spy(m, prompt, n, **kw):
+        assert m is model
         calls.append(kw.get("latents"))
-        return real_generate(prompt, n, **kw)
+        return real_generate(m, prompt, n, **kw)
 
-    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(generate_module, "generate", spy)
     return calls
 
 

@@ -304,6 +304,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from freeformer.checkpoint import load_model, load_run_tokenizer
+    from freeformer.generate import generate
 
     if args.num_samples < 1:
         raise UserError(f"-n {args.num_samples}: expected at least 1 sample")
@@ -326,9 +327,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise UserError("--shared-latent needs a Free Transformer; this run is a baseline")
         latents = torch.randint(0, c.n_codes, (1, prompt.shape[1] + args.max_new_tokens),
                                 generator=gen, device=device)
-    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, latents=latents,
-                         prefill=args.prefill, generator=gen, eos_id=tok.eos_id)
+    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, latents=latents,
+                   prefill=args.prefill, generator=gen, eos_id=tok.eos_id)
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")

@@ -1,38 +1,31 @@
-"""Generation: a preallocated KV cache, prefill, one-token decode steps and sampling.
+"""Generation: prefill, one-token decode steps, the streaming decode loop and sampling.
 
 Latents per position (paper Section 3.4): prompt codes come from the encoder run once over
 the prompt during prefill (``prefill="encoder"``, the paper), or from the uniform prior
 (``prefill="prior"``); every new token draws a fresh uniform code; or the caller pins every
 position's code (``latents``), which is how a group of samples shares one Z (Figure 4).
 The encoder never runs during decoding.
+
+Structure (as gpt-fast's ``prefill`` / ``decode_one_token`` / ``decode_n_tokens``):
+:func:`prefill_prompt` runs the prompt into a :class:`~freeformer.layers.KVCache`;
+:func:`decode_one` is one step (the function to compile, or to give a static cache, later);
+:func:`decode_stream` is the one decode loop, an iterator with per-row stopping, used by
+:func:`generate` and by the lm-eval adapter (``evaluation/lm_eval_model.py``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from freeformer.errors import DataError
-from freeformer.latent import uniform_codes
-from freeformer.layers import LayerKV
-from freeformer.model import FreeTransformer
+from freeformer.latent import check_codes, uniform_codes
+from freeformer.layers import KVCache
+from freeformer.model import FreeTransformer, ModelOutput
 
 PREFILL_MODES = ("encoder", "prior")
-
-
-class KVCache:
-    """Keys/values of every decoder block for a batch, plus the next write position."""
-
-    def __init__(self, model: FreeTransformer, batch_size: int, max_len: int,
-                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
-        c = model.config
-        p = model.tok_emb.weight
-        shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
-        dtype, device = dtype or p.dtype, device or p.device
-        self.layers = [LayerKV(torch.empty(shape, dtype=dtype, device=device),
-                               torch.empty(shape, dtype=dtype, device=device))
-                       for _ in range(c.n_layers)]
-        self.pos = 0
 
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -81,6 +74,58 @@ def _validate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, tempe
                             f"max_new_tokens = {want}")
 
 
+def new_cache(model: FreeTransformer, batch_size: int, max_len: int) -> KVCache:
+    """An empty KV cache for ``model``, in its parameters' dtype and on their device."""
+    p = model.tok_emb.weight
+    return KVCache(model.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+
+
+def prefill_prompt(model: FreeTransformer, prompt: Tensor, cache: KVCache,
+            latents: Tensor | str | None = None, *, generator: torch.Generator | None = None,
+            bit_noise: Tensor | None = None) -> ModelOutput:
+    """Run ``prompt`` (B, T0) into an empty ``cache``; the output holds the last position's
+    logits and the prompt's codes. ``latents``: None (encoder over the prompt), "prior" or
+    the prompt's codes, as in ``FreeTransformer.forward``."""
+    return model(prompt, latents=latents, generator=generator, bit_noise=bit_noise,
+                 cache=cache, last_logits_only=True)
+
+
+def decode_one(model: FreeTransformer, tokens: Tensor, cache: KVCache,
+               codes: Tensor | None = None) -> Tensor:
+    """One decode step: feed ``tokens`` (B,) at ``cache.pos`` with their ``codes`` (B, 1)
+    (None for a baseline) and return the next logits (B, V).
+
+    No id-range checks (each costs a host sync): sampled ids are in range by construction
+    and callers check pinned codes once, up front.
+    """
+    out = model(tokens[:, None], latents=codes, cache=cache, last_logits_only=True,
+                check_inputs=False)
+    return out.logits[:, -1]
+
+
+def decode_stream(model: FreeTransformer, logits: Tensor, cache: KVCache, max_new_tokens: int,
+                  pick: Callable[[Tensor], Tensor], *, codes: Tensor | None = None,
+                  finished: Tensor | None = None) -> Iterator[Tensor]:
+    """The decode loop: yield the next tokens (B,), up to ``max_new_tokens`` times.
+
+    ``logits`` (B, V) are the prefill's last; ``pick`` turns logits into tokens (sampling
+    or argmax). ``codes`` (B, ≥ cache.pos + max_new_tokens) give every new position's code
+    (None for a baseline). Per-row stopping: ``finished`` (B,) bool is the caller's, who sets
+    a row once it is done, between steps; the loop ends early once every row is (the model
+    still runs finished rows, whose tokens the caller ignores). No step runs after the last
+    token is yielded.
+    """
+    start = cache.pos
+    for t in range(max_new_tokens):
+        nxt = pick(logits)
+        yield nxt
+        if t == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
+            return
+        pos = start + t
+        logits = decode_one(model, nxt, cache,
+                            codes[:, pos:pos + 1] if codes is not None else None)
+
+
 @torch.no_grad()
 def generate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -105,13 +150,12 @@ def generate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, *,
         latents = latents.to(device).long()
         latents = latents.expand(B, -1) if latents.dim() == 1 or latents.shape[0] == 1 else latents
         # Check every pinned code once here; decode steps then skip the per-call checks.
-        latents = model._pinned_codes(latents, B, T0 + max_new_tokens, device)
+        latents = check_codes(latents, c.latent_bits, B, T0 + max_new_tokens, device)
 
-    cache = KVCache(model, B, T0 + max_new_tokens)
+    cache = new_cache(model, B, T0 + max_new_tokens)
     prompt_latents = latents[:, :T0] if latents is not None else (
         None if prefill == "encoder" else "prior")
-    out = model(prompt, latents=prompt_latents, generator=generator, cache=cache,
-                last_logits_only=True)
+    out = prefill_prompt(model, prompt, cache, prompt_latents, generator=generator)
     all_codes = None
     if c.latent:
         # Codes for every position: the prompt's (encoder, prior or pinned), then a fresh
@@ -120,19 +164,15 @@ def generate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, *,
             [out.codes, uniform_codes((B, max_new_tokens), c.latent_bits, device, generator)],
             dim=1)
     tokens = [prompt]
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        nxt = sample(out.logits[:, -1], temperature, top_k, top_p, generator)
-        if eos_id is not None:
+    # Only an EOS can finish a row early (checking costs a host sync per step).
+    finished = torch.zeros(B, dtype=torch.bool, device=device) if eos_id is not None else None
+    for nxt in decode_stream(model, out.logits[:, -1], cache, max_new_tokens,
+                             lambda logits: sample(logits, temperature, top_k, top_p, generator),
+                             codes=all_codes, finished=finished):
+        if finished is not None:  # finished rows are padded with eos_id
             nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
             finished |= nxt == eos_id
         tokens.append(nxt[:, None])
-        if t == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
-            break
-        pos = T0 + t
-        step_codes = all_codes[:, pos:pos + 1] if all_codes is not None else None
-        out = model(nxt[:, None], latents=step_codes, cache=cache, last_logits_only=True,
-                    check_inputs=False)  # sampled ids and checked codes are in range
     result = torch.cat(tokens, dim=1)
     if squeeze:
         result = result[0]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from freeformer.errors import DataError
 from freeformer.layers import Block, RMSNorm
 
 # Budget, in elements, of each (tokens × codes) work buffer of the mapper backward. Three
@@ -58,6 +59,30 @@ def uniform_codes(shape: tuple[int, ...], n_bits: int, device: torch.device | st
                   generator: torch.Generator | None = None) -> Tensor:
     """Codes from the uniform prior P(Z_t) = 2^-H, independently per position."""
     return torch.randint(0, 1 << n_bits, shape, device=device, generator=generator)
+
+
+def check_codes(codes: Tensor, n_bits: int, batch_size: int, length: int,
+                device: torch.device | str | None = None, values: bool = True) -> Tensor:
+    """Caller-given codes (B, T) or (T,) as int64 (B, T) on ``device``; a wrong dtype, shape
+    or a code outside [0, 2^H) is a :class:`~freeformer.errors.DataError`.
+
+    ``values=False`` skips the range check (a host sync) for codes already checked, as
+    generation's decode steps are.
+    """
+    if codes.dtype not in (torch.int64, torch.int32):
+        raise DataError(f"latent codes must be an integer tensor, got {codes.dtype}")
+    if codes.dim() == 1:
+        codes = codes.expand(batch_size, -1)
+    if tuple(codes.shape) != (batch_size, length):
+        raise DataError(f"latent codes have shape {tuple(codes.shape)}; expected "
+                        f"({batch_size}, {length}) or ({length},)")
+    if values and not torch.compiler.is_compiling():
+        n_codes = 1 << n_bits
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= n_codes:
+            raise DataError(f"latent code {hi if hi >= n_codes else lo} is outside "
+                            f"[0, 2^H={n_codes})")
+    return codes.to(device=device, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from freeformer.config import ModelConfig
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
@@ -79,6 +81,22 @@ class LayerKV:
         self.k[:, :, pos:pos + t] = k
         self.v[:, :, pos:pos + t] = v
         return self.k[:, :, :pos + t], self.v[:, :, :pos + t]
+
+
+class KVCache:
+    """Keys/values of every decoder block for a batch, plus the next write position.
+
+    Preallocated for ``max_len`` positions; the model's forward writes each block's keys and
+    values at ``pos`` and advances ``pos`` by the number of tokens it ran.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.layers = [LayerKV(torch.empty(shape, dtype=dtype, device=device),
+                               torch.empty(shape, dtype=dtype, device=device))
+                       for _ in range(config.n_layers)]
+        self.pos = 0
 
 
 class Attention(nn.Module):

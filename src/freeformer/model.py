@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +25,13 @@ from freeformer.errors import DataError
 from freeformer.latent import (
     LatentEncoder,
     PostSampler,
+    check_codes,
     free_bits_loss,
     kl_per_token,
     token_mean,
     uniform_codes,
 )
-from freeformer.layers import Block, RMSNorm, rope_tables
-
-if TYPE_CHECKING:
-    from freeformer.generate import KVCache
+from freeformer.layers import Block, KVCache, RMSNorm, rope_tables
 
 IGNORE_INDEX = -100
 BIT_LOGIT_INIT_STD = 0.1
@@ -181,23 +178,6 @@ class FreeTransformer(nn.Module):
                 bad = hi if hi >= c.vocab_size else lo
                 raise DataError(f"token id {bad} is outside [0, vocab_size={c.vocab_size})")
 
-    def _pinned_codes(self, latents: Tensor, B: int, T: int, device: torch.device,
-                      values: bool = True) -> Tensor:
-        c = self.config
-        if latents.dtype not in (torch.int64, torch.int32):
-            raise DataError(f"latent codes must be an integer tensor, got {latents.dtype}")
-        if latents.dim() == 1:
-            latents = latents.expand(B, -1)
-        if tuple(latents.shape) != (B, T):
-            raise DataError(f"latent codes have shape {tuple(latents.shape)}; expected ({B}, {T}) "
-                            f"or ({T},)")
-        if values and not torch.compiler.is_compiling():
-            lo, hi = int(latents.min()), int(latents.max())
-            if lo < 0 or hi >= c.n_codes:
-                raise DataError(f"latent code {hi if hi >= c.n_codes else lo} is outside "
-                                f"[0, 2^H={c.n_codes})")
-        return latents.to(device=device, dtype=torch.long)
-
     def forward(self, tokens: Tensor, targets: Tensor | None = None,
                 latents: Tensor | str | None = None, *,
                 generator: torch.Generator | None = None, bit_noise: Tensor | None = None,
@@ -209,7 +189,7 @@ class FreeTransformer(nn.Module):
         "prior" → uniform codes per token; a LongTensor (B, T) or (T,) → those codes.
         ``generator`` drives every latent draw; ``bit_noise`` (B, T, H) uniforms in [0, 1)
         may replace the posterior's draws (data-parallel training slices one global draw,
-        so any number of processes samples the same latents). ``cache`` (see generate.py) makes this a
+        so any number of processes samples the same latents). ``cache`` (a ``layers.KVCache``) makes this a
         prefill or decode step at position ``cache.pos``; encoder latents then need the
         whole prompt in one call, since the encoder is non-causal. ``check_inputs=False``
         skips the id-range checks (each costs a host sync) for callers that validated once,
@@ -267,7 +247,7 @@ class FreeTransformer(nn.Module):
                                         "or a tensor of codes")
                     codes = uniform_codes((B, T), c.latent_bits, x.device, generator)
                 else:
-                    codes = self._pinned_codes(latents, B, T, x.device, check_inputs)
+                    codes = check_codes(latents, c.latent_bits, B, T, x.device, check_inputs)
                 r = self.post_sampler.embed(codes)
             kv = x + r.to(x.dtype)  # r enters only the keys/values of block L/2+1
         elif isinstance(latents, Tensor):
@@ -295,17 +275,3 @@ class FreeTransformer(nn.Module):
             cache.pos = pos + T
         return ModelOutput(logits=logits, loss=loss, ce=ce, kl=kl, kl_loss=kl_loss,
                            codes=codes, kl_tokens=kl_tokens, bit_logits=bit_logits)
-
-    # -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None,
-                 latents: Tensor | None = None, prefill: str = "encoder",
-                 generator: torch.Generator | None = None, eos_id: int | None = None,
-                 return_latents: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Sample continuations with a KV cache; see :func:`freeformer.generate.generate`."""
-        from freeformer.generate import generate
-
-        return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, latents=latents, prefill=prefill, generator=generator,
-                        eos_id=eos_id, return_latents=return_latents)

@@ -488,7 +488,7 @@ class FreeformerLM(TemplateLM):
     @torch.no_grad()
     def _generate_batch(self, ctxs: list[list[int]], n_new: int, opts: _GenOptions) -> list[str]:
         """Continue prompts of equal length (no padding: the encoder is non-causal)."""
-        from freeformer.generate import KVCache, sample
+        from freeformer.generate import decode_stream, new_cache, prefill_prompt, sample
 
         B, T0 = len(ctxs), len(ctxs[0])
         dev = self._device
@@ -496,30 +496,32 @@ class FreeformerLM(TemplateLM):
         seeds = [request_seed(self.seed, ctx, 0) for ctx in ctxs]
         gens = [torch.Generator(device=dev).manual_seed(s ^ 0x5EED) for s in seeds]
         codes = None
-        cache = KVCache(self.model, B, T0 + n_new)
+        cache = new_cache(self.model, B, T0 + n_new)
         if self.latent:
             drawn = [draw_latents(s, self.max_length, self.model.config.latent_bits) for s in seeds]
             codes = torch.stack([c for c, _ in drawn]).to(dev)
             if self.prefill == "encoder":
                 noise = torch.stack([z[:T0] for _, z in drawn]).to(dev)
-                out = self.model(prompt, latents=None, bit_noise=noise, cache=cache,
-                                 last_logits_only=True)  # fmt: skip
+                out = prefill_prompt(self.model, prompt, cache, None, bit_noise=noise)
             else:
-                out = self.model(prompt, latents=codes[:, :T0], cache=cache, last_logits_only=True)
+                out = prefill_prompt(self.model, prompt, cache, codes[:, :T0])
         else:
-            out = self.model(prompt, cache=cache, last_logits_only=True)
+            out = prefill_prompt(self.model, prompt, cache)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            if opts.temperature == 0:
+                return logits.argmax(-1)
+            # one generator per request: samples do not depend on the batch
+            return torch.cat([
+                sample(logits[b : b + 1], opts.temperature, opts.top_k, opts.top_p, gens[b])
+                for b in range(B)
+            ])  # fmt: skip
+
         eos = self.tok.eos_id
         new: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        for t in range(n_new):
-            logits = out.logits[:, -1]
-            if opts.temperature == 0:
-                nxt = logits.argmax(-1)
-            else:  # one generator per request: samples do not depend on the batch
-                nxt = torch.cat([
-                    sample(logits[b : b + 1], opts.temperature, opts.top_k, opts.top_p, gens[b])
-                    for b in range(B)
-                ])  # fmt: skip
+        done = torch.zeros(B, dtype=torch.bool)
+        for nxt in decode_stream(self.model, out.logits[:, -1], cache, n_new, pick,
+                                 codes=codes, finished=done):  # fmt: skip
             for b, tok in enumerate(nxt.tolist()):
                 if done[b]:
                     continue
@@ -529,10 +531,6 @@ class FreeformerLM(TemplateLM):
                 new[b].append(tok)
                 if opts.until and any(u in self.tok_decode(new[b]) for u in opts.until):
                     done[b] = True
-            if all(done) or t == n_new - 1:
-                break
-            step = codes[:, T0 + t : T0 + t + 1] if codes is not None else None
-            out = self.model(nxt[:, None], latents=step, cache=cache, last_logits_only=True)
         texts = []
         for ids in new:
             text = self.tok_decode(ids)

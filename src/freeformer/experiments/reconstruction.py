@@ -54,6 +54,7 @@ from freeformer.data.synthetic import (
 )
 from freeformer.errors import DataError
 from freeformer.experiments.scoring import jaccard
+from freeformer.generate import generate
 from freeformer.latent import bit_matrix, kl_per_token
 
 KINDS = ("prompt", "blank before target", "blank after target", "noise", "target start",
@@ -106,8 +107,8 @@ def reconstruction(model, n: int, generator: torch.Generator, *,
     # Position 65's code would only predict a 67th character: draw it from the prior.
     last = torch.randint(0, c.n_codes, (n, 1), generator=generator)
     codes = torch.cat([out.codes, last], dim=1)  # (n, 66)
-    regen = model.generate(tokens[:, :PROMPT_LEN], BODY, temperature=temperature,
-                           latents=codes, generator=generator)
+    regen = generate(model, tokens[:, :PROMPT_LEN], BODY, temperature=temperature,
+                     latents=codes, generator=generator)
     model.train(was_training)
 
     kinds = token_kinds(tokens, src.start)

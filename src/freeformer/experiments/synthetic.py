@@ -186,6 +186,7 @@ def sample_groups(model, n_groups: int, shared: bool, gen: torch.Generator) -> l
     groups: one prior draw per group, pinned for its GROUP_SIZE sequences (paper Figure 4).
     """
     from freeformer.data.synthetic import BODY, decode, encode, random_prompt
+    from freeformer.generate import generate
 
     prompts = [random_prompt(gen) for _ in range(n_groups)]
     tokens = torch.stack([encode(p) for p in prompts]).repeat_interleave(GROUP_SIZE, 0)
@@ -194,7 +195,7 @@ def sample_groups(model, n_groups: int, shared: bool, gen: torch.Generator) -> l
         latents = None if z is None else z.repeat_interleave(GROUP_SIZE, 0)
     else:
         latents = prior_codes(model, n_groups * GROUP_SIZE, gen)
-    out = model.generate(tokens, BODY, temperature=1.0, latents=latents, generator=gen)
+    out = generate(model, tokens, BODY, temperature=1.0, latents=latents, generator=gen)
     strings = [decode(row) for row in out.tolist()]
     return [strings[i * GROUP_SIZE:(i + 1) * GROUP_SIZE] for i in range(n_groups)]
 
@@ -204,12 +205,13 @@ def figure4_panel(model, gen: torch.Generator) -> dict[str, Any]:
     """One random prompt: a blue group (a prior draw of Z per sequence) and two green groups
     (one prior draw of Z each, shared by the group)."""
     from freeformer.data.synthetic import BODY, decode, encode, random_prompt
+    from freeformer.generate import generate
 
     prompt = random_prompt(gen)
     tokens = encode(prompt)[None].expand(GROUP_SIZE, -1)
 
     def run(latents):
-        out = model.generate(tokens, BODY, temperature=1.0, latents=latents, generator=gen)
+        out = generate(model, tokens, BODY, temperature=1.0, latents=latents, generator=gen)
         return [decode(r) for r in out.tolist()]
 
     independent = run(prior_codes(model, GROUP_SIZE, gen))
