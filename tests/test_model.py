@@ -456,3 +456,23 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(DataError, match="baseline"):
         FreeTransformer(CFG.replace(latent=False))(torch.zeros(1, 4, dtype=torch.long),
                                                    latents=torch.zeros(4, dtype=torch.long))
+
+
+def test_empty_construction_draws_no_init_and_loads_exactly(monkeypatch):
+    """The one construction path for loading, resuming and converting: parameters allocated,
+    never initialised, RoPE tables built; loading a state then gives the model back exactly."""
+    from freeformer.checkpoint import model_from_state
+
+    ref = FreeTransformer(CFG, seed=4).eval()
+    x = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    want = ref(x, latents="prior", generator=torch.Generator().manual_seed(1)).logits
+
+    def no_init(*a, **k):
+        raise AssertionError("a random init was drawn only to be overwritten")
+
+    monkeypatch.setattr(FreeTransformer, "init_weights", no_init)
+    m = FreeTransformer.empty(CFG)
+    assert torch.equal(m.rope_cos, ref.rope_cos) and torch.equal(m.rope_sin, ref.rope_sin)
+    loaded = model_from_state(CFG, ref.state_dict()).eval()
+    assert torch.equal(loaded(x, latents="prior",
+                              generator=torch.Generator().manual_seed(1)).logits, want)

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from freeformer.config import ModelConfig
-from freeformer.errors import CheckpointError, ConfigError, UserError
+from freeformer.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -221,14 +221,20 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """A ready-to-use model (eval mode) from a run directory or checkpoint."""
+    ck = load_checkpoint(path)
+    return model_from_state(ck.model_config, ck.model_state, device).eval(), ck
+
+
+def model_from_state(config: ModelConfig, tensors: dict[str, torch.Tensor],
+                     device: str | torch.device = "cpu"):
+    """A ``FreeTransformer`` of ``config`` holding exactly ``tensors`` (no random init is
+    drawn: ``FreeTransformer.empty``), in training mode: for loading, resuming and
+    fine-tuning from a checkpoint."""
     from freeformer.model import FreeTransformer
 
-    ck = load_checkpoint(path)
-    with torch.device("meta"):
-        model = FreeTransformer(ck.model_config)
-    model.to_empty(device=device)
-    load_model_state(model, ck.model_state)
-    return model.eval(), ck
+    model = FreeTransformer.empty(config, device)
+    load_model_state(model, tensors)
+    return model
 
 
 def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -250,36 +256,12 @@ def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -
         model.reset_buffers()
 
 
-class _SyntheticTokenizer:
-    """The synthetic task's character vocabulary behind the Tokenizer interface."""
-
-    eos_id = None
-
-    def __init__(self) -> None:
-        from freeformer.data import synthetic
-
-        self._s = synthetic
-        self.vocab_size = synthetic.VOCAB_SIZE
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return self._s.encode(text).tolist()
-        except UserError as e:
-            raise UserError(f"{e} (the synthetic task's alphabet is {self._s.ALPHABET!r})") from None
-
-    def decode(self, ids) -> str:
-        return self._s.decode(ids)
-
-    encode_prompt = encode  # no BOS
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        raise UserError("the synthetic task's vocabulary has no chat template")
-
-
 def load_run_tokenizer(ck: Checkpoint):
     """The tokenizer a checkpoint's run was trained with."""
     if ck.state["config"]["data"]["source"] == "synthetic":
-        return _SyntheticTokenizer()
+        from freeformer.data.synthetic import SyntheticTokenizer
+
+        return SyntheticTokenizer()
     from freeformer.data.tokenizer import load_tokenizer
 
     run_dir = ck.path.parent.parent

@@ -35,7 +35,28 @@ from freeformer.layers import Block, KVCache, RMSNorm, rope_tables
 
 IGNORE_INDEX = -100
 BIT_LOGIT_INIT_STD = 0.1
-"""Std of the encoder's bit logits at initialisation, whatever the width (see init_weights)."""
+"""Std of the encoder's bit logits at initialisation, whatever the width (see init_latent_path)."""
+INIT_STD = 0.02
+"""Std of the projections and ζ at initialisation (output projections: INIT_STD / √(2L))."""
+
+
+def _normal(p: Tensor, std: float, gen: torch.Generator) -> None:
+    # Drawn on the CPU and copied, so the init is the same on every device.
+    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def _init_block(b: Block, gen: torch.Generator, n_layers: int) -> None:
+    out_std = INIT_STD / math.sqrt(2 * n_layers)
+    _normal(b.attn.wq.weight, INIT_STD, gen)
+    _normal(b.attn.wkv.weight, INIT_STD, gen)
+    _normal(b.attn.wo.weight, out_std, gen)
+    _normal(b.mlp.w_in.weight, INIT_STD, gen)
+    _normal(b.mlp.w_out.weight, out_std, gen)
+    b.attn_norm.weight.fill_(1.0)
+    b.mlp_norm.weight.fill_(1.0)
+    for lin in (b.attn.wq, b.attn.wkv):  # qkv_bias (pretrained Qwen2 shapes)
+        if lin.bias is not None:
+            lin.bias.zero_()
 
 
 @dataclass
@@ -92,6 +113,18 @@ class FreeTransformer(nn.Module):
         device = self.tok_emb.weight.device
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
+    @classmethod
+    def empty(cls, config: ModelConfig, device: torch.device | str = "cpu") -> FreeTransformer:
+        """The model with its parameters allocated on ``device`` but not initialised (built
+        on the meta device, then ``to_empty``): the one construction path for loading,
+        resuming and converting, where every parameter is overwritten at once, so no random
+        init is drawn only to be thrown away. The RoPE tables are built."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.reset_buffers()
+        return model
+
     # -------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -103,51 +136,56 @@ class FreeTransformer(nn.Module):
         """
         c = self.config
         g = torch.Generator().manual_seed(seed)
-        gl = torch.Generator().manual_seed(seed + 1_000_003)
-
-        def normal(p: Tensor, std: float, gen: torch.Generator) -> None:
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-        std, out_std = 0.02, 0.02 / math.sqrt(2 * c.n_layers)
-
-        def init_block(b: Block, gen: torch.Generator) -> None:
-            normal(b.attn.wq.weight, std, gen)
-            normal(b.attn.wkv.weight, std, gen)
-            normal(b.attn.wo.weight, out_std, gen)
-            normal(b.mlp.w_in.weight, std, gen)
-            normal(b.mlp.w_out.weight, out_std, gen)
-            b.attn_norm.weight.fill_(1.0)
-            b.mlp_norm.weight.fill_(1.0)
-            for lin in (b.attn.wq, b.attn.wkv):  # qkv_bias (pretrained Qwen2 shapes)
-                if lin.bias is not None:
-                    lin.bias.zero_()
-
-        normal(self.tok_emb.weight, c.embed_init_std, g)
+        _normal(self.tok_emb.weight, c.embed_init_std, g)
         for b in self.blocks:
-            init_block(b, g)
+            _init_block(b, g, c.n_layers)
         self.norm.weight.fill_(1.0)
         if self.head is not None:
-            normal(self.head.weight, std, g)
+            _normal(self.head.weight, INIT_STD, g)
         if c.latent:
-            lstd = c.resolved_latent_init_std
-            # ζ only sets the query direction (it is RMS-normed before wq), but it is also the
-            # encoder's residual stream: at scale 1 it would swamp the attention output and
-            # give every position the same posterior. Small, like the other projections.
-            normal(self.encoder.zeta, std, gl)
-            for b in self.encoder.blocks:
-                init_block(b, gl)
-            self.encoder.norm.weight.fill_(1.0)
-            # The readout reads an RMS-normed vector (norm √D), so a fixed std would give bit
-            # logits of std std·√D: KL at init then grows with width (≈ 3 bits/token at
-            # D = 4096 with std 0.02, above κ from the first step). Scaling by 1/√D fixes the
-            # bit logits' std at BIT_LOGIT_INIT_STD at every width: KL at init ≈ H·s²/8 nats
-            # (0.03 bit at H = 16), well under any κ the paper uses (¼ bit and up), while
-            # the encoder still gets gradient from the first step (a zero readout would
-            # block it for one step). See docs/design.md.
-            normal(self.encoder.readout.weight, BIT_LOGIT_INIT_STD / math.sqrt(c.dim), gl)
+            self.init_latent_path(torch.Generator().manual_seed(seed + 1_000_003))
+
+    @torch.no_grad()
+    def init_latent_path(self, gen: torch.Generator, *, from_decoder: bool = False) -> None:
+        """Initialise the latent path (encoder incl. ζ and readout, post-sampler) from ``gen``.
+
+        From scratch (``from_decoder=False``): random encoder blocks, the post-sampler at the
+        residual stream's scale. On a pretrained decoder (``from_decoder=True``, used by
+        ``freeformer convert``): encoder blocks = copies of decoder block L/2 and the
+        post-sampler at 0, so that at step 0 the model computes the decoder's function under
+        any codes. ζ and the readout are drawn alike in both. Reasons: docs/design.md, "The
+        latent path's initialisation" and "Starting from a pretrained decoder".
+        """
+        c = self.config
+        # ζ only sets the query direction (it is RMS-normed before wq), but it is also the
+        # encoder's residual stream: at scale 1 it would swamp the attention output and
+        # give every position the same posterior. Small, like the other projections.
+        _normal(self.encoder.zeta, INIT_STD, gen)
+        for b in self.encoder.blocks:
+            if from_decoder:
+                # Block L/2 is trained to read the very residual stream x the encoder reads
+                # as keys/values: useful features of x from the first step.
+                b.load_state_dict(self.blocks[c.inject_layer].state_dict())
+            else:
+                _init_block(b, gen, c.n_layers)
+        self.encoder.norm.weight.fill_(1.0)
+        # The readout reads an RMS-normed vector (norm √D), so a fixed std would give bit
+        # logits of std std·√D: KL at init then grows with width (≈ 3 bits/token at
+        # D = 4096 with std 0.02, above κ from the first step). Scaling by 1/√D fixes the
+        # bit logits' std at BIT_LOGIT_INIT_STD at every width: KL at init ≈ H·s²/8 nats
+        # (0.03 bit at H = 16), well under any κ the paper uses (¼ bit and up), while
+        # the encoder still gets gradient from the first step (a zero readout would
+        # block it for one step). See docs/design.md.
+        _normal(self.encoder.readout.weight, BIT_LOGIT_INIT_STD / math.sqrt(c.dim), gen)
+        if from_decoder:
+            # r = 0 for every code: block L/2+1 reads keys/values from x + 0, the source's
+            # block exactly. It still learns: its gradient is the one-hot scatter of dr.
+            self.post_sampler.weight.zero_()
+        else:
             # r must start at the residual stream's scale or the decoder learns to ignore it.
+            lstd = c.resolved_latent_init_std
             ps_std = lstd if c.latent_embedding == "table" else lstd / math.sqrt(c.latent_bits)
-            normal(self.post_sampler.weight, ps_std, gl)
+            _normal(self.post_sampler.weight, ps_std, gen)
 
     # -------------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

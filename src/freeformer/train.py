@@ -28,7 +28,7 @@ from freeformer.checkpoint import (
     Checkpoint,
     flatten_optimizer_state,
     load_checkpoint,
-    load_model_state,
+    model_from_state,
     save_checkpoint,
     unflatten_optimizer_state,
     write_json_atomic,
@@ -207,10 +207,7 @@ def build_model(cfg: RunConfig, device: torch.device, init: Checkpoint | None = 
     if init is None:
         model = FreeTransformer(cfg.model, seed=cfg.train.seed).to(device)
     else:
-        with torch.device("meta"):  # no seeded init that would be overwritten at once
-            model = FreeTransformer(cfg.model)
-        model.to_empty(device=device)
-        load_model_state(model, init.model_state)
+        model = model_from_state(cfg.model, init.model_state, device)
     set_trainable(model, cfg.train.trainable)
     return model
 
@@ -557,8 +554,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
 
             load_tokenizer(train_data.data_dir).save(run_dir / "tokenizer")
     if ck is not None:
-        model = FreeTransformer(mc, seed=tc.seed).to(device)
-        load_model_state(model, ck.model_state)  # before sharding: fully_shard keeps values
+        # Loaded before sharding: fully_shard keeps the values.
+        model = model_from_state(mc, ck.model_state, device)
         set_trainable(model, tc.trainable)
     else:
         model = build_model(cfg, device, init)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from freeformer.errors import CheckpointError, ConfigError, DataError
+from freeformer.errors import CheckpointError, ConfigError, DataError, UserError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ALPHABET = "_!>" + LETTERS
@@ -65,6 +65,28 @@ def decode(ids: torch.Tensor | Iterable[int]) -> str:
 
 
 # --------------------------------------------------------------------------- sampling
+
+
+class SyntheticTokenizer:
+    """The character vocabulary behind the ``data.tokenizer.Tokenizer`` interface (what
+    ``freeformer generate`` and ``validate`` use for a run trained on this task)."""
+
+    eos_id = None
+    vocab_size = VOCAB_SIZE
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return encode(text).tolist()
+        except UserError as e:
+            raise UserError(f"{e} (the synthetic task's alphabet is {ALPHABET!r})") from None
+
+    def decode(self, ids) -> str:
+        return decode(ids)
+
+    encode_prompt = encode  # no BOS
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        raise UserError("the synthetic task's vocabulary has no chat template")
 
 
 @dataclass(frozen=True)

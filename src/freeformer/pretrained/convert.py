@@ -13,13 +13,12 @@ source tensor must be used: a missing, extra or mis-shaped tensor is refused by 
 
 Without ``--baseline`` the latent path is added so that the converted Free Transformer
 computes exactly the source's function at step 0, whatever the codes, and still learns
-(:func:`init_latent_path`; the reasons are in docs/design.md, "Starting from a pretrained
-decoder").
+(``FreeTransformer.init_latent_path(..., from_decoder=True)``; the reasons are in
+docs/design.md, "Starting from a pretrained decoder").
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -30,7 +29,6 @@ import torch
 
 from freeformer.config import ModelConfig
 from freeformer.errors import ConfigError, ConvertError
-from freeformer.model import BIT_LOGIT_INIT_STD
 from freeformer.pretrained.sources import SourceModel, read_source
 
 # Longest context a converted model gets unless --max-seq-len asks for more: RoPE tables and
@@ -171,8 +169,7 @@ def convert_weights(src: SourceModel, config: ModelConfig) -> dict[str, torch.Te
     """Baseline (latent=False) state dict of ``config`` from ``src``'s tensors."""
     from freeformer.model import FreeTransformer
 
-    with torch.device("meta"):
-        target = FreeTransformer(config.replace(latent=False)).state_dict()
+    target = FreeTransformer.empty(config.replace(latent=False), "meta").state_dict()
     table = {**FROM_HF, **FAMILY_EXTRA[src.arch]}
     used: set[str] = set()
     out: dict[str, torch.Tensor] = {}
@@ -208,42 +205,6 @@ def convert_weights(src: SourceModel, config: ModelConfig) -> dict[str, torch.Te
 
 
 # ---------------------------------------------------------------------------------------
-# Latent path
-# ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def init_latent_path(model: torch.nn.Module, seed: int = 0) -> None:
-    """Initialise the latent path of a Free Transformer whose decoder holds pretrained
-    weights, so that at step 0 it computes the decoder's function under any codes.
-
-    * post-sampler = 0: r = 0 for every code, so block L/2+1 reads keys/values from x + 0,
-      exactly the source's block — the only place the latent enters (paper Algorithm 2).
-      It still learns: its gradient is the one-hot scatter of dLoss/dr, nonzero at step 1.
-    * encoder blocks = copies of decoder block L/2 (the one that reads the same residual
-      stream x): pretrained keys/values and MLP features of x from the first step, instead
-      of random projections of it.
-    * ζ: small random (std 0.02). It is RMS-normed into the queries (so only its direction
-      matters there, and a random direction breaks the symmetry between heads), and it is
-      the encoder's residual stream, which should be dominated by the attention read-out.
-    * encoder readout: bit logits of std BIT_LOGIT_INIT_STD (0.1) at any width, as from
-      scratch, so Q(Z|S) starts near uniform: the codes the decoder sees in training start
-      like the prior codes of generation, and the per-token KL (≈ H·0.1²/8 nats) starts
-      far below any useful κ.
-    With r = 0 the encoder's gradient (through W^T in the mapper) is 0 at step 1 and
-    nonzero from step 2, once the table has moved.
-    """
-    c = model.config
-    g = torch.Generator().manual_seed(seed)
-    src_block = model.blocks[c.inject_layer]
-    for block in model.encoder.blocks:
-        block.load_state_dict(src_block.state_dict())
-    model.encoder.zeta.copy_(torch.randn(model.encoder.zeta.shape, generator=g) * 0.02)
-    model.encoder.norm.weight.fill_(1.0)
-    ro = model.encoder.readout.weight
-    ro.copy_(torch.randn(ro.shape, generator=g) * (BIT_LOGIT_INIT_STD / math.sqrt(c.dim)))
-    model.post_sampler.weight.zero_()
-
-
-# ---------------------------------------------------------------------------------------
 # Run directory
 # ---------------------------------------------------------------------------------------
 def convert(src: str | Path, out: str | Path, *, baseline: bool = False, latent_bits: int = 16,
@@ -275,16 +236,15 @@ def convert(src: str | Path, out: str | Path, *, baseline: bool = False, latent_
     weights = convert_weights(source, mc)
     # Every parameter is set below (the decoder from the source, the latent path by
     # init_latent_path), so no random init is drawn only to be overwritten.
-    with torch.device("meta"):
-        model = FreeTransformer(mc)
-    model.to_empty(device="cpu")
-    model.reset_buffers()
+    model = FreeTransformer.empty(mc)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float("nan"))  # anything left unset below would show, not pass silently
     model.load_state_dict(weights, strict=False, assign=True)
     if mc.latent:
-        init_latent_path(model, seed)
+        # The latent path's init on a pretrained decoder (docs/design.md, "Starting from a
+        # pretrained decoder"): the model computes the source's function at step 0.
+        model.init_latent_path(torch.Generator().manual_seed(seed), from_decoder=True)
     unset = [n for n, p in model.named_parameters() if p.isnan().any()]
     if unset:  # pragma: no cover - a parameter the converter does not know about
         raise ConvertError(f"internal: parameter {unset[0]} was not initialised by convert")
