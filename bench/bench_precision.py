@@ -1,7 +1,7 @@
 """CPU precision: one full training step (forward, loss, backward, clip, AdamW) in FP32 against
 bf16 autocast, at the shipped presets' shapes, Free Transformer and baseline.
 
-This is the measurement behind ``train.precision = "auto"`` on CPU (train.py::resolve_precision):
+This is the measurement behind ``train.precision = "auto"`` on CPU (runtime.py::resolve_precision):
 bf16 autocast is chosen where the CPU has native bf16 matmul instructions (AVX512-BF16 or
 AMX-BF16) and the model is at least ``CPU_BF16_MIN_DIM`` wide.
 The step is ``freeformer.train.train_step`` itself, on random tokens of the preset's shape
@@ -26,13 +26,8 @@ import torch
 
 from freeformer import FreeTransformer
 from freeformer.runconfig import available_presets, load_run_config
-from freeformer.train import (
-    autocast,
-    bf16_native_cpu,
-    build_optimizer,
-    resolve_precision,
-    train_step,
-)
+from freeformer.runtime import autocast, bf16_native_cpu, resolve_precision
+from freeformer.train import build_optimizer, train_step
 
 
 def make_step(cfg, latent: bool, precision: str):

@@ -12,14 +12,12 @@ from freeformer.cli import main
 from freeformer.data.synthetic import SyntheticBatches
 from freeformer.distributed import DistInfo
 from freeformer.errors import CheckpointError, ConfigError
+from freeformer.finetune import NEW_LATENT_PREFIXES, latent_path_prefixes, load_init_checkpoint
 from freeformer.runconfig import load_run_config
 from freeformer.train import (
-    NEW_LATENT_PREFIXES,
     build_model,
     build_optimizer,
     global_bit_noise,
-    latent_path_prefixes,
-    load_init_checkpoint,
     lr_at,
     param_groups,
     train,
@@ -289,7 +287,7 @@ def test_smollm2_fine_tune_config_matches_conversion(tmp_path):
 def test_validate_batch_size_picks_the_fine_tune_windows(source, capsys):
     """`validate --batch-size` scores the windows a run with that batch size validates on,
     so a converted model and its fine-tuned run are compared on the same text."""
-    from freeformer.train import evaluate, format_val
+    from freeformer.validation import evaluate, format_val
 
     capsys.readouterr()
     assert main(["validate", str(source), "--batches", "2", "--batch-size", "3", "--k", "2"]) == 0

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from freeformer.config import ModelConfig
+from freeformer.latent import uniform_codes
 from freeformer.likelihood import (
     conditional_log_likelihood,
     log_likelihood,
     posterior_log_weights,
+    prior_log_weights,
     token_log_probs,
 )
 from freeformer.model import IGNORE_INDEX, FreeTransformer
-from freeformer.train import evaluate
+from freeformer.validation import evaluate
 
 
 def z_matters(seed: int = 0, bits: int = 1) -> FreeTransformer:
@@ -209,3 +211,17 @@ def test_validation_estimate_matches_enumeration_with_padding(tiny):
         print(f"{key} {mean:.5f} ± {se:.5f} (4 seeds, k = 256), exact {exact:.5f}")
         assert se < 0.01
         assert abs(mean - exact) < 4 * se + 1e-3
+
+
+def test_prior_log_weights_are_log_p_of_s_under_uniform_codes(tiny):
+    """The prior proposal's weight (validation's nll_is_prior) is log P(S | Z) for Z drawn
+    uniformly — not under the encoder's codes, which would favour codes that explain S."""
+    model, x, y = tiny
+    x, y = x.expand(4, -1), y.expand(4, -1)
+    lw, lp = prior_log_weights(model, x, y, generator=torch.Generator().manual_seed(5))
+    z = uniform_codes(tuple(x.shape), model.config.latent_bits,
+                      generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = token_log_probs(model(x, latents=z).logits, y)
+    assert torch.equal(lp, want) and torch.equal(lw, want.double().sum(-1))
+    assert lw.dtype == torch.float64 and len(set(lw.tolist())) > 1  # the draws differ

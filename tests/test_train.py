@@ -7,19 +7,14 @@ import math
 import pytest
 import torch
 
-import freeformer.train as train_mod
+import freeformer.runtime as runtime_mod
 from freeformer import FreeTransformer, ModelConfig
 from freeformer.checkpoint import list_checkpoints, load_checkpoint
+from freeformer.metrics import LatentMonitor
 from freeformer.runconfig import TrainConfig, available_presets, load_run_config
-from freeformer.train import (
-    LatentMonitor,
-    autocast,
-    evaluate,
-    lr_at,
-    param_groups,
-    resolve_precision,
-    train,
-)
+from freeformer.runtime import autocast, resolve_precision
+from freeformer.train import lr_at, param_groups, train
+from freeformer.validation import evaluate
 
 
 def debug_cfg(**train):
@@ -190,15 +185,15 @@ def test_activation_checkpointing_gives_identical_gradients():
 
 def test_auto_precision_is_bf16_only_where_measured_faster(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    wide, narrow = train_mod.CPU_BF16_MIN_DIM, train_mod.CPU_BF16_MIN_DIM // 2
+    wide, narrow = runtime_mod.CPU_BF16_MIN_DIM, runtime_mod.CPU_BF16_MIN_DIM // 2
     for native in (True, False):
-        monkeypatch.setattr(train_mod, "bf16_native_cpu", lambda n=native: n)
+        monkeypatch.setattr(runtime_mod, "bf16_native_cpu", lambda n=native: n)
         assert resolve_precision(cpu, "auto", wide) == ("bf16" if native else "fp32")
         assert resolve_precision(cpu, "auto", narrow) == "fp32"  # casts cost more than bf16 saves
         assert resolve_precision(cuda, "auto", narrow) == "bf16"
         for explicit in ("fp32", "bf16"):  # explicit choices are never overridden
             assert resolve_precision(cpu, explicit, narrow) == explicit
-    monkeypatch.setattr(train_mod, "bf16_native_cpu", lambda: True)
+    monkeypatch.setattr(runtime_mod, "bf16_native_cpu", lambda: True)
     with autocast(cpu, "auto", wide):
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
     with autocast(cpu, "auto", narrow):

@@ -35,6 +35,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "count; [model] must equal its config (same as --train.init_from); "
                         "--train.trainable=latent trains only the latent path")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_train, overrides=[])  # overrides: --section.key=value (main)
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +56,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
                    help="prepared data directory to validate on (default: the run's data; "
                         "needed for a converted model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_validate)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -77,6 +79,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "--shared-latent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_generate)
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -97,6 +100,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_prepare)
 
 
 def _add_config(sub: argparse._SubParsersAction) -> None:
@@ -107,6 +111,7 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--preset", help="shipped config name")
     src.add_argument("--config", help="path to a TOML config")
     p.add_argument("--list", action="store_true", help="list the shipped presets")
+    p.set_defaults(func=cmd_config, overrides=[])
 
 
 def _fraction(text: str) -> float:
@@ -143,6 +148,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="longest sequence (default: the source's context, at most 8192, and "
                         "at most its sliding window)")
     p.add_argument("--seed", type=int, default=0, help="seeds the latent path's init")
+    p.set_defaults(func=cmd_convert)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -166,6 +172,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="overlay CE and KL curves of runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="output PNG")
+    p.set_defaults(func=cmd_plot)
 
 
 def _add_synthetic(sub: argparse._SubParsersAction) -> None:
@@ -210,10 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+def cmd_train(args: argparse.Namespace) -> None:
     from freeformer.runconfig import RunConfig, build_run_config, load_run_config
     from freeformer.train import train
 
+    overrides = args.overrides
     if args.init_from:
         if args.resume:
             raise UserError("--init-from starts a new run from weights and --resume continues "
@@ -245,13 +253,13 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     train(cfg, out, quiet=args.quiet)
 
 
-def cmd_config(args: argparse.Namespace, overrides: list[str]) -> None:
+def cmd_config(args: argparse.Namespace) -> None:
     from freeformer.runconfig import available_presets, load_run_config
 
     if args.list:
         print("\n".join(available_presets()))
         return
-    cfg = load_run_config(preset=args.preset, path=args.config, overrides=overrides)
+    cfg = load_run_config(preset=args.preset, path=args.config, overrides=args.overrides)
     for section, values in cfg.to_dict().items():
         print(f"[{section}]")
         for k, v in values.items():
@@ -270,15 +278,15 @@ def _toml_value(v) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    import torch
 
     from freeformer.checkpoint import load_model
     from freeformer.distributed import DistInfo
     from freeformer.runconfig import RunConfig
-    from freeformer.train import build_data, evaluate, format_val
+    from freeformer.runtime import resolve_device
+    from freeformer.train import build_data
+    from freeformer.validation import evaluate, format_val
 
-    device = torch.device("cuda" if args.device == "cuda" or (
-        args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(args.device)
     model, ck = load_model(args.path, device)
     saved = dict(ck.state["config"])
     cfg = RunConfig.from_dict(saved)
@@ -305,11 +313,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from freeformer.checkpoint import load_model, load_run_tokenizer
     from freeformer.generate import generate
+    from freeformer.runtime import resolve_device
 
     if args.num_samples < 1:
         raise UserError(f"-n {args.num_samples}: expected at least 1 sample")
-    device = torch.device("cuda" if args.device == "cuda" or (
-        args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(args.device)
     model, ck = load_model(args.path, device)
     tok = load_run_tokenizer(ck)
     if args.chat:  # the prompt as one user message, in the source's chat template
@@ -363,9 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, rest = parser.parse_known_args(argv)
-        overrides = []
-        if args.command in ("train", "config"):
-            i = 0
+        if "overrides" in vars(args):  # train, config: --section.key=value overrides
+            overrides, i = [], 0
             while i < len(rest):  # --section.key=value or --section.key value
                 a = rest[i]
                 if not a.startswith("--") or "." not in a.split("=", 1)[0]:
@@ -378,18 +385,10 @@ def main(argv: list[str] | None = None) -> int:
                     i += 1
                 overrides.append(a[2:])
                 i += 1
+            args.overrides = overrides
         elif rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        handler = {"train": lambda: cmd_train(args, overrides),
-                   "config": lambda: cmd_config(args, overrides),
-                   "validate": lambda: cmd_validate(args),
-                   "generate": lambda: cmd_generate(args),
-                   "prepare": lambda: cmd_prepare(args),
-                   "convert": lambda: cmd_convert(args),
-                   "plot": lambda: cmd_plot(args)}.get(args.command)
-        if handler is None:
-            handler = lambda: args.func(args)  # noqa: E731 - subcommands that set func
-        handler()
+        args.func(args)  # every subcommand sets func (set_defaults)
         return 0
     except UserError as e:
         if os.environ.get("FREEFORMER_DEBUG"):

@@ -4,12 +4,13 @@ The model defines P(S) = E_Z[P(S | Z)], Z = (Z_0, …, Z_{T−1}) one code per p
 uniform on {0 … 2^H − 1} (paper Section 3). Given the codes the decoder is causal: the
 prediction at position t reads tokens ≤ t and codes ≤ t. No likelihood is available in
 closed form (2^(H·T) code sequences), so every number we report is an estimate, built here
-and only here (used by validation in ``train.evaluate`` and by the lm-eval adapter):
+and only here (used by validation in ``validation.evaluate`` and by the lm-eval adapter):
 
 * **Document** log P(S), proposal the encoder over S (``posterior_log_weights``):
   Z_j ~ Q(· | S), w_j = P(S | Z_j) P(Z_j) / Q(Z_j | S), estimate log (1/K) Σ_j w_j. The mean
   of the w_j is unbiased for P(S), so the log is low on average (Jensen) and −log is an
   upper bound on −log P(S) *in expectation* — not for every draw. Consistent as K grows.
+  With the prior as the proposal (``prior_log_weights``): Z_j ~ P(Z), w_j = P(S | Z_j).
 * **Conditional** log P(cont | ctx) = log E_Z[P(ctx | Z) P(cont | ctx, Z)] − log E_Z[P(ctx | Z)]:
   the codes must be consistent with the context, so averaging P(cont | ctx, Z) over prior
   draws (log E_Z[P(cont | ctx, Z)]) estimates a different number. Self-normalised importance
@@ -108,6 +109,16 @@ def posterior_log_weights(model: nn.Module, tokens: Tensor, targets: Tensor, *,
     return lp.sum(-1) + ratio.sum(-1), lp, out
 
 
+@torch.no_grad()
+def prior_log_weights(model: nn.Module, tokens: Tensor, targets: Tensor, *,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """One draw Z ~ P(Z) (uniform codes) per row and its log weight log P(targets | tokens, Z),
+    shape (B,) float64: the prior proposal's document estimate is log (1/k) Σ_j of these
+    weights' exponentials. Returns (log_w, token_log_probs (B, T))."""
+    lp = token_log_probs(model(tokens, latents="prior", generator=generator).logits, targets)
+    return lp.double().sum(-1), lp
+
+
 @dataclass
 class DrawScores:
     """One draw of codes for each row of a conditional request (see ``conditional_scores``)."""
@@ -203,5 +214,6 @@ def conditional_log_likelihood(model: nn.Module, tokens: Tensor, targets: Tensor
 
 
 __all__ = ["PROPOSALS", "log_q", "log_prior_ratio", "token_log_probs", "code_mask",
-           "log_mean_exp", "self_normalised", "posterior_log_weights", "conditional_scores",
-           "encoder_proposal", "log_likelihood", "conditional_log_likelihood", "DrawScores"]
+           "log_mean_exp", "self_normalised", "posterior_log_weights", "prior_log_weights",
+           "conditional_scores", "encoder_proposal", "log_likelihood",
+           "conditional_log_likelihood", "DrawScores"]

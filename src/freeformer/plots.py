@@ -21,7 +21,7 @@ def _matplotlib():
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Overlay training CE (left) and KL in bits/token (right, with κ lines) of runs."""
-    from freeformer.train import iter_metrics
+    from freeformer.metrics import iter_metrics
 
     plt = _matplotlib()
     fig, (ax_ce, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))

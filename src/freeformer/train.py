@@ -1,4 +1,4 @@
-"""Training: build functions, one step, honest validation, the loop, checkpoints and resume.
+"""Training: build functions, one step, the loop, checkpoints and resume.
 
 One path serves a laptop CPU and a torchrun cluster: distribution is applied by
 ``distributed.wrap_model``; data are sharded by rank so that any number of processes sees
@@ -8,13 +8,8 @@ the same global batch; latent draws are sliced from one global draw for the same
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import math
-import os
-import platform
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,84 +29,23 @@ from freeformer.checkpoint import (
     write_json_atomic,
 )
 from freeformer.errors import CheckpointError, ConfigError, UserError
-from freeformer.likelihood import (
-    code_mask,
-    log_mean_exp,
-    posterior_log_weights,
-    scored,
-    token_log_probs,
+from freeformer.finetune import (
+    NEW_LATENT_PREFIXES,
+    check_same_tokenizer,
+    load_init_checkpoint,
+    set_trainable,
 )
+from freeformer.likelihood import LOG2
+from freeformer.metrics import LatentMonitor, MetricsLog
 from freeformer.model import FreeTransformer
 from freeformer.runconfig import RunConfig, TrainConfig
-
-LOG2 = math.log(2.0)
+from freeformer.runtime import autocast, resolve_device
+from freeformer.validation import evaluate, format_val
 
 
 # ---------------------------------------------------------------------------------------
 # Builders
 # ---------------------------------------------------------------------------------------
-def resolve_device(tc: TrainConfig, info: D.DistInfo | None = None) -> torch.device:
-    if tc.device == "cuda" or (tc.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device = 'cuda' but CUDA is not available; use 'cpu' or 'auto'")
-        return torch.device("cuda", info.local_rank if info else 0)
-    return torch.device("cpu")
-
-
-@functools.lru_cache(maxsize=1)
-def bf16_native_cpu() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware: x86 AVX512-BF16 or AMX-BF16.
-
-    Elsewhere oneDNN emulates bf16 GEMMs through float32, which is slower than FP32 itself.
-    A capability check, not a timing at start-up: timings on a shared machine are noisy, and
-    the gain was measured side by side once (bench/bench_precision.py, bench/RESULTS.md).
-    """
-    caps = getattr(getattr(torch, "cpu", None), "get_capabilities", None)
-    if caps is not None:  # torch ≥ 2.13
-        c = caps()
-        return bool(c.get("avx512_bf16") or c.get("amx_bf16"))
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-# Below this width the casts around every small matmul cost more than bf16 matmuls save:
-# measured on an AVX512-BF16 CPU (bench/RESULTS.md, precision-cpu), bf16 autocast made a
-# training step 0.55 × as fast at D 32 and 0.7 × at D 64 (the debug and synthetic presets),
-# and 1.2 × faster at D 128, 1.3–1.5 × at D 256, 1.6 × at D 512.
-CPU_BF16_MIN_DIM = 128
-
-
-def resolve_precision(device: torch.device, precision: str, dim: int | None = None) -> str:
-    """"fp32" or "bf16" for ``train.precision`` on ``device`` for a model of width ``dim``.
-
-    "auto" means bf16 autocast on CUDA, and on CPUs with native bf16 matmuls for models at
-    least ``CPU_BF16_MIN_DIM`` wide (where it was measured faster); FP32 elsewhere."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16"
-    if (device.type == "cpu" and bf16_native_cpu()
-            and (dim is None or dim >= CPU_BF16_MIN_DIM)):
-        return "bf16"
-    return "fp32"
-
-
-def autocast(device: torch.device, precision: str,
-             dim: int | None = None) -> contextlib.AbstractContextManager:
-    """bf16 autocast (float32 master weights; the model computes CE and KL in float32) when
-    ``resolve_precision`` says bf16, else no autocast."""
-    if resolve_precision(device, precision, dim) != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def param_groups(model: nn.Module, weight_decay: float,
                  latent_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """Decay matrices; no decay for norms, ζ, the token embedding and the post-sampler table
@@ -134,70 +68,6 @@ def param_groups(model: nn.Module, weight_decay: float,
             groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
                            "lr_scale": latent_lr_scale if is_new else 1.0})
     return groups
-
-
-# The latent path's weights that a converted pretrained model does not have: the encoder
-# (its blocks, ζ, the bit readout) and the post-sampler. The injection block is a decoder
-# block of the source model, so it is not among them.
-NEW_LATENT_PREFIXES = ("encoder.", "post_sampler.")
-
-
-def latent_path_prefixes(model: FreeTransformer) -> tuple[str, ...]:
-    """Parameter-name prefixes of the latent path: the encoder, the post-sampler and the
-    injection block, the one block whose keys/values read x + r (paper Algorithm 2)."""
-    return ("encoder.", "post_sampler.", f"blocks.{model.config.inject_layer}.")
-
-
-def set_trainable(model: FreeTransformer, trainable: str) -> None:
-    """``"all"``: every weight trains. ``"latent"``: only the latent path does; the rest is
-    frozen (requires_grad False), so it gets no gradient, no optimizer state and no decay."""
-    keep = latent_path_prefixes(model) if trainable == "latent" else ("",)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(keep))
-
-
-def load_init_checkpoint(cfg: RunConfig) -> Checkpoint | None:
-    """The checkpoint named by ``train.init_from``, checked against the run's [model] section."""
-    src = cfg.train.init_from
-    if not src:
-        return None
-    ck = load_checkpoint(src)
-    saved, own = ck.state["config"]["model"], cfg.model.to_dict()
-    diff = [k for k in own if saved.get(k) != own[k]]
-    if diff:
-        k = diff[0]
-        more = f" (and {len(diff) - 1} more field(s) differ)" if len(diff) > 1 else ""
-        raise CheckpointError(
-            f"--init-from {src}: model.{k} = {own[k]!r} in this run's config but "
-            f"{saved.get(k)!r} in the checkpoint{more}; set --model.{k}={saved.get(k)} or make "
-            "[model] equal the checkpoint's config.json")
-    return ck
-
-
-def _check_same_tokenizer(init: Checkpoint, data_dir: Path) -> None:
-    """Data prepared with another tokenizer than the initial weights' would train on
-    meaningless ids without any error; refuse it."""
-    from freeformer.checkpoint import load_run_tokenizer
-    from freeformer.data.tokenizer import load_tokenizer
-
-    run_dir = init.path.parent.parent
-    if not (run_dir / "tokenizer").is_dir():
-        return  # the source run has no tokenizer to compare with (synthetic task)
-    a, b = load_run_tokenizer(init), load_tokenizer(data_dir)
-    # Same vocabulary and ids; the document separator may differ (prepare with the
-    # tokenizer.json file ends documents with <|endoftext|>, with the directory with the
-    # source's own EOS), both are ids the model knows.
-    same = type(a) is type(b) and a.vocab_size == b.vocab_size
-    if same and hasattr(a, "hf"):
-        same = (a.hf.get_vocab(with_added_tokens=True) == b.hf.get_vocab(with_added_tokens=True)
-                and a.encode(_PROBE) == b.encode(_PROBE))
-    if not same:
-        raise ConfigError(f"the data in {data_dir} was prepared with another tokenizer than "
-                          f"the --init-from run's; prepare it with --tokenizer "
-                          f"{run_dir / 'tokenizer'}")
-
-
-_PROBE = "def f(x):\n    return x  # Ünïcödé, 中文, emoji 🙂\n\tThe end. 12345"
 
 
 def build_model(cfg: RunConfig, device: torch.device, init: Checkpoint | None = None
@@ -324,161 +194,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
 
 
 # ---------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, latent: bool,
-             n_bits: int, k: int, seed: int, device: torch.device,
-             ctx: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
-    """Validation metrics in nats per scored target (``IGNORE_INDEX`` targets are skipped,
-    like the cross-entropy) unless named ``_bits``.
-
-    Free Transformer (the estimators are in ``freeformer.likelihood``; k = ``is_samples``):
-      nll_is        the model's −log P(S)/T estimated by importance sampling with k encoder
-                    samples: −log (1/k) Σ_j P(S|Z_j) P(Z_j) / Q(Z_j|S), Z_j ~ Q(·|S).
-      nll_is_prior  the same number estimated with k prior samples: −log (1/k) Σ_j P(S|Z_j),
-                    Z_j ~ P(Z). (Measured tighter than nll_is at small k on models trained
-                    to KL ≈ κ: docs/evaluation.md.)
-                    Both are consistent as k grows; for finite k each is an upper bound on
-                    −log P(S)/T *in expectation* (Jensen), not for every batch, and the
-                    smaller of the two is biased low — no bound. Compare either, with its k,
-                    to a baseline's CE.
-      ce_prior      CE with codes from the uniform prior (what generation does), averaged
-                    over the k prior draws: E_Z[−log P(S|Z)]/T, a looser upper bound.
-      ce_encoder    CE with codes from the encoder — it has seen the future tokens, so this
-                    is NOT the model's likelihood (it leaks the answer); reported for curves.
-      kl_bits       KL(Q || prior) per scored target, in bits (positions after a row's last
-                    scored target are left out: their codes reach no scored token).
-      elbo          ce_encoder + KL: an unbiased estimate of the negative ELBO, an upper
-                    bound on −log P(S)/T.
-    Baseline: ce.
-    """
-    ctx = ctx if ctx is not None else contextlib.nullcontext()
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    tot: dict[str, float] = {}
-    n_tok = 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        n = int(scored(y).sum())
-        with ctx:
-            if not latent:
-                vals = {"ce": -float(token_log_probs(model(x).logits, y).sum()) / n}
-            else:
-                weights, prior_weights, ce_prior, ce_enc, kl = [], [], 0.0, 0.0, 0.0
-                for _ in range(k):
-                    lp = token_log_probs(model(x, latents="prior", generator=gen).logits, y)
-                    prior_weights.append(lp.double().sum(-1))  # log P(S | Z), Z ~ P(Z)
-                    ce_prior -= float(lp.sum()) / (n * k)
-                    lw, lp, out = posterior_log_weights(model, x, y, generator=gen)
-                    weights.append(lw.double())
-                    ce_enc -= float(lp.sum()) / (n * k)
-                    kl += float(out.kl_tokens.float()[code_mask(y)].sum()) / (n * k)
-                log_ps = log_mean_exp(torch.stack(weights), 0)  # (B,) log P̂(S)
-                log_ps_prior = log_mean_exp(torch.stack(prior_weights), 0)
-                vals = {"ce_prior": ce_prior, "ce_encoder": ce_enc, "kl_bits": kl / LOG2,
-                        "elbo": ce_enc + kl, "nll_is": float(-log_ps.sum()) / n,
-                        "nll_is_prior": float(-log_ps_prior.sum()) / n}
-        for key, v in vals.items():
-            tot[key] = tot.get(key, 0.0) + v * n
-        n_tok += n
-    model.train(was_training)
-    out = {key: v / n_tok for key, v in tot.items()}
-    if latent:
-        out["is_samples"] = k
-    return out
-
-
-class LatentMonitor:
-    """Warns when the KL sits far below κ for long (the latent is unused) or near H bits
-    (the latent copies the sequence). ``update`` returns a warning once per condition."""
-
-    def __init__(self, kappa_bits: float, n_bits: int, patience: int = 20) -> None:
-        self.kappa, self.n_bits, self.patience = kappa_bits, n_bits, patience
-        self.low = self.high = 0
-        self.warned: set[str] = set()
-
-    def update(self, step: int, kl_bits: float) -> str | None:
-        self.low = self.low + 1 if kl_bits < 0.1 * self.kappa else 0
-        self.high = self.high + 1 if kl_bits > 0.5 * self.n_bits else 0
-        if self.low >= self.patience and "low" not in self.warned:
-            self.warned.add("low")
-            return (f"step {step}: KL has stayed at {kl_bits:.4f} bits/token, far below "
-                    f"κ = {self.kappa:g} bits, for {self.low} logs: the decoder is not using Z")
-        if self.high >= self.patience and "high" not in self.warned:
-            self.warned.add("high")
-            return (f"step {step}: KL is {kl_bits:.2f} bits/token, near H = {self.n_bits} bits: "
-                    "the latent may be copying the sequence (generation will break)")
-        return None
-
-
-# ---------------------------------------------------------------------------------------
-# Logging
-# ---------------------------------------------------------------------------------------
-class MetricsLog:
-    """RUN_DIR/metrics.jsonl plus optional TensorBoard / W&B sinks (main process only)."""
-
-    def __init__(self, run_dir: Path, cfg: RunConfig, enabled: bool, resume_step: int) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = self.wandb = None
-        if not enabled:
-            return
-        if resume_step and self.path.exists():
-            # Drop lines logged after the checkpoint we resume from: they will be re-made.
-            lines = self.path.read_text().splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        elif not resume_step:
-            self.path.write_text("")
-        tc = cfg.train
-        if tc.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("train.tensorboard needs TensorBoard: "
-                                "pip install 'freeformer[logging]'") from None
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        if tc.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("train.wandb needs Weights & Biases: "
-                                "pip install 'freeformer[logging]'") from None
-            self.wandb = wandb.init(project=tc.wandb_project, config=cfg.to_dict(),
-                                    dir=str(run_dir), resume="allow")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        step = record["step"]
-        prefix = "val/" if record.get("kind") == "val" else "train/"
-        scalars = {prefix + k: v for k, v in record.items()
-                   if isinstance(v, (int, float)) and k not in ("step", "kind")}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
-           f"{torch.get_num_threads()} torch threads"
-
-
-# ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
 @dataclass
@@ -512,7 +227,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
     """Train ``cfg`` into ``run_dir`` (or continue the run there with ``resume``)."""
     tc = cfg.train
     run_dir = Path(run_dir)
-    device = resolve_device(tc)
+    device = resolve_device(tc.device, flag="train.device")
     info = D.init_distributed(tc.dist, device.type)
     try:
         return _train(cfg, run_dir, resume, quiet, info)
@@ -523,7 +238,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
            info: D.DistInfo) -> TrainResult:
     tc, mc = cfg.train, cfg.model
-    device = resolve_device(tc, info)
+    device = resolve_device(tc.device, flag="train.device", local_rank=info.local_rank)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     ck = None
@@ -539,7 +254,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
     init = None if resume else load_init_checkpoint(cfg)
     data_dir = getattr(train_data, "data_dir", None)
     if init is not None and data_dir is not None:
-        _check_same_tokenizer(init, Path(data_dir))
+        check_same_tokenizer(init, Path(data_dir))
     if info.is_main and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), "version": __version__})
@@ -654,16 +369,6 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
     return TrainResult(end, tokens, last, val, (tokens - tok0) / max(elapsed, 1e-9), run_dir)
 
 
-def format_val(step: int, v: dict[str, float]) -> str:
-    if "ce" in v:
-        return f"val step {step}: ce {v['ce']:.4f} nats/token"
-    k = int(v.get("is_samples", 0))
-    return (f"val step {step}: −log P(S)/T estimates (importance sampling, k={k}): encoder "
-            f"proposal {v['nll_is']:.4f}, prior proposal {v['nll_is_prior']:.4f} nats/token | "
-            f"ELBO {v['elbo']:.4f} | KL {v['kl_bits']:.4f} bits | ce(prior codes) "
-            f"{v['ce_prior']:.4f} | ce(encoder codes, sees the future) {v['ce_encoder']:.4f}")
-
-
 def _enable_activation_checkpointing(model: FreeTransformer) -> None:
     from torch.utils.checkpoint import checkpoint
 
@@ -676,15 +381,3 @@ def _enable_activation_checkpointing(model: FreeTransformer) -> None:
             return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
 
         block.forward = wrapped
-
-
-def iter_metrics(run_dir: str | Path) -> Iterator[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path} not found: is {run_dir} a training run directory?")
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{i} is not valid JSON") from None

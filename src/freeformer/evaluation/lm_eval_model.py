@@ -75,6 +75,7 @@ from freeformer.likelihood import (
     self_normalised,
 )
 from freeformer.model import IGNORE_INDEX
+from freeformer.runtime import resolve_device
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -144,19 +145,6 @@ def _int_option(name: str, value, lo: int = 1) -> int:
     return v
 
 
-def _resolve_device(device) -> torch.device:
-    name = "auto" if device is None else str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but CUDA is not available; use --device cpu")
-    return dev
-
-
 @register_model("freeformer")
 class FreeformerLM(TemplateLM):
     """lm-eval model over a freeformer run directory or checkpoint (see the module docstring).
@@ -206,7 +194,7 @@ class FreeformerLM(TemplateLM):
         self.seed = _int_option("seed", seed, lo=0)
         self.max_gen_toks = _int_option("max_gen_toks", max_gen_toks)
         k = _int_option("latent_samples", latent_samples)
-        self._device = _resolve_device(device)
+        self._device = resolve_device(device, flag="device")
         self.model, self.checkpoint = load_model(pretrained, self._device)
         self.tok = load_run_tokenizer(self.checkpoint)
         self.pretrained = str(pretrained)

@@ -233,7 +233,8 @@ def score_model(path: Path, n_groups: int, seed: int,
     from freeformer.experiments.reconstruction import reconstruction
     from freeformer.experiments.scoring import aggregate
     from freeformer.runconfig import RunConfig
-    from freeformer.train import build_data, evaluate
+    from freeformer.train import build_data
+    from freeformer.validation import evaluate
 
     model, ck = load_model(path)
     gen = torch.Generator().manual_seed(seed + 12345)

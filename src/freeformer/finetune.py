@@ -1,0 +1,78 @@
+"""Fine-tuning setup: starting a run from another run's weights (``train.init_from``) and
+training only part of the model (``train.trainable``).
+
+The latent path of a converted pretrained decoder is new, the rest pretrained; these are
+the names that tell them apart, used by the optimizer's parameter groups
+(``train.latent_lr_scale``) and by freezing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from freeformer.checkpoint import Checkpoint, load_checkpoint, load_run_tokenizer
+from freeformer.errors import CheckpointError, ConfigError
+from freeformer.model import FreeTransformer
+from freeformer.runconfig import RunConfig
+
+# The latent path's weights that a converted pretrained model does not have: the encoder
+# (its blocks, ζ, the bit readout) and the post-sampler. The injection block is a decoder
+# block of the source model, so it is not among them.
+NEW_LATENT_PREFIXES = ("encoder.", "post_sampler.")
+
+
+def latent_path_prefixes(model: FreeTransformer) -> tuple[str, ...]:
+    """Parameter-name prefixes of the latent path: the encoder, the post-sampler and the
+    injection block, the one block whose keys/values read x + r (paper Algorithm 2)."""
+    return ("encoder.", "post_sampler.", f"blocks.{model.config.inject_layer}.")
+
+
+def set_trainable(model: FreeTransformer, trainable: str) -> None:
+    """``"all"``: every weight trains. ``"latent"``: only the latent path does; the rest is
+    frozen (requires_grad False), so it gets no gradient, no optimizer state and no decay."""
+    keep = latent_path_prefixes(model) if trainable == "latent" else ("",)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(keep))
+
+
+def load_init_checkpoint(cfg: RunConfig) -> Checkpoint | None:
+    """The checkpoint named by ``train.init_from``, checked against the run's [model] section."""
+    src = cfg.train.init_from
+    if not src:
+        return None
+    ck = load_checkpoint(src)
+    saved, own = ck.state["config"]["model"], cfg.model.to_dict()
+    diff = [k for k in own if saved.get(k) != own[k]]
+    if diff:
+        k = diff[0]
+        more = f" (and {len(diff) - 1} more field(s) differ)" if len(diff) > 1 else ""
+        raise CheckpointError(
+            f"--init-from {src}: model.{k} = {own[k]!r} in this run's config but "
+            f"{saved.get(k)!r} in the checkpoint{more}; set --model.{k}={saved.get(k)} or make "
+            "[model] equal the checkpoint's config.json")
+    return ck
+
+
+def check_same_tokenizer(init: Checkpoint, data_dir: Path) -> None:
+    """Data prepared with another tokenizer than the initial weights' would train on
+    meaningless ids without any error; refuse it."""
+    from freeformer.data.tokenizer import load_tokenizer
+
+    run_dir = init.path.parent.parent
+    if not (run_dir / "tokenizer").is_dir():
+        return  # the source run has no tokenizer to compare with (synthetic task)
+    a, b = load_run_tokenizer(init), load_tokenizer(data_dir)
+    # Same vocabulary and ids; the document separator may differ (prepare with the
+    # tokenizer.json file ends documents with <|endoftext|>, with the directory with the
+    # source's own EOS), both are ids the model knows.
+    same = type(a) is type(b) and a.vocab_size == b.vocab_size
+    if same and hasattr(a, "hf"):
+        same = (a.hf.get_vocab(with_added_tokens=True) == b.hf.get_vocab(with_added_tokens=True)
+                and a.encode(_PROBE) == b.encode(_PROBE))
+    if not same:
+        raise ConfigError(f"the data in {data_dir} was prepared with another tokenizer than "
+                          f"the --init-from run's; prepare it with --tokenizer "
+                          f"{run_dir / 'tokenizer'}")
+
+
+_PROBE = "def f(x):\n    return x  # Ünïcödé, 中文, emoji 🙂\n\tThe end. 12345"
