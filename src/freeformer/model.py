@@ -227,9 +227,10 @@ class FreeTransformer(nn.Module):
         "prior" → uniform codes per token; a LongTensor (B, T) or (T,) → those codes.
         ``generator`` drives every latent draw; ``bit_noise`` (B, T, H) uniforms in [0, 1)
         may replace the posterior's draws (data-parallel training slices one global draw,
-        so any number of processes samples the same latents). ``cache`` (a ``layers.KVCache``) makes this a
-        prefill or decode step at position ``cache.pos``; encoder latents then need the
-        whole prompt in one call, since the encoder is non-causal. ``check_inputs=False``
+        so any number of processes samples the same latents). ``cache`` (a
+        ``layers.KVCache``) makes this a prefill or decode step at position ``cache.pos``;
+        encoder latents then need the whole prompt in one call, since the encoder is
+        non-causal. ``check_inputs=False``
         skips the id-range checks (each costs a host sync) for callers that validated once,
         as generation's decode steps do.
 

@@ -113,6 +113,7 @@ def build_data(cfg: RunConfig, info: D.DistInfo):
         train = SyntheticBatches(tc.batch_size, tc.seed, info.rank, info.world_size)
     else:
         from freeformer.data.loader import TokenWindows
+        from freeformer.data.prepare import ensure_stdlib_data
 
         path = ensure_stdlib_data(dc.path) if dc.source == "stdlib" else dc.path
         train = TokenWindows(path, "train", tc.seq_len, tc.batch_size, tc.seed, info.rank,
@@ -122,21 +123,6 @@ def build_data(cfg: RunConfig, info: D.DistInfo):
                               f"data's vocabulary ({train.vocab_size}); set "
                               f"--model.vocab_size={train.vocab_size}")
     return train, train.fixed_batches(tc.eval_batches)
-
-
-def ensure_stdlib_data(path: str) -> str:
-    """Prepare Python's own standard library source (byte tokenizer) into ``path`` once."""
-    if (Path(path) / "manifest.json").is_file():
-        return path
-    import sysconfig
-
-    from freeformer.data.prepare import prepare
-
-    stdlib = sysconfig.get_paths()["stdlib"]
-    prepare([stdlib], path, tokenizer="byte", include=("*.py",),
-            exclude=("site-packages", "dist-packages", "test", "tests", "idlelib"),
-            val_fraction=0.01, seed=0)
-    return path
 
 
 def micro_batches(tc: TrainConfig, info: D.DistInfo) -> int:

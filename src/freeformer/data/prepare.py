@@ -381,3 +381,17 @@ def _chunks(docs: Iterator[tuple[str, int]]) -> Iterator[list[tuple[str, int]]]:
             chunk, size = [], 0
     if chunk:
         yield chunk
+
+
+def ensure_stdlib_data(path: str) -> str:
+    """Prepare Python's own standard library source (byte tokenizer) into ``path`` once
+    (``data.source = "stdlib"``)."""
+    if (Path(path) / "manifest.json").is_file():
+        return path
+    import sysconfig
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    prepare([stdlib], path, tokenizer="byte", include=("*.py",),
+            exclude=("site-packages", "dist-packages", "test", "tests", "idlelib"),
+            val_fraction=0.01, seed=0)
+    return path
