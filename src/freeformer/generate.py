@@ -81,8 +81,9 @@ def new_cache(model: FreeTransformer, batch_size: int, max_len: int) -> KVCache:
 
 
 def prefill_prompt(model: FreeTransformer, prompt: Tensor, cache: KVCache,
-            latents: Tensor | str | None = None, *, generator: torch.Generator | None = None,
-            bit_noise: Tensor | None = None) -> ModelOutput:
+                   latents: Tensor | str | None = None, *,
+                   generator: torch.Generator | None = None,
+                   bit_noise: Tensor | None = None) -> ModelOutput:
     """Run ``prompt`` (B, T0) into an empty ``cache``; the output holds the last position's
     logits and the prompt's codes. ``latents``: None (encoder over the prompt), "prior" or
     the prompt's codes, as in ``FreeTransformer.forward``."""
