@@ -194,3 +194,43 @@ def test_generate_bad_arguments(model):
         generate(model, p, 2, top_p=1.5)
     with pytest.raises(DataError, match="temperature"):
         generate(model, p, 2, temperature=-1)
+
+
+@pytest.mark.parametrize("latent", [True, False])
+def test_static_decode_equals_eager_decode(latent):
+    """The fixed-shape decode step (the one a CUDA graph replays) computes what the eager
+    cached step computes: every sampled-from logit row agrees, and greedy tokens are equal.
+    On the CPU the static step runs without a graph; tests/test_cuda.py replays it."""
+    model = listening_model() if latent else FreeTransformer(CFG.replace(latent=False), seed=0)
+    p = prompt()
+    z = torch.randint(0, CFG.n_codes, (3, 5 + 12), generator=gen(3)) if latent else None
+    outs = []
+    for static in (False, True):
+        rows = []
+        hook = model.register_forward_hook(lambda mod, a, o: rows.append(o.logits[:, -1].clone()))
+        toks = generate(model, p, 12, temperature=0, latents=z, static=static)
+        hook.remove()
+        outs.append((toks, torch.stack(rows, 1)))
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
+
+
+def test_static_decode_masks_the_unwritten_cache():
+    """The static step attends over the whole preallocated cache: positions not yet written
+    must be masked and cleared (a zero weight times NaN is NaN). NaN planted in every fresh
+    buffer changes nothing."""
+    model = listening_model()
+    p = prompt(B=2)
+    z = torch.randint(0, CFG.n_codes, (2, 5 + 6), generator=gen(4))
+    ref = generate(model, p, 6, temperature=0, latents=z, static=True)
+    empty = torch.empty
+
+    def planted(*a, **k):
+        return empty(*a, **k).fill_(float("nan"))
+
+    torch.empty, orig = planted, torch.empty
+    try:
+        got = generate(model, p, 6, temperature=0, latents=z, static=True)
+    finally:
+        torch.empty = orig
+    assert torch.equal(got, ref)

@@ -24,8 +24,11 @@ from freeformer.errors import DataError
 from freeformer.latent import check_codes, uniform_codes
 from freeformer.layers import KVCache
 from freeformer.model import FreeTransformer, ModelOutput
+from freeformer.static_decode import StaticDecodeStep
 
 PREFILL_MODES = ("encoder", "prior")
+EOS_CHECK_EVERY = 16
+"""Decode steps between the host syncs that ask whether every row has emitted EOS."""
 
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -106,25 +109,38 @@ def decode_one(model: FreeTransformer, tokens: Tensor, cache: KVCache,
 
 def decode_stream(model: FreeTransformer, logits: Tensor, cache: KVCache, max_new_tokens: int,
                   pick: Callable[[Tensor], Tensor], *, codes: Tensor | None = None,
-                  finished: Tensor | None = None) -> Iterator[Tensor]:
+                  finished: Tensor | None = None, check_every: int = 1,
+                  static: bool = False) -> Iterator[Tensor]:
     """The decode loop: yield the next tokens (B,), up to ``max_new_tokens`` times.
 
     ``logits`` (B, V) are the prefill's last; ``pick`` turns logits into tokens (sampling
     or argmax). ``codes`` (B, ≥ cache.pos + max_new_tokens) give every new position's code
     (None for a baseline). Per-row stopping: ``finished`` (B,) bool is the caller's, who sets
     a row once it is done, between steps; the loop ends early once every row is (the model
-    still runs finished rows, whose tokens the caller ignores). No step runs after the last
-    token is yielded.
+    still runs finished rows, whose tokens the caller ignores). Asking is a host sync, so it
+    is asked every ``check_every`` steps: up to ``check_every − 1`` steps may run after every
+    row is done. No step runs after the last token is yielded.
+
+    ``static=True``: the steps run at fixed shapes (:class:`~freeformer.static_decode.
+    StaticDecodeStep`), replayed as one CUDA graph each on a GPU — no host sync, no per-kernel
+    launch from Python. The cache then holds its position on the device.
     """
-    start = cache.pos
+    start = int(cache.pos)
+    step = None
+    if static and max_new_tokens > 1:
+        step = StaticDecodeStep(model, cache, logits.shape[0],
+                                graph=logits.device.type == "cuda")
     for t in range(max_new_tokens):
         nxt = pick(logits)
         yield nxt
-        if t == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
+        if t == max_new_tokens - 1:
+            return
+        if finished is not None and (t + 1) % check_every == 0 and bool(finished.all()):
             return
         pos = start + t
-        logits = decode_one(model, nxt, cache,
-                            codes[:, pos:pos + 1] if codes is not None else None)
+        step_codes = codes[:, pos:pos + 1] if codes is not None else None
+        logits = (step(nxt[:, None], step_codes) if step is not None
+                  else decode_one(model, nxt, cache, step_codes))
 
 
 @torch.no_grad()
@@ -132,13 +148,17 @@ def generate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              latents: Tensor | None = None, prefill: str = "encoder",
              generator: torch.Generator | None = None, eos_id: int | None = None,
-             return_latents: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+             return_latents: bool = False, static: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Continue ``prompt`` (B, T0) or (T0,) by up to ``max_new_tokens`` tokens.
 
     ``latents`` (B or 1, T0 + max_new_tokens) pins every position's code, prompt included.
     Otherwise prompt codes follow ``prefill`` and new tokens draw uniform codes. Sequences
     that emit ``eos_id`` are padded with it; generation stops once all have. Returns the
     tokens (prompt included), and with ``return_latents`` also the codes used (B, T).
+
+    ``static=True`` decodes at fixed shapes, one CUDA-graph replay per token on a GPU (the
+    fast path for small batches there; see :func:`decode_stream`). The tokens are those of
+    eager decoding up to the rounding of attention over the masked full cache.
     """
     squeeze = prompt.dim() == 1
     prompt = prompt[None] if squeeze else prompt
@@ -165,16 +185,23 @@ def generate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, *,
             [out.codes, uniform_codes((B, max_new_tokens), c.latent_bits, device, generator)],
             dim=1)
     tokens = [prompt]
-    # Only an EOS can finish a row early (checking costs a host sync per step).
+    # Only an EOS can finish a row early.
     finished = torch.zeros(B, dtype=torch.bool, device=device) if eos_id is not None else None
     for nxt in decode_stream(model, out.logits[:, -1], cache, max_new_tokens,
                              lambda logits: sample(logits, temperature, top_k, top_p, generator),
-                             codes=all_codes, finished=finished):
+                             codes=all_codes, finished=finished, check_every=EOS_CHECK_EVERY,
+                             static=static):
         if finished is not None:  # finished rows are padded with eos_id
             nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
             finished |= nxt == eos_id
         tokens.append(nxt[:, None])
     result = torch.cat(tokens, dim=1)
+    if eos_id is not None and result.shape[1] > T0:
+        # End where every row had emitted eos_id: steps run after that (EOS is checked only
+        # every EOS_CHECK_EVERY steps) only padded finished rows.
+        done = (result[:, T0:] == eos_id).cummax(dim=1).values.all(dim=0)
+        if bool(done.any()):
+            result = result[:, :T0 + 1 + int(done.int().argmax())]
     if squeeze:
         result = result[0]
     if not return_latents:

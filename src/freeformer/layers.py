@@ -10,10 +10,18 @@ and the encoder takes queries from ζ and keys/values from x (paper Algorithm 2)
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Attention backends for cached (prefill / decode) calls on CUDA. cuDNN's attention builds an
+# execution plan for every new shape and caches it; decoding changes the key length at every
+# step, and on an H200 that replanning cost ~65 ms per token — ten times the whole step of the
+# baseline (bench/RESULTS.md, GPU section). Flash / memory-efficient kernels need no plan.
+_CACHED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 from freeformer.config import ModelConfig
 
@@ -70,14 +78,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class LayerKV:
-    """Preallocated keys/values of one attention layer: (B, n_kv_heads, max_len, head_dim)."""
+    """Preallocated keys/values of one attention layer: (B, n_kv_heads, max_len, head_dim).
+
+    ``pos`` is a Python int (eager decoding: attention reads the filled prefix) or a 0-dim
+    long tensor on the cache's device (static decoding: every shape is fixed, so one step can
+    be captured in a CUDA graph and replayed; attention then reads the whole buffer with the
+    positions after ``pos`` masked)."""
 
     def __init__(self, k: Tensor, v: Tensor) -> None:
         self.k, self.v = k, v
 
-    def update(self, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v (B, h, t, hd) at positions [pos, pos+t) and return all keys/values so far."""
+    def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v (B, h, t, hd) at positions [pos, pos+t) and return the keys/values to
+        attend to: those so far (int ``pos``) or the whole buffer (tensor ``pos``)."""
         t = k.shape[2]
+        if isinstance(pos, Tensor):
+            idx = pos + torch.arange(t, device=k.device)
+            self.k.index_copy_(2, idx, k.to(self.k.dtype))
+            self.v.index_copy_(2, idx, v.to(self.v.dtype))
+            return self.k, self.v
         self.k[:, :, pos:pos + t] = k
         self.v[:, :, pos:pos + t] = v
         return self.k[:, :, :pos + t], self.v[:, :, :pos + t]
@@ -111,7 +130,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(self, xq: Tensor, xkv: Tensor, cos: Tensor, sin: Tensor, causal: bool,
-                cache: LayerKV | None = None, pos: int = 0) -> Tensor:
+                cache: LayerKV | None = None, pos: int | Tensor = 0) -> Tensor:
         B, T, _ = xq.shape
         q = self.wq(xq).view(B, T, self.n_heads, self.head_dim)
         k, v = self.wkv(xkv).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
@@ -121,17 +140,38 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(pos, k, v)
         S = k.shape[2]
-        if causal and S != T:
+        if isinstance(pos, Tensor):  # static cache: the whole buffer, keys after pos masked
+            qpos = pos + torch.arange(T, device=xq.device)
+            mask = torch.arange(S, device=xq.device)[None, :] <= qpos[:, None]
+            causal = False
+        elif causal and S != T:
             if T == 1:
                 causal = False  # one new query attends to every cached key
             else:  # a chunk after cached positions: query i sees keys ≤ pos + i
                 qi = torch.arange(pos, pos + T, device=xq.device)[:, None]
                 mask = torch.arange(S, device=xq.device)[None, :] <= qi
                 causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            enable_gqa=self.n_kv_heads != self.n_heads)
+        with sdpa_kernel(_CACHED_BACKENDS) if cache is not None and xq.is_cuda else nullcontext():
+            y = self._attend(q, k, v, mask, causal)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                causal: bool) -> Tensor:
+        B, _, T, _ = q.shape
+        g = self.n_heads // self.n_kv_heads
+        if T == 1 and g > 1 and not causal:
+            # One query per head: fold the g query heads that share a KV head into the query
+            # axis, (B, h, 1, hd) → (B, h_kv, g, hd) (head i reads KV head i // g, as
+            # enable_gqa does), so attention reads each cached K/V once and no backend needs
+            # GQA support. A (1, S) mask broadcasts over the g rows.
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, g, self.head_dim),
+                                               k, v, attn_mask=mask)
+            y = y.reshape(B, self.n_heads, 1, self.head_dim)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal,
+                enable_gqa=self.n_kv_heads != self.n_heads)
+        return y
 
 
 class SwiGLU(nn.Module):
@@ -161,7 +201,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, hidden)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor | None = None,
-                causal: bool = True, cache: LayerKV | None = None, pos: int = 0) -> Tensor:
+                causal: bool = True, cache: LayerKV | None = None,
+                pos: int | Tensor = 0) -> Tensor:
         h = self.attn_norm(x)
         hkv = h if kv is None else self.attn_norm(kv)
         x = x + self.attn(h, hkv, cos, sin, causal, cache, pos)

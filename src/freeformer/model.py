@@ -254,9 +254,14 @@ class FreeTransformer(nn.Module):
             raise DataError(f"targets shape {tuple(targets.shape)} != tokens shape "
                             f"{tuple(tokens.shape)}")
         pos = cache.pos if cache is not None else 0
-        self._check_tokens(tokens, pos, check_inputs)
+        static = isinstance(pos, Tensor)  # a static cache (generate.py): position on device
+        self._check_tokens(tokens, 0 if static else pos, check_inputs)
         B, T = tokens.shape
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        if static:  # fixed shapes, no host sync: capturable in a CUDA graph
+            idx = pos + torch.arange(T, device=pos.device)
+            cos, sin = self.rope_cos[idx], self.rope_sin[idx]
+        else:
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         layer_cache = (lambda i: cache.layers[i]) if cache is not None else (lambda i: None)
 
         x = self.tok_emb(tokens)
@@ -269,7 +274,7 @@ class FreeTransformer(nn.Module):
         kv = None
         if c.latent:
             if latents is None:
-                if pos != 0:
+                if static or pos != 0:
                     raise ValueError("encoder latents need the whole prompt in one call "
                                      "(the encoder is non-causal); pass codes or 'prior'")
                 bit_logits = self.encoder(x, cos, sin)
@@ -310,7 +315,9 @@ class FreeTransformer(nn.Module):
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                  ignore_index=IGNORE_INDEX)
             loss = ce + kl_loss
-        if cache is not None:
+        if static:
+            pos.add_(T)  # in place: a replayed CUDA graph advances it too
+        elif cache is not None:
             cache.pos = pos + T
         return ModelOutput(logits=logits, loss=loss, ce=ce, kl=kl, kl_loss=kl_loss,
                            codes=codes, kl_tokens=kl_tokens, bit_logits=bit_logits)
