@@ -77,9 +77,8 @@ def time_backward(N, H, D, rounds, device, dtype, candidate: bool) -> dict:
     """Mapper backward vs the same-shape GEMM loop vs a large GEMM, alternately."""
     L, W, dr = make_inputs(N, H, D, device, dtype)
     f = torch.promote_types(dtype, torch.float32)
-    k = min(H, latent._CODE_CHUNK_BITS)
+    k, nt = latent.mapper_chunks(N, H, device)
     Cc = 1 << k
-    nt = max(1, min(N, latent._CHUNK_ELEMENTS // Cc))
     Wf, drf = W.detach().to(f), dr.to(f)
     S = torch.empty(nt, Cc, dtype=f, device=device)
 

@@ -93,7 +93,13 @@ def build(impl: str, cfg: ModelConfig, T: int, B: int, device: torch.device,
     torch.manual_seed(0)
 
     def maybe_compile(m: nn.Module) -> nn.Module:
-        return torch.compile(m) if compile_ else m
+        if not compile_:
+            return m
+        if isinstance(m, FreeTransformer):  # regional, as `freeformer train` does
+            from freeformer.distributed import compile_blocks
+
+            return compile_blocks(m)
+        return torch.compile(m)
 
     if impl.endswith("-bf16"):  # bf16 autocast whatever --dtype says (dtype comparisons)
         impl = impl[:-len("-bf16")]
@@ -108,7 +114,7 @@ def build(impl: str, cfg: ModelConfig, T: int, B: int, device: torch.device,
 
         def loss():
             with amp():
-                return fwd(inp, tgt, generator=gen).loss
+                return fwd(inp, tgt, generator=gen, return_logits=False).loss
 
         if impl == "ours-ft-bf16map":
             import mapper_candidates as mc
@@ -179,9 +185,8 @@ def mapper_gemm(cfg: ModelConfig, N: int, device: torch.device) -> Callable[[], 
     from freeformer import latent
 
     H, D = cfg.latent_bits, cfg.dim
-    k = min(H, latent._CODE_CHUNK_BITS)
+    k, nt = latent.mapper_chunks(N, H, device)
     Cc = 1 << k
-    nt = max(1, min(N, latent._CHUNK_ELEMENTS // Cc))
     W = torch.randn(1 << H, D, device=device)
     dr = torch.randn(N, D, device=device)
     S = torch.empty(nt, Cc, device=device)

@@ -25,6 +25,19 @@ from freeformer.layers import Block, RMSNorm
 # below the 64 MiB target at any N, H, D, while each matmul stays large enough to be fast.
 _CHUNK_ELEMENTS = 1 << 20
 _CODE_CHUNK_BITS = 10  # 1024 codes per chunk: W_j (1024 × D) is reused by every token row
+# On a GPU the ~13 small kernels per chunk, not the GEMMs, set the time at the CPU's sizes
+# (256 chunks per backward at T 4096, H 16): 4096 codes × 4096 tokens per chunk (64 MiB per
+# float32 buffer, small next to a GPU step's activations) cut that to 16 chunks.
+_CUDA_CHUNK_ELEMENTS = 1 << 24
+_CUDA_CODE_CHUNK_BITS = 12
+
+
+def mapper_chunks(n_tokens: int, n_bits: int, device: torch.device) -> tuple[int, int]:
+    """(k, nt): the mapper backward's chunks, 2^k codes × nt tokens, on ``device``."""
+    cuda = torch.device(device).type == "cuda"
+    k = min(n_bits, _CUDA_CODE_CHUNK_BITS if cuda else _CODE_CHUNK_BITS)
+    budget = _CUDA_CHUNK_ELEMENTS if cuda else _CHUNK_ELEMENTS
+    return k, max(1, min(n_tokens, budget >> k))
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,9 +122,8 @@ def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor,
     f = torch.promote_types(bit_logits.dtype, torch.float32)
     f = torch.promote_types(f, table.dtype)
     dev = bit_logits.device
-    k = min(H, _CODE_CHUNK_BITS)
+    k, nt = mapper_chunks(N, H, dev)
     C, J = 1 << k, 1 << (H - k)
-    nt = max(1, min(N, _CHUNK_ELEMENTS // C))
 
     L = bit_logits.to(f)
     log_p, log_q = F.logsigmoid(L), F.logsigmoid(-L)  # log σ(L), log σ(−L)

@@ -207,3 +207,68 @@ class Block(nn.Module):
         hkv = h if kv is None else self.attn_norm(kv)
         x = x + self.attn(h, hkv, cos, sin, causal, cache, pos)
         return x + self.mlp(self.mlp_norm(x))
+
+
+# Elements of each (tokens × vocabulary) float32 logit chunk of linear_cross_entropy: 2^26
+# (256 MiB) is 512 tokens of a 2^17 vocabulary — a few chunks per step at the paper's shapes,
+# one chunk for small vocabularies.
+_CE_CHUNK_ELEMENTS = 1 << 26
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight.T`` without materialising the (N, V) logits.
+
+    The forward walks chunks of tokens: float32 logits of one chunk, their log-sum-exp, the
+    loss, and already the gradients (softmax − one-hot, times the chunk's h or W), which it
+    keeps for the backward — so the full-vocabulary float32 logits (4096 × 2^17 × 4 B = 2 GiB
+    at the paper's 1.5B shape, plus their gradient) never exist, at no extra matmul. Under
+    autocast the matmuls run in its dtype, like the readout they replace; the loss and softmax
+    are float32.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+        dev = h.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else (
+            torch.promote_types(h.dtype, weight.dtype))
+        with torch.autocast(dev, enabled=False):
+            hc, W = h.to(dt), weight.to(dt)
+            N, V = hc.shape[0], W.shape[0]
+            valid = targets != ignore_index
+            safe = torch.where(valid, targets, 0)
+            n = valid.sum()
+            chunk = max(1, _CE_CHUNK_ELEMENTS // V)
+            f = torch.promote_types(dt, torch.float32)  # float32 (float64 stays float64)
+            loss = torch.zeros((), dtype=f, device=h.device)
+            grad_h = torch.empty_like(hc)
+            grad_w = torch.zeros(W.shape, dtype=f, device=h.device)
+            for a in range(0, N, chunk):
+                b = min(N, a + chunk)
+                logits = (hc[a:b] @ W.T).to(f)
+                lse = logits.logsumexp(-1)
+                t, v = safe[a:b], valid[a:b]
+                loss += torch.where(v, lse - logits.gather(1, t[:, None]).squeeze(1), 0).sum()
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                p[torch.arange(b - a, device=h.device), t] -= 1
+                p = p.mul_(v[:, None]).to(dt)         # ignored targets: no gradient
+                torch.mm(p, W, out=grad_h[a:b])
+                grad_w += (p.T @ hc[a:b]).to(f)
+        ctx.save_for_backward(grad_h, grad_w, n)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_h, grad_w, n = ctx.saved_tensors
+        scale = grad_out / n
+        return ((grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]),
+                None, None)
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor,
+                         ignore_index: int = -100) -> Tensor:
+    """``F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=...)`` (mean over
+    the targets not ignored; NaN when there are none), computed in chunks of tokens so the
+    full logits are never stored. h: (..., D), weight: (V, D), targets: (...)."""
+    return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
+                                     ignore_index)

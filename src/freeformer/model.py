@@ -31,7 +31,7 @@ from freeformer.latent import (
     token_mean,
     uniform_codes,
 )
-from freeformer.layers import Block, KVCache, RMSNorm, rope_tables
+from freeformer.layers import Block, KVCache, RMSNorm, linear_cross_entropy, rope_tables
 
 IGNORE_INDEX = -100
 BIT_LOGIT_INIT_STD = 0.1
@@ -71,7 +71,8 @@ class ModelOutput:
     ``loss = ce + kl_loss`` when targets are given, else None.
     """
 
-    logits: Tensor
+    logits: Tensor | None
+    """(B, T, V), or (B, 1, V) with ``last_logits_only``; None with ``return_logits=False``."""
     loss: Tensor | None
     ce: Tensor | None
     kl: Tensor
@@ -220,7 +221,7 @@ class FreeTransformer(nn.Module):
                 latents: Tensor | str | None = None, *,
                 generator: torch.Generator | None = None, bit_noise: Tensor | None = None,
                 cache: KVCache | None = None, last_logits_only: bool = False,
-                check_inputs: bool = True) -> ModelOutput:
+                check_inputs: bool = True, return_logits: bool = True) -> ModelOutput:
         """Run the model on ``tokens`` (B, T) or (T,).
 
         latents: None → codes sampled from the encoder's posterior (training and prefill);
@@ -232,7 +233,9 @@ class FreeTransformer(nn.Module):
         encoder latents then need the whole prompt in one call, since the encoder is
         non-causal. ``check_inputs=False``
         skips the id-range checks (each costs a host sync) for callers that validated once,
-        as generation's decode steps do.
+        as generation's decode steps do. ``return_logits=False`` (with targets: training)
+        computes the cross-entropy chunk by chunk without ever storing the (B, T, V) logits
+        (``layers.linear_cross_entropy``); ``logits`` is then None.
 
         Targets equal to ``IGNORE_INDEX`` are not scored by the cross-entropy. The KL and the
         free-bits hinge count every position whose code reaches a scored target (all
@@ -306,14 +309,18 @@ class FreeTransformer(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         h = self.norm(x)
-        logits = F.linear(h, self.tok_emb.weight) if self.head is None else self.head(h)
-
-        ce = loss = None
+        readout = self.tok_emb.weight if self.head is None else self.head.weight
+        logits = ce = loss = None
+        if return_logits or targets is None:
+            logits = F.linear(h, readout)
         if targets is not None:
             if last_logits_only:
                 raise ValueError("last_logits_only=True computes no logits to score targets with")
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                 ignore_index=IGNORE_INDEX)
+            if logits is None:  # training: the loss without the (B, T, V) logits
+                ce = linear_cross_entropy(h, readout, targets, IGNORE_INDEX)
+            else:
+                ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                     ignore_index=IGNORE_INDEX)
             loss = ce + kl_loss
         if static:
             pos.add_(T)  # in place: a replayed CUDA graph advances it too

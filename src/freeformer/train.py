@@ -167,7 +167,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
         # DDP / FSDP2: gradients are reduced across processes once, on the last micro-batch.
         with D.accumulating(model, sync=i == n_micro - 1):
             with ctx:
-                out = model(xs[i], ys[i], bit_noise=ns[i])
+                out = model(xs[i], ys[i], bit_noise=ns[i], return_logits=False)
             (out.loss / n_micro).backward()
         for k in ("loss", "ce", "kl", "kl_loss"):
             v = getattr(out, k).detach().float() / n_micro
@@ -264,7 +264,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
     if tc.activation_checkpointing:
         _enable_activation_checkpointing(model)
     # FSDP2 swaps parameters for sharded ones, so the optimizer is built after wrapping.
-    wrapped = D.wrap_model(model, info)
+    if tc.compile:
+        D.compile_blocks(model)
+    bf16 = resolve_precision(device, tc.precision, mc.dim) == "bf16"
+    wrapped = D.wrap_model(model, info, torch.bfloat16 if bf16 else None)
     optimizer = build_optimizer(model, tc)
     # Taken before a checkpoint's param groups are loaded over the optimizer's own.
     lr_scales = [g["lr_scale"] for g in optimizer.param_groups]
@@ -277,8 +280,6 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
         train_data.load_state_dict(ck.state["data"])
         gen.set_state(torch.tensor(ck.state["rng"]["latent"], dtype=torch.uint8))
         start, tokens = ck.step, int(ck.state["tokens"])
-    if tc.compile:
-        wrapped = torch.compile(wrapped)
     ctx = autocast(device, tc.precision, mc.dim)
     log = MetricsLog(run_dir, cfg, info.is_main, start)
     monitor = LatentMonitor(mc.free_bits, mc.latent_bits) if mc.latent else None
