@@ -10,11 +10,14 @@
 #   1. pytest -m gpu                    the CUDA tests (tests/test_cuda.py)
 #   2. training step, paper-1.5b shape  Free Transformer and baseline, bf16 autocast, eager,
 #                                       T 4096, B 1, step time and MFU (FLOPs: bench/theory.py)
-#   3. binary mapper                    backward against its 2·N·2^H·D GEMM bound
-#   4. cached generation                KV cache vs none, FT vs baseline (bench_generate.py)
-#   5. one-GPU FSDP2 step               torchrun --nproc_per_node=1, 4 micro-batches, against
-#                                       the same run without FSDP (losses must agree)
-#   6. training step, torch.compile     as 2, compiled (with the time left)
+#   3. decoding                         ms/token of the default generate, FT vs baseline,
+#                                       eager and static (CUDA graph), d512-L8 and paper-1.5b
+#                                       (bench_decode.py)
+#   4. training step, torch.compile     as 2, compiled per block (first-step = compile time)
+#   5. binary mapper                    backward against its 2·N·2^H·D GEMM bound
+#   6. one-GPU FSDP2 step               torchrun --nproc_per_node=1, 4 micro-batches, bf16
+#                                       MixedPrecisionPolicy, against the same run without
+#                                       FSDP (losses must agree to bf16 rounding)
 #
 # Environment: PYTHON (default: python3), OUT (the report goes to $OUT/gpu_check.md, logs to
 # $OUT/gpu_check/; default: a temporary directory), PEAK_TFLOPS (dense bf16 peak of the GPU
@@ -104,13 +107,13 @@ run() {
 if [ "$SMOKE" = 1 ]; then
   TRAIN_SHAPE=(--shapes debug --bits 8 --rounds 1)
   MAPPER=(--smoke --rounds 1)
-  GEN=(--shape debug --new-tokens 8 --rounds 1)
+  GEN=(--shapes debug --new-tokens 8 --rounds 1)
   FSDP_MODEL=(--preset debug)
   FSDP_BATCH=(--train.batch_size=8 --train.micro_batch_size=2)
 else
   TRAIN_SHAPE=(--shapes paper-1.5b --bits 16 --rounds 3)
   MAPPER=(--parts bwd --rounds 5)
-  GEN=(--shape d512-L8 --new-tokens 512 --rounds 1)
+  GEN=(--shapes d512-L8,paper-1.5b --new-tokens 128 --rounds 2)
   # The paper's 1.5B width and latent (D 1536, H 16) with 4 layers, on the
   # synthetic task (no data to prepare): a step of FSDP2 + NCCL + accumulation + checkpoint.
   # (Vocabulary 2^15 instead of 2^17 keeps the two final checkpoints at ~4 GB each.)
@@ -123,22 +126,30 @@ fi
 run gpu-tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py
 
 # 2. Training step at the paper's 1.5B shape, bf16 autocast, eager, with MFU.
-run train-step 150 "$PY" bench/bench_train.py --device "$DEV" --dtype bf16 "${TRAIN_SHAPE[@]}" \
+run train-step 120 "$PY" bench/bench_train.py --device "$DEV" --dtype bf16 "${TRAIN_SHAPE[@]}" \
   --impls ours-ft,ours-base --section gpu-check "${MFU_ARGS[@]}"
 
-# 3. The mapper's backward against its FLOP bound.
-run mapper 90 "$PY" bench/bench_mapper.py --device "$DEV" --dtype bf16 "${MAPPER[@]}"
+# 3. Decoding speed, eager and static (exit 1 if static and eager fp32 tokens differ).
+run decode 150 "$PY" bench/bench_decode.py --device "$DEV" --dtype bf16 "${GEN[@]}"
 
-# 4. Cached generation (exit 1 if cached and uncached tokens differ).
-run generate 90 "$PY" bench/bench_generate.py --device "$DEV" --dtype bf16 "${GEN[@]}"
+# 4. The same training step compiled, with the time left.
+if [ "${GPU_CHECK_COMPILE:-1}" = 0 ]; then
+  ROWS+=("| train-step-compiled | skipped (GPU_CHECK_COMPILE=0) | 0 |")
+else
+  run train-step-compiled 200 "$PY" bench/bench_train.py --device "$DEV" --dtype bf16 --compile \
+    "${TRAIN_SHAPE[@]}" --impls ours-ft,ours-base --section gpu-check-compiled "${MFU_ARGS[@]}"
+fi
 
-# 5. One-process FSDP2 step, against the same run without distribution.
+# 5. The mapper's backward against its FLOP bound.
+run mapper 60 "$PY" bench/bench_mapper.py --device "$DEV" --dtype bf16 "${MAPPER[@]}"
+
+# 6. One-process FSDP2 step, against the same run without distribution.
 FSDP_COMMON=("${FSDP_MODEL[@]}" "${FSDP_BATCH[@]}" --train.max_steps=4 --train.log_every=1
              --train.eval_every=0 --train.ckpt_every=0 --train.compile=false
              --train.precision=bf16 --train.device="$DEV" --quiet)
-run fsdp-1gpu 120 "$PY" -m torch.distributed.run --nproc_per_node=1 --master_port=29651 \
+run fsdp-1gpu 90 "$PY" -m torch.distributed.run --nproc_per_node=1 --master_port=29651 \
   -m freeformer train --out "$WORK/fsdp" "${FSDP_COMMON[@]}" --train.dist=fsdp
-run no-dist-ref 90 "$PY" -m freeformer train --out "$WORK/plain" "${FSDP_COMMON[@]}" --train.dist=none
+run no-dist-ref 60 "$PY" -m freeformer train --out "$WORK/plain" "${FSDP_COMMON[@]}" --train.dist=none
 FSDP_LINE="$("$PY" - "$WORK/fsdp" "$WORK/plain" <<'EOF' 2>&1 || true
 import json, sys
 from pathlib import Path
@@ -161,14 +172,6 @@ else:
           f"{min(len(a), len(b))} steps = {diff:.2e}")
 EOF
 )"
-
-# 6. The same training step compiled, with the time left.
-if [ "${GPU_CHECK_COMPILE:-1}" = 0 ]; then
-  ROWS+=("| train-step-compiled | skipped (GPU_CHECK_COMPILE=0) | 0 |")
-else
-  run train-step-compiled 240 "$PY" bench/bench_train.py --device "$DEV" --dtype bf16 --compile \
-    "${TRAIN_SHAPE[@]}" --impls ours-ft,ours-base --section gpu-check-compiled "${MFU_ARGS[@]}"
-fi
 
 # ---- report: a status table, then each benchmark's own Markdown section.
 body() {  # the Markdown a benchmark printed at its end (from its first "## " heading)
@@ -203,7 +206,7 @@ EOF
   echo '```'
   tail -5 "$LOGS/gpu-tests.log" 2>/dev/null || true
   echo '```'
-  for s in train-step mapper generate train-step-compiled; do
+  for s in train-step decode train-step-compiled mapper; do
     echo
     body "$s" | sed 's/^\(##*\) /#\1 /'  # one level down
   done
