@@ -79,7 +79,7 @@ class TrainConfig:
     dist: str = "none"
     """"none", "ddp" or "fsdp" (launch with torchrun)."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile each Transformer block (regional; the latent path stays eager)."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward to save memory."""
     device: str = "auto"

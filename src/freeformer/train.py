@@ -39,7 +39,7 @@ from freeformer.likelihood import LOG2
 from freeformer.metrics import LatentMonitor, MetricsLog
 from freeformer.model import FreeTransformer
 from freeformer.runconfig import RunConfig, TrainConfig
-from freeformer.runtime import autocast, resolve_device
+from freeformer.runtime import autocast, resolve_device, resolve_precision
 from freeformer.validation import evaluate, format_val
 
 
@@ -263,9 +263,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
     del init
     if tc.activation_checkpointing:
         _enable_activation_checkpointing(model)
-    # FSDP2 swaps parameters for sharded ones, so the optimizer is built after wrapping.
-    if tc.compile:
+    if tc.compile:  # per block, before FSDP2 wraps them (distributed.compile_blocks)
         D.compile_blocks(model)
+    # FSDP2 swaps parameters for sharded ones, so the optimizer is built after wrapping.
     bf16 = resolve_precision(device, tc.precision, mc.dim) == "bf16"
     wrapped = D.wrap_model(model, info, torch.bfloat16 if bf16 else None)
     optimizer = build_optimizer(model, tc)
