@@ -213,3 +213,15 @@ def test_config_prints_a_round_trippable_toml(tmp_path, capsys):
     assert main(["config", "--config", str(path)]) == 0
     assert capsys.readouterr().out == text
     check_error(capsys, ["config", "--preset", "debug", "--model.nope=1"], "unknown key")
+
+
+def test_static_flag_decodes_the_same_text(run_dir, capsys):
+    """`generate --static` (fixed-shape steps; a CUDA graph on a GPU) prints what eager
+    decoding prints for the same seed."""
+    outs = []
+    for flag in ([], ["--static"]):
+        capsys.readouterr()
+        assert main(["generate", str(run_dir), "--prompt", "K>", "-n", "2", "--temperature", "0",
+                     "--max-new-tokens", "12", "--seed", "3", *flag]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and "--- sample" in outs[0]

@@ -79,6 +79,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "--shared-latent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--static", action="store_true",
+                   help="decode at fixed shapes, one CUDA-graph replay per token on a GPU "
+                        "(fastest at small batches; same tokens up to rounding)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -337,7 +340,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                 generator=gen, device=device)
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, latents=latents,
-                   prefill=args.prefill, generator=gen, eos_id=tok.eos_id)
+                   prefill=args.prefill, generator=gen, eos_id=tok.eos_id, static=args.static)
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
