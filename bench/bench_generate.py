@@ -55,9 +55,6 @@ def main(argv=None) -> int:
                     help="rounds of the uncached pair; the cached runs get max(9, 3×) rounds")
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads (default 1; see bench/RESULTS.md)")
-    ap.add_argument("--candidate", action="store_true",
-                    help="also time an FT whose decode steps skip the latent-code range check "
-                         "(FreeTransformer._pinned_codes), a candidate change for src/")
     ap.add_argument("--section", default=None,
                     help="name of the RESULTS.md section --write replaces (default from device)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -98,17 +95,6 @@ def main(argv=None) -> int:
         "base-uncached": lambda: out.__setitem__("base-uncached", generate_uncached(
             base, prompt, n, None)),
     }
-    if args.candidate:
-        import types
-
-        def pinned_unchecked(self, latents, B, T, device):
-            # generate() already validated the whole (B, T0 + n) code tensor once.
-            return latents.expand(B, -1) if latents.dim() == 1 else latents
-
-        ft_c = FreeTransformer(cfg).to(device, dtype).eval()
-        ft_c._pinned_codes = types.MethodType(pinned_unchecked, ft_c)
-        cached["ft-cached-candidate"] = lambda: ft_c.generate(prompt, n, temperature=0,
-                                                              latents=codes)
     # Cached runs are short, so they get more rounds (their ratio is the one near 1).
     cached_rounds = max(9, 3 * args.rounds)
     tc = C.alternate(cached, cached_rounds, warmup=1, device=device)
@@ -137,11 +123,7 @@ def main(argv=None) -> int:
                       "yes" if r_c >= 0.95 else "no"],
                      ["cached, default prefill + prior codes", f"{r_d:.3f}",
                       "yes" if r_d >= 0.95 else "no"],
-                     ["uncached", f"{r_u:.3f}", ""]]
-                    + ([["cached, pinned codes, candidate: no per-step code range check",
-                         f"{tc.ratio('base-cached', 'ft-cached-candidate'):.3f}",
-                         "yes" if tc.ratio("base-cached", "ft-cached-candidate") >= 0.95
-                         else "no"]] if args.candidate else []))
+                     ["uncached", f"{r_u:.3f}", ""]])
     body = "\n\n".join([
         "## Generation (`bench/bench_generate.py`)" + (f": {args.section}" if args.section else ""),
         f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}  \n"

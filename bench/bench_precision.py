@@ -1,13 +1,11 @@
 """CPU precision: one full training step (forward, loss, backward, clip, AdamW) in FP32 against
-bf16 autocast, at the shipped presets' shapes, Free Transformer and baseline.
+bf16 autocast, at the shipped presets' shapes, Free Transformer and baseline: the measurement
+behind ``train.precision = "auto"`` on CPU (train.py::resolve_precision).
 
-This is the measurement behind ``train.precision = "auto"`` on CPU (train.py::resolve_precision):
-bf16 autocast is chosen where the CPU has native bf16 matmul instructions (AVX512-BF16 or
-AMX-BF16) and the model is at least ``CPU_BF16_MIN_DIM`` wide.
-The step is ``freeformer.train.train_step`` itself, on random tokens of the preset's shape
-(the data do not change the cost), with the preset's batch, micro-batches and optimizer. The
-FP32 and bf16 runs are separate models built with the same seed, timed alternately in rounds
-(order rotated each round); the speed-up is the median of per-round ratios fp32 / bf16.
+The step is ``freeformer.train.train_step`` itself, on random tokens of the preset's shape,
+with the preset's batch, micro-batches and optimizer. The FP32 and bf16 runs are separate
+models built with the same seed, timed alternately in rounds; the speed-up is the median of
+per-round ratios fp32 / bf16.
 
     python bench/bench_precision.py                       # synthetic + stdlib-code (~2 min)
     python bench/bench_precision.py --presets stdlib-code --rounds 7 --write
@@ -38,14 +36,13 @@ from freeformer.train import (
 def make_step(cfg, latent: bool, precision: str):
     """A closure doing one optimizer step of ``cfg`` (latent on/off) at ``precision``."""
     mc, tc = cfg.model.replace(latent=latent), cfg.train
-    device = torch.device("cpu")
     model = FreeTransformer(mc, seed=tc.seed).train()
     opt = build_optimizer(model, tc)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len + 1), generator=g)
     x, y = x[:, :-1], x[:, 1:]
     n_micro = tc.batch_size // (tc.micro_batch_size or tc.batch_size)
-    ctx = autocast(device, precision)
+    ctx = autocast(C.CPU, precision)
 
     def step():
         noise = (torch.rand(tc.batch_size, tc.seq_len, mc.latent_bits, generator=g)
