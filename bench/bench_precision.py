@@ -1,5 +1,6 @@
 """CPU precision: one full training step (forward, loss, backward, clip, AdamW) in FP32 against
-bf16 autocast, at the shipped presets' shapes, Free Transformer and baseline.
+bf16 autocast, at the shipped presets' shapes, Free Transformer and baseline: the measurement
+behind ``train.precision = "auto"`` on CPU (train.py::resolve_precision).
 
 This is the measurement behind ``train.precision = "auto"`` on CPU (runtime.py::resolve_precision):
 bf16 autocast is chosen where the CPU has native bf16 matmul instructions (AVX512-BF16 or
@@ -33,14 +34,13 @@ from freeformer.train import build_optimizer, train_step
 def make_step(cfg, latent: bool, precision: str):
     """A closure doing one optimizer step of ``cfg`` (latent on/off) at ``precision``."""
     mc, tc = cfg.model.replace(latent=latent), cfg.train
-    device = torch.device("cpu")
     model = FreeTransformer(mc, seed=tc.seed).train()
     opt = build_optimizer(model, tc)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len + 1), generator=g)
     x, y = x[:, :-1], x[:, 1:]
     n_micro = tc.batch_size // (tc.micro_batch_size or tc.batch_size)
-    ctx = autocast(device, precision)
+    ctx = autocast(C.CPU, precision)
 
     def step():
         noise = (torch.rand(tc.batch_size, tc.seq_len, mc.latent_bits, generator=g)

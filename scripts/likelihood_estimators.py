@@ -11,7 +11,7 @@ are printed); document, the highest mean estimate found (each is low in expectat
 Reported per estimator and K, averaged over sequences: bias (mean − reference), sd (the
 spread of one estimate), rmse, in nats per sequence.
 
-  PYTHONPATH=src python bench/likelihood_estimators.py RUN_DIR [--ctx 32 --cont 8]
+  PYTHONPATH=src python scripts/likelihood_estimators.py RUN_DIR [--ctx 32 --cont 8]
 """
 
 from __future__ import annotations
