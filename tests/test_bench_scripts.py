@@ -2,6 +2,7 @@
 CPU; every benchmark script imports."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +34,15 @@ def test_gpu_check_smoke_runs_every_step_on_cpu(tmp_path):
     p = run(["--smoke"], tmp_path, GPU_CHECK_COMPILE="0")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
-    for step in ("gpu-tests", "train-step", "mapper", "generate", "fsdp-1gpu", "no-dist-ref"):
+    for step in ("gpu-tests", "train-step", "mapper", "decode", "fsdp-1gpu", "no-dist-ref"):
         assert f"| {step} | ok |" in report, step
-    # One FSDP2 process computes the same losses as no distribution at all.
-    assert "max |loss(FSDP) − loss(no dist)| over 4 steps = 0.00e+00" in report
-    assert "MFU ours FT" in report and "cached = uncached tokens" in report
+    # One FSDP2 process computes the losses of no distribution at all, up to bf16 rounding:
+    # under bf16 its MixedPrecisionPolicy gathers bf16 parameters, so norms and the residual
+    # stream run in bf16 where autocast keeps them float32 (exact equality in float32 is
+    # tests/test_distributed.py's).
+    diff = re.search(r"max \|loss\(FSDP\) − loss\(no dist\)\| over 4 steps = (\S+)", report)
+    assert diff and float(diff.group(1)) < 2e-2, report
+    assert "MFU ours FT" in report and "static tokens = eager?" in report
 
 
 def test_every_bench_script_and_study_imports():
