@@ -52,7 +52,7 @@ def test_cuda_graph_decode_equals_eager_and_never_syncs(latent):
     """Static decoding replays one captured CUDA graph per token: greedy tokens equal the eager
     path's (fp32), sampling with one generator draws the same tokens, and a replayed step
     makes no host sync (sync debug mode raises on one)."""
-    from freeformer.generate import KVCache, generate
+    from freeformer.generate import generate, new_cache
     from freeformer.static_decode import StaticDecodeStep
 
     m = FreeTransformer(CFG.replace(latent=latent)).cuda().eval()
@@ -61,7 +61,7 @@ def test_cuda_graph_decode_equals_eager_and_never_syncs(latent):
         a = generate(m, p, 24, generator=torch.Generator("cuda").manual_seed(0), **kw)
         b = generate(m, p, 24, generator=torch.Generator("cuda").manual_seed(0), static=True, **kw)
         assert torch.equal(a, b), kw
-    cache = KVCache(m, 3, 16)
+    cache = new_cache(m, 3, 16)
     m(p, latents="prior" if latent else None, cache=cache, last_logits_only=True)
     step = StaticDecodeStep(m, cache, 3, graph=True)
     tok = torch.zeros(3, 1, dtype=torch.long, device="cuda")
