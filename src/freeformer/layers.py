@@ -210,9 +210,12 @@ class Block(nn.Module):
 
 
 # Elements of each (tokens × vocabulary) float32 logit chunk of linear_cross_entropy: 2^26
-# (256 MiB) is 512 tokens of a 2^17 vocabulary — a few chunks per step at the paper's shapes,
-# one chunk for small vocabularies.
+# (256 MiB) on a CPU, one chunk for small vocabularies. On a GPU 2^28 (1 GiB: 2048 tokens of
+# a 2^17 vocabulary): each chunk adds its W gradient into a float32 (V, D) buffer, and at 512
+# tokens per chunk those 8 passes over 0.8 GB made the paper-1.5b step 8 % slower than the
+# unchunked loss on an H200 (bench/RESULTS.md, GPU section); 2 chunks cost ~1 ms.
 _CE_CHUNK_ELEMENTS = 1 << 26
+_CUDA_CE_CHUNK_ELEMENTS = 1 << 28
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -237,7 +240,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = targets != ignore_index
             safe = torch.where(valid, targets, 0)
             n = valid.sum()
-            chunk = max(1, _CE_CHUNK_ELEMENTS // V)
+            budget = _CUDA_CE_CHUNK_ELEMENTS if h.is_cuda else _CE_CHUNK_ELEMENTS
+            chunk = max(1, budget // V)
             f = torch.promote_types(dt, torch.float32)  # float32 (float64 stays float64)
             loss = torch.zeros((), dtype=f, device=h.device)
             grad_h = torch.empty_like(hc)
