@@ -107,6 +107,13 @@ def test_deleting_or_writing_outside_its_directory_fails(outside_file):
         assert r.status == "error" and "Read-only file system" in r.detail, (source, r)
         assert outside_file.read_text() == "keep me"
         assert sorted(p.name for p in outside_file.parent.iterdir()) == ["precious.txt"]
+    if os.geteuid() == 0:  # real root runs programs as nobody: root-only files stay closed
+        private = outside_file.parent / "root-only.txt"
+        private.write_text("secret")
+        private.chmod(0o600)
+        r = run(f"print(open({str(private)!r}).read())")
+        private.unlink()
+        assert r.status == "error" and "Permission denied" in r.detail, r
     # Its own directory is writable.
     assert run("open('mine.txt', 'w').write('x')\nassert open('mine.txt').read() == 'x'").passed
 
