@@ -8,6 +8,8 @@ The fallback is tested everywhere by forcing it (``FREEFORMER_SANDBOX=off``).
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -32,14 +34,36 @@ from freeformer.evaluation.executor import (
 from freeformer.evaluation.sandbox import python_dirs
 
 REASON = executor.sandbox_unavailable_reason()
+
+
+def _kernel_refusal() -> str | None:
+    """Why the kernel refuses the namespaces, by util-linux's ``unshare`` (not our code), or None.
+
+    Independent of the executor, so a broken sandbox fails its tests instead of skipping them.
+    """
+    if not sys.platform.startswith("linux"):
+        return f"no Linux namespaces on {sys.platform}"
+    exe = shutil.which("unshare")
+    if exe is None:
+        return REASON  # no independent check here: trust the executor's own probe
+    argv = [exe, "--user", "--map-root-user", "--mount", "--net", "--pid", "--ipc", "--fork",
+            "--mount-proc", "true"]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    last = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+    return None if r.returncode == 0 else f"`unshare -rmnpi --fork --mount-proc true`: {last}"
+
+
+KERNEL_REFUSAL = _kernel_refusal()
 needs_sandbox = pytest.mark.skipif(
-    REASON is not None, reason=f"Linux namespaces unavailable here: {REASON}"
+    KERNEL_REFUSAL is not None, reason=f"Linux namespaces unavailable here: {KERNEL_REFUSAL}"
 )
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _say_which_mode(request):
     mode = "namespace sandbox" if REASON is None else f"fallback only ({REASON})"
+    if KERNEL_REFUSAL is None and REASON is not None:
+        mode += " although the kernel allows namespaces: the sandbox tests will fail"
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
         print(f"\n[test_sandbox] executor mode on this machine: {mode}")
