@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import resource
 import signal
 import socket
 import struct
@@ -116,8 +118,6 @@ def _write(path: str, text: str) -> None:
 
 def _loopback_up() -> None:
     # SIOCGIFFLAGS / SIOCSIFFLAGS on "lo"; the new namespace's only interface starts down.
-    import fcntl
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sh", b"lo", 0)
         flags = struct.unpack("16sh", fcntl.ioctl(s, 0x8913, req + b"\0" * 22)[:18])[1]
@@ -263,8 +263,6 @@ def main(args: list[str]) -> None:
     code = _wait_status(pid)
     if 128 < code < 128 + signal.NSIG:
         # Die of the program's signal, so the executor classifies it as it always has.
-        import resource
-
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         try:
             signal.signal(code - 128, signal.SIG_DFL)
