@@ -22,7 +22,7 @@ import pytest
 
 from freeformer import cli
 from freeformer.errors import UserError
-from freeformer.evaluation import executor
+from freeformer.evaluation import executor, sandbox
 from freeformer.evaluation.executor import (
     SandboxUnavailableWarning,
     UntrustedCodeWarning,
@@ -314,3 +314,15 @@ def test_eval_cli_require_sandbox(monkeypatch, capsys, tmp_path):
     assert err.startswith("freeformer: error: ") and "\n" not in err, err
     assert "sandbox for model-written code is unavailable" in err
     assert executor.SANDBOX_ENV_VAR not in os.environ  # the setting does not outlive the command
+
+
+def test_plan_hides_the_callers_home_and_cwd_but_never_python(monkeypatch, tmp_path):
+    home, venv = tmp_path / "home" / "u", tmp_path / "home" / "u" / ".venv"
+    venv.mkdir(parents=True)
+    (tmp_path / "proj").mkdir()
+    monkeypatch.setattr(sandbox, "HIDDEN", ())
+    monkeypatch.setattr(sandbox, "python_dirs", lambda: [str(venv), "/usr"])
+    hide, expose = sandbox.plan([str(home), str(tmp_path / "proj")], "/tmp/x/work")
+    assert sorted(hide) == sorted([str(home), str(tmp_path / "proj")]) and expose == [str(venv)]
+    # The caller's cwd is the venv, or a system directory: left alone.
+    assert sandbox.plan([str(venv), "/usr/lib", "/etc", "/"], "/tmp/x/work") == ([], [])

@@ -9,11 +9,23 @@ Model output is untrusted code. Nothing here runs it unless the caller passes
 * in a new session (its own process group), so a wall-clock timeout kills it and any children;
 * under resource limits set inside the child before the program is compiled: address space
   (``RLIMIT_AS``), CPU seconds, size of files written (also bounds captured output), no core
-  files and, for non-root users, a cap on new processes (``RLIMIT_NPROC``).
+  files and a cap on new processes (``RLIMIT_NPROC``; the kernel ignores it for root, so
+  only outside the sandbox is a root caller's program without one).
 
-This contains accidents (infinite loops, memory bombs, stray files, fork bombs), not a
-determined attacker: the program can still read the file system and use the network. Run
-untrusted evaluations in a container or VM.
+On Linux each program also runs in its own user, mount, network, PID and IPC namespaces
+(:mod:`freeformer.evaluation.sandbox`; unprivileged, no root, daemon or ``bwrap`` needed): the
+whole file system is read-only except its own directory (a fresh tmpfs), the homes (``/root``,
+``/home``, ``$HOME``), ``/tmp``, ``/run`` and the caller's working directory are hidden, the only
+network interface is its own loopback, it sees only its own processes, holds no capability, and
+a program started by root runs as ``nobody``. docs/evaluation.md lists what this does not stop.
+
+Where the kernel refuses namespaces (containers that forbid them, other systems), programs run
+as above without the namespaces (the *fallback*), with the calls that delete, rename or
+re-permission files, kill processes or start programs replaced by ones that raise; one warning
+(:class:`SandboxUnavailableWarning`) names what is not enforced. :data:`SANDBOX_ENV_VAR`
+chooses: ``auto`` (default: sandbox if possible, else fallback), ``off`` (force the fallback),
+``require`` (a :class:`UserError` instead of the fallback; ``freeformer eval --require-sandbox``).
+Whether the sandbox works is probed once per process (one trivial program).
 
 Outcome (``ExecResult.status``): ``passed`` (ran to the end), ``failed`` (an ``assert`` failed,
 or the program called ``exit()`` before its tests finished), ``timeout`` (wall clock or CPU

@@ -42,6 +42,9 @@ SETUP_FAILED = 75
 SETUP_PREFIX = "freeformer-sandbox:"
 # Always hidden (if they exist): homes, other users' temporary files and sockets, removable media.
 HIDDEN = ("/root", "/home", "/tmp", "/var/tmp", "/run", "/dev/shm", "/mnt", "/media")
+# Never hidden when they are the caller's working directory: kernel and system file systems.
+_SYSTEM = ("/proc", "/sys", "/dev", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc",
+           "/boot", "/var/lib")  # fmt: skip
 WORK_TMPFS_MB = 64  # size of the writable tmpfs; RLIMIT_FSIZE still caps each file
 
 _CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
@@ -96,15 +99,18 @@ def python_dirs() -> list[str]:
 def plan(extra_hidden: list[str], work: str) -> tuple[list[str], list[str]]:
     """(directories to hide, Python directories to re-expose inside them), outermost first."""
     hide: list[str] = []
+    pydirs = python_dirs()
     for p in sorted({*HIDDEN, *extra_hidden}, key=len):
         if not p or not os.path.isabs(p) or os.path.islink(p) or not os.path.isdir(p):
             continue
         p = os.path.realpath(p)
-        if p not in HIDDEN and any(_under(p, s) for s in ("/proc", "/sys", "/dev")):
-            continue  # a caller's cwd in a kernel file system: nothing of the user's there
-        if p != "/" and not any(_under(p, h) for h in hide):
+        if p not in HIDDEN and any(_under(p, s) for s in _SYSTEM):
+            continue  # a caller's cwd among system files: hiding it could break Python
+        if p == "/" or any(_under(p, d) for d in pydirs):
+            continue  # the Python installation itself (e.g. cwd in the venv) stays
+        if not any(_under(p, h) for h in hide):
             hide.append(p)
-    expose = [d for d in python_dirs() if any(_under(d, h) and d != h for h in hide)]
+    expose = [d for d in pydirs if any(_under(d, h) and d != h for h in hide)]
     expose = [d for d in expose if not any(_under(d, e) and d != e for e in expose)]
     return hide, expose
 
