@@ -33,7 +33,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import resource
 import signal
 import struct
 import sys
@@ -60,9 +59,14 @@ _PR_CAPBSET_DROP, _PR_SET_SECUREBITS, _PR_SET_NO_NEW_PRIVS = 24, 28, 38
 _SECURE_BITS = 0x1 | 0x2 | 0x4 | 0x8 | 0x20
 _NOBODY = 65534
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-_libc.syscall.restype = ctypes.c_long
+_libc = None  # the C library, loaded by main(): importing this module works on any system
+
+
+def _load_libc() -> None:
+    global _libc
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+    _libc.syscall.restype = ctypes.c_long
 
 
 class SetupError(Exception):
@@ -248,6 +252,7 @@ def _setup(work, hide, expose, ready_w, go_r, bootstrap, argv) -> None:
 
 def main(args: list[str]) -> None:
     work, program, hidden, bootstrap, *argv = args
+    _load_libc()
     hide, expose = plan([p for p in hidden.split(os.pathsep) if p], work)
     program_fd = os.open(program, os.O_RDONLY)
     argv = [f"/proc/self/fd/{program_fd}", *argv]
@@ -276,6 +281,8 @@ def main(args: list[str]) -> None:
     code = _wait_status(pid)
     if 128 < code < 128 + signal.NSIG:
         # Die of the program's signal, so the executor classifies it as it always has.
+        import resource
+
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         try:
             signal.signal(code - 128, signal.SIG_DFL)
