@@ -111,7 +111,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch (default 0: torch's choice)")
     parser.add_argument("--allow-code-execution", action="store_true",
                         help="run model-written programs to score humaneval/mbpp (untrusted "
-                             "code, in a resource-limited subprocess: not a security boundary)")
+                             "code: resource limits, and on Linux a namespace sandbox with a "
+                             "read-only file system and no network; see docs/evaluation.md)")
+    parser.add_argument("--require-sandbox", action="store_true",
+                        help="with --allow-code-execution: fail instead of falling back to "
+                             "the weaker executor where Linux namespaces are unavailable")
     parser.add_argument("--seed", type=_nonneg_int, default=0,
                         help="seed of the latent draws and of sampled generations")
     parser.add_argument("--name", default=None,
@@ -222,22 +226,44 @@ def _default_out(path: str) -> Path:
 
 
 @contextmanager
-def _code_execution_env(allow: bool):
-    """Set the executor's opt-in variable for the duration of the run only."""
-    from freeformer.evaluation.executor import ALLOW_ENV_VAR
-
-    old = os.environ.get(ALLOW_ENV_VAR)
-    if allow:
-        os.environ[ALLOW_ENV_VAR] = "1"
+def _env_var(name: str, value: str | None):
+    """Set (or, with None, unset) an environment variable for the duration of the run only."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     else:
-        os.environ.pop(ALLOW_ENV_VAR, None)
+        os.environ.pop(name, None)
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop(ALLOW_ENV_VAR, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[ALLOW_ENV_VAR] = old
+            os.environ[name] = old
+
+
+def _code_execution_env(allow: bool):
+    """Set the executor's opt-in variable for the duration of the run only."""
+    from freeformer.evaluation.executor import ALLOW_ENV_VAR
+
+    return _env_var(ALLOW_ENV_VAR, "1" if allow else None)
+
+
+def _sandbox_notice(require: bool, stack: ExitStack) -> str:
+    """Fix the executor's sandbox setting for the run; the warning line (raises if required)."""
+    import warnings
+
+    from freeformer.evaluation import executor
+
+    if require:
+        stack.enter_context(_env_var(executor.SANDBOX_ENV_VAR, "require"))
+    if executor.use_sandbox():  # UserError when required and unavailable
+        return ("--allow-code-execution runs model-written code (untrusted) in a Linux namespace "
+                "sandbox: read-only file system, home directories hidden, no network "
+                "(docs/evaluation.md says what it does not stop)")
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore", executor.SandboxUnavailableWarning)  # said once, here
+    return executor.fallback_warning()
 
 
 def _hub_error(exc: Exception) -> UserError | None:
@@ -279,6 +305,7 @@ def run_eval(args: argparse.Namespace) -> None:
         code = [t for t in tasks if t in CODE_TASKS]
         if code and not args.allow_code_execution:
             raise UserError(f"{', '.join(code)}: {OPT_IN_MESSAGE}")
+        notice = _sandbox_notice(args.require_sandbox, stack) if code else ""
         for note in notes:
             print(f"freeformer: {note}", file=sys.stderr)
         if args.data_source == "olmo":
@@ -297,9 +324,7 @@ def run_eval(args: argparse.Namespace) -> None:
             max_gen_toks=args.max_gen_toks, prefill=args.prefill,
         )  # fmt: skip
         if code:
-            print("freeformer: WARNING: --allow-code-execution runs model-written code "
-                  "(untrusted) in a resource-limited subprocess; this is not a sandbox against "
-                  "a hostile program: prefer a container or VM", file=sys.stderr)
+            print(f"freeformer: WARNING: {notice}", file=sys.stderr)
         stack.enter_context(_code_execution_env(bool(code)))
         try:
             results = lm_eval.simple_evaluate(

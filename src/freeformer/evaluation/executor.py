@@ -9,11 +9,23 @@ Model output is untrusted code. Nothing here runs it unless the caller passes
 * in a new session (its own process group), so a wall-clock timeout kills it and any children;
 * under resource limits set inside the child before the program is compiled: address space
   (``RLIMIT_AS``), CPU seconds, size of files written (also bounds captured output), no core
-  files and, for non-root users, a cap on new processes (``RLIMIT_NPROC``).
+  files and a cap on new processes (``RLIMIT_NPROC``; the kernel ignores it for root, so
+  only outside the sandbox is a root caller's program without one).
 
-This contains accidents (infinite loops, memory bombs, stray files, fork bombs), not a
-determined attacker: the program can still read the file system and use the network. Run
-untrusted evaluations in a container or VM.
+On Linux each program also runs in its own user, mount, network, PID and IPC namespaces
+(:mod:`freeformer.evaluation.sandbox`; unprivileged, no root, daemon or ``bwrap`` needed): the
+whole file system is read-only except its own directory (a fresh tmpfs), the homes (``/root``,
+``/home``, ``$HOME``), ``/tmp``, ``/run`` and the caller's working directory are hidden, the only
+network interface is its own loopback, it sees only its own processes, holds no capability, and
+a program started by root runs as ``nobody``. docs/evaluation.md lists what this does not stop.
+
+Where the kernel refuses namespaces (containers that forbid them, other systems), programs run
+as above without the namespaces (the *fallback*), with the calls that delete, rename or
+re-permission files, kill processes or start programs replaced by ones that raise; one warning
+(:class:`SandboxUnavailableWarning`) names what is not enforced. :data:`SANDBOX_ENV_VAR`
+chooses: ``auto`` (default: sandbox if possible, else fallback), ``off`` (force the fallback),
+``require`` (a :class:`UserError` instead of the fallback; ``freeformer eval --require-sandbox``).
+Whether the sandbox works is probed once per process (one trivial program).
 
 Outcome (``ExecResult.status``): ``passed`` (ran to the end), ``failed`` (an ``assert`` failed,
 or the program called ``exit()`` before its tests finished), ``timeout`` (wall clock or CPU
@@ -36,6 +48,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,9 +56,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from freeformer.errors import UserError
+from freeformer.evaluation.sandbox import SETUP_FAILED, SETUP_PREFIX
 
 STATUSES = ("passed", "failed", "timeout", "memory", "error")
 ALLOW_ENV_VAR = "FREEFORMER_ALLOW_CODE_EXECUTION"
+SANDBOX_ENV_VAR = "FREEFORMER_SANDBOX"
+SANDBOX_SETTINGS = ("auto", "off", "require")
+NOT_ENFORCED = (
+    "read-only file system, hidden home directories, no network, separate PID and IPC "
+    "namespaces are NOT enforced; only resource limits and disabled destructive os/shutil/"
+    "subprocess calls"
+)
+_SANDBOX_SCRIPT = str(Path(__file__).with_name("sandbox.py"))
+# Loads sandbox.py as a module, not as a script, so that its cached bytecode is used (compiling
+# it costs ~7 ms a program); ``-I`` keeps PYTHONPATH out, hence the path.
+_SANDBOX_LAUNCHER = (
+    "import sys, importlib.util as u; s = u.spec_from_file_location('freeformer_sandbox', "
+    "sys.argv[1]); m = u.module_from_spec(s); s.loader.exec_module(m); m.main(sys.argv[2:])"
+)
 OPT_IN_MESSAGE = "model output is untrusted code; pass --allow-code-execution to run it"
 
 # Exit codes the bootstrap uses to report how the program ended.
@@ -57,7 +85,7 @@ _EXIT_ASSERT, _EXIT_MEMORY, _EXIT_ERROR, _EXIT_SYSEXIT = 70, 71, 72, 73
 _BOOTSTRAP = (
     f"_ASSERT, _MEMORY, _ERROR, _SYSEXIT = {_EXIT_ASSERT}, {_EXIT_MEMORY}, {_EXIT_ERROR}, {_EXIT_SYSEXIT}"
     + r"""
-import os, resource, sys, traceback
+import os, resource, sys
 def _limit(which, soft, hard=None):
     hard = soft if hard is None else hard
     _, old_hard = resource.getrlimit(which)
@@ -68,11 +96,13 @@ def _limit(which, soft, hard=None):
     except (ValueError, OSError):
         pass
 _path, _mem, _cpu, _fsize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+_mode = sys.argv[5]
 _limit(resource.RLIMIT_AS, _mem)
 _limit(resource.RLIMIT_CPU, _cpu, _cpu + 1)
 _limit(resource.RLIMIT_FSIZE, _fsize)
 _limit(resource.RLIMIT_CORE, 0)
-if hasattr(resource, "RLIMIT_NPROC") and os.getuid() != 0 and os.path.isdir("/proc"):
+# Root ignores RLIMIT_NPROC; in the sandbox the uid is root only inside the user namespace.
+if hasattr(resource, "RLIMIT_NPROC") and (os.getuid() != 0 or _mode == "sandbox") and os.path.isdir("/proc"):
     _uid = os.getuid()
     _n = 0
     for _p in os.listdir("/proc"):
@@ -84,6 +114,27 @@ if hasattr(resource, "RLIMIT_NPROC") and os.getuid() != 0 and os.path.isdir("/pr
 with open(_path, encoding="utf-8") as _f:
     _source = _f.read()
 del sys.argv[1:]
+if _mode == "guard":
+    # No sandbox: make the calls that delete, rename, re-permission files, kill processes or start
+    # other programs raise instead (advisory only: ctypes or open() still reach everything).
+    # shutil and subprocess go through these; patching them here spares importing both (~40 ms).
+    import _posixsubprocess
+    def _disabled(name):
+        def _refuse(*args, **kwargs):
+            raise PermissionError(f"{name} is disabled outside the sandbox")
+        return _refuse
+    for _mod, _names in (
+        (os, "remove unlink rmdir removedirs rename renames replace truncate chmod fchmod lchmod "
+             "chown fchown lchown chroot chflags lchflags link symlink mkfifo mknod kill killpg "
+             "system popen putenv unsetenv setuid setgid seteuid setegid setreuid setregid "
+             "setresuid setresgid setgroups execv execve execl execle execlp execlpe execvp execvpe "
+             "spawnl spawnle spawnlp spawnlpe spawnv spawnve spawnvp spawnvpe posix_spawn "
+             "posix_spawnp forkpty"),
+        (_posixsubprocess, "fork_exec"),  # subprocess binds it when first imported
+    ):
+        for _n in _names.split():
+            if hasattr(_mod, _n):
+                setattr(_mod, _n, _disabled(f"{_mod.__name__}.{_n}"))
 def _done(code):
     for _s in (sys.stdout, sys.stderr):
         try:
@@ -94,6 +145,7 @@ def _done(code):
 try:
     exec(compile(_source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
 except AssertionError:
+    import traceback  # only when needed: importing it costs more than starting Python
     traceback.print_exc()
     _done(_ASSERT)
 except MemoryError:
@@ -103,6 +155,7 @@ except SystemExit as _e:
     sys.stderr.write(f"SystemExit({_e.code!r})\n")
     _done(_SYSEXIT)
 except BaseException:
+    import traceback
     traceback.print_exc()
     _done(_ERROR)
 _done(0)
@@ -114,6 +167,10 @@ _MEMORY_MARKERS = ("MemoryError", "Cannot allocate memory", "out of memory", "st
 
 class UntrustedCodeWarning(UserWarning):
     """Emitted when model-written code is about to be executed."""
+
+
+class SandboxUnavailableWarning(UserWarning):
+    """Emitted when programs run without the namespace sandbox (the fallback)."""
 
 
 @dataclass(frozen=True)
@@ -135,8 +192,8 @@ def require_opt_in(allow_code_execution: bool) -> None:
     if not allow_code_execution:
         raise UserError(OPT_IN_MESSAGE)
     warnings.warn(
-        "executing model-generated code in a sandboxed subprocess (resource limits, temporary "
-        "cwd); this is not a security boundary",
+        "executing model-generated code in a subprocess with resource limits (in Linux "
+        "namespaces where available: see freeformer.evaluation.executor)",
         UntrustedCodeWarning,
         stacklevel=3,
     )
@@ -145,6 +202,73 @@ def require_opt_in(allow_code_execution: bool) -> None:
 def opt_in_from_env() -> bool:
     """True when :data:`ALLOW_ENV_VAR` is set to ``1`` (see the module docstring)."""
     return os.environ.get(ALLOW_ENV_VAR, "") == "1"
+
+
+_probe_lock = threading.Lock()
+_probe: dict[str, str | None] = {}
+
+
+def sandbox_unavailable_reason() -> str | None:
+    """Why the namespace sandbox cannot run here, or None when it can (probed once, cached)."""
+    if not sys.platform.startswith("linux"):
+        return f"no Linux namespaces on {sys.platform}"
+    with _probe_lock:
+        if "reason" not in _probe:
+            r = _run("pass", **_DEFAULT_LIMITS, sandbox=True)
+            _probe["reason"] = None if r.passed else (r.detail or r.status)
+        return _probe["reason"]
+
+
+def sandbox_setting() -> str:
+    """:data:`SANDBOX_ENV_VAR`: ``auto`` (default), ``off`` (force the fallback) or ``require``."""
+    value = os.environ.get(SANDBOX_ENV_VAR, "") or "auto"
+    if value not in SANDBOX_SETTINGS:
+        raise UserError(
+            f"{SANDBOX_ENV_VAR}={value!r} is not a sandbox setting; use one of "
+            f"{', '.join(SANDBOX_SETTINGS)}"
+        )
+    return value
+
+
+def use_sandbox() -> bool:
+    """True: programs run in the namespace sandbox; False: the fallback (warn about it).
+
+    Raises :class:`UserError` when the setting is ``require`` and the sandbox is unavailable.
+    """
+    setting = sandbox_setting()
+    if setting == "off":
+        return False
+    reason = sandbox_unavailable_reason()
+    if reason is None:
+        return True
+    if setting == "require":
+        raise UserError(
+            f"the sandbox for model-written code is unavailable ({reason}); run where "
+            f"unprivileged user namespaces are allowed, or drop --require-sandbox "
+            f"({SANDBOX_ENV_VAR}=require) to accept the weaker fallback"
+        )
+    return False
+
+
+def fallback_warning() -> str:
+    """The one-line warning of the fallback (names what is not enforced)."""
+    if sandbox_setting() == "off":
+        why = f"disabled by {SANDBOX_ENV_VAR}=off"
+    else:
+        why = sandbox_unavailable_reason() or "unknown"
+    return (
+        f"running model-written (untrusted) code WITHOUT the sandbox ({why}): {NOT_ENFORCED} "
+        "(--require-sandbox makes this an error)"
+    )
+
+
+def _prepare(allow_code_execution: bool) -> bool:
+    """Opt-in check, then the mode: True for the sandbox; warns once about the fallback."""
+    require_opt_in(allow_code_execution)
+    sandbox = use_sandbox()
+    if not sandbox:
+        warnings.warn(fallback_warning(), SandboxUnavailableWarning, stacklevel=3)
+    return sandbox
 
 
 def _tail(path: Path, limit: int) -> str:
@@ -213,8 +337,8 @@ def run_program(
     address space (Python itself needs ~30 MB); ``file_mb`` caps any file written, including
     captured output, of which the last ``max_output_chars`` characters are kept.
     """
-    require_opt_in(allow_code_execution)
-    return _run(source, timeout_s, memory_mb, cpu_s, file_mb, max_output_chars)
+    sandbox = _prepare(allow_code_execution)
+    return _run(source, timeout_s, memory_mb, cpu_s, file_mb, max_output_chars, sandbox=sandbox)
 
 
 _DEFAULT_LIMITS = {
@@ -222,7 +346,19 @@ _DEFAULT_LIMITS = {
 }  # fmt: skip
 
 
-def _run(source, timeout_s, memory_mb, cpu_s, file_mb, max_output_chars) -> ExecResult:
+def _hidden_extra() -> str:
+    """The caller's home and working directory, which the sandbox hides (os.pathsep-joined)."""
+    paths = [os.path.expanduser("~")]
+    try:
+        paths.append(os.getcwd())
+    except OSError:
+        pass
+    return os.pathsep.join(p for p in paths if os.path.isabs(p))
+
+
+def _run(
+    source, timeout_s, memory_mb, cpu_s, file_mb, max_output_chars, *, sandbox: bool
+) -> ExecResult:
     if timeout_s <= 0 or memory_mb <= 0 or file_mb <= 0:
         raise UserError(
             f"execution limits must be positive (timeout_s={timeout_s}, memory_mb={memory_mb}, "
@@ -246,10 +382,12 @@ def _run(source, timeout_s, memory_mb, cpu_s, file_mb, max_output_chars) -> Exec
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
-        args = [
-            sys.executable, "-I", "-c", _BOOTSTRAP, str(program),
-            str(memory_mb << 20), str(cpu), str(file_mb << 20),
-        ]  # fmt: skip
+        limits = [str(memory_mb << 20), str(cpu), str(file_mb << 20)]
+        if sandbox:
+            args = [sys.executable, "-I", "-c", _SANDBOX_LAUNCHER, _SANDBOX_SCRIPT, str(work),
+                    str(program), _hidden_extra(), _BOOTSTRAP, *limits, "sandbox"]  # fmt: skip
+        else:
+            args = [sys.executable, "-I", "-c", _BOOTSTRAP, str(program), *limits, "guard"]
         killed = False
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
@@ -274,6 +412,10 @@ def _run(source, timeout_s, memory_mb, cpu_s, file_mb, max_output_chars) -> Exec
                 _kill_group(proc.pid)  # children the program left behind
         stdout = _tail(out_path, max_output_chars)
         stderr = _tail(err_path, max_output_chars)
+    last = _last_line(stderr)
+    if sandbox and code == SETUP_FAILED and last.startswith(SETUP_PREFIX):
+        return ExecResult("error", f"sandbox setup failed: {last[len(SETUP_PREFIX):].strip()}",
+                          stdout, stderr)  # fmt: skip
     status, detail = _classify(code, stderr, killed, timeout_s, memory_mb)
     return ExecResult(status, detail, stdout, stderr)
 
@@ -286,11 +428,11 @@ def run_programs(
     **limits,
 ) -> list[ExecResult]:
     """Run many programs, each in its own subprocess, ``workers`` at a time; results in order."""
-    require_opt_in(allow_code_execution)
+    sandbox = _prepare(allow_code_execution)
     n = workers if workers is not None else min(4, os.cpu_count() or 1)
     if n < 1:
         raise UserError(f"workers must be >= 1, got {n}")
-    opts = _limits(limits)
+    opts = {**_limits(limits), "sandbox": sandbox}
     if n == 1 or len(sources) <= 1:
         return [_run(s, **opts) for s in sources]
     with ThreadPoolExecutor(max_workers=n) as pool:
