@@ -1,0 +1,288 @@
+"""freeformer export: runs → Hugging Face directories, and back.
+
+A baseline must be a plain Llama / Qwen2 that transformers runs to our logits (float32
+tolerance) and greedy tokens; a Free Transformer a trust_remote_code directory whose model
+computes ours under the same codes, draws its prompt codes from the encoder exactly as
+freeformer does (same generator, same codes), and returns the codes generate() used so
+that our cached path reproduces its tokens. `freeformer convert` of either directory gives
+back the run's tensors bit for bit. Every run here is perturbed away from the converted
+source (and the Free Transformer's latent path away from its zero init), so none of these
+equalities can hold by accident of an untrained model.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is what the exported directories are checked with")
+pytest.importorskip("tokenizers", reason="the exported tokenizer needs tokenizers")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_convert import VOCAB, _hf_model, _save_tokenizer  # noqa: E402
+
+from freeformer.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from freeformer.cli import main  # noqa: E402
+from freeformer.export import export  # noqa: E402
+from freeformer.generate import KVCache  # noqa: E402
+from freeformer.pretrained import convert  # noqa: E402
+
+H = 6
+
+
+def _perturb(run: Path, seed: int) -> Path:
+    """A 'trained' run: every parameter moved (the post-sampler away from 0), saved as step 1."""
+    model, ck = load_model(run)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.5 if name.startswith(("post_sampler", "encoder.readout")) else 0.05
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    save_checkpoint(run, 1, model_state=model.state_dict(), state=ck.state)
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(kind, "base" | "ft") → (run dir, exported dir)."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for i, kind in enumerate(("llama", "llama_tied", "llama31", "qwen2")):
+        src = root / f"{kind}-src"
+        _hf_model(kind).save_pretrained(src)
+        _save_tokenizer(src, qwen2=kind == "qwen2")
+        for j, (what, baseline) in enumerate((("base", True), ("ft", False))):
+            run = _perturb(convert(src, root / f"{kind}-{what}", baseline=baseline,
+                                   latent_bits=H), seed=10 * i + j)
+            out[kind, what] = run, export(run, root / f"{kind}-{what}-hf")
+    return out
+
+
+def _load_hf(d: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
+
+
+def _tokens(n: int, seed: int = 0, batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Bit-identical weights and equal model configs."""
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca.model_config == cb.model_config
+    assert ca.model_state.keys() == cb.model_state.keys()
+    for k, t in ca.model_state.items():
+        assert t.dtype == cb.model_state[k].dtype and torch.equal(t, cb.model_state[k]), k
+
+
+# ---------------------------------------------------------------------------------------
+# Baseline → plain Llama / Qwen2
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "llama31", "qwen2"])
+def test_baseline_export_is_plain_transformers_with_our_logits(kind, runs, tmp_path):
+    run, d = runs[kind, "base"]
+    cfg = json.loads((d / "config.json").read_text())
+    want_arch = "Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"
+    assert cfg["architectures"] == [want_arch] and "auto_map" not in cfg
+    assert not list(d.glob("*.py"))  # no remote code
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    assert type(hf).__name__ == want_arch
+    ours, _ = load_model(run)
+    x = _tokens(60)
+    with torch.no_grad():
+        ref, got = hf(x).logits, ours(x).logits
+    scale = float(ref.abs().max())
+    assert scale > 1.0
+    assert _max_abs(ref, got) < 1e-5 * max(1.0, scale)
+    prompt = x[:1, :8]
+    assert hf.generate(prompt, max_new_tokens=30, do_sample=False).tolist() == \
+        ours.generate(prompt, 30, temperature=0).tolist()
+    # Back: bit-identical tensors and the same model config.
+    _same_run(run, convert(d, tmp_path / "back", baseline=True))
+
+
+def test_exported_tokenizer_gives_our_ids(runs):
+    from freeformer.checkpoint import load_run_tokenizer
+
+    for kind in ("llama", "qwen2"):
+        run, d = runs[kind, "base"]
+        ours = load_run_tokenizer(load_checkpoint(run, verify=False))
+        theirs = transformers.AutoTokenizer.from_pretrained(d)
+        assert theirs.eos_token_id == ours.eos_id
+        for text in ("Hello world! def f(x): return x*2", "<|im_start|>user\nhi<|im_end|>"):
+            assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+        msgs = [{"role": "user", "content": "hi there"}]
+        assert theirs.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) \
+            == ours.apply_chat_template(msgs)
+
+
+# ---------------------------------------------------------------------------------------
+# Free Transformer → trust_remote_code
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "llama31", "qwen2"])
+def test_free_transformer_under_pinned_codes_equals_ours(kind, runs):
+    run, d = runs[kind, "ft"]
+    hf = _load_hf(d)
+    assert type(hf).__name__ == "FreeformerForCausalLM"
+    ours, _ = load_model(run)
+    x = _tokens(50, seed=1)
+    codes = torch.randint(0, 1 << H, (2, 50), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, got = ours(x, latents=codes).logits, hf(x, latents=codes).logits
+        other = ours(x, latents=(codes + 1) % (1 << H)).logits
+    scale = float(ref.abs().max())
+    assert _max_abs(ref, got) < 1e-5 * max(1.0, scale)
+    assert _max_abs(ref, other) > 1e-2  # the codes matter: the comparison is not vacuous
+    # Greedy generation under the same pinned codes (prompt and new tokens).
+    prompt, n = x[:, :8], 30
+    pinned = codes[:, :8 + n]
+    want = ours.generate(prompt, n, temperature=0, latents=pinned)
+    have = hf.generate(prompt, max_new_tokens=n, do_sample=False, latents=pinned)
+    assert have.tolist() == want.tolist()
+
+
+def test_prefill_codes_come_from_the_encoder_with_our_rng(runs):
+    """Same generator → the same posterior sample as freeformer's prefill, and the same
+    logits; 'prior' mode does not run the encoder."""
+    run, d = runs["llama", "ft"]
+    hf, (ours, _) = _load_hf(d), load_model(run)
+    x = _tokens(24, seed=3)
+    with torch.no_grad():
+        a = ours(x, generator=torch.Generator().manual_seed(5))
+        b = hf(x, latent_generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.codes, b.codes)
+    assert _max_abs(a.bit_logits, b.bit_logits) < 1e-5
+    assert _max_abs(a.logits, b.logits) < 1e-5 * max(1.0, float(a.logits.abs().max()))
+    hf.config.prefill_latents = "prior"
+    with torch.no_grad():
+        c = hf(x, latent_generator=torch.Generator().manual_seed(5))
+    assert c.bit_logits is None and not torch.equal(c.codes, a.codes)
+
+
+def _cached_logits(model, tokens: torch.Tensor, codes: torch.Tensor, t0: int) -> torch.Tensor:
+    """Our cached path: prefill tokens[:, :t0], then one decode step per later token;
+    the logits that predict tokens t0 .. T-1."""
+    cache = KVCache(model, tokens.shape[0], tokens.shape[1])
+    out = [model(tokens[:, :t0], latents=codes[:, :t0], cache=cache).logits[:, -1]]
+    for t in range(t0, tokens.shape[1] - 1):
+        out.append(model(tokens[:, t:t + 1], latents=codes[:, t:t + 1], cache=cache)
+                   .logits[:, -1])
+    return torch.stack(out, dim=1)
+
+
+def test_generate_returns_the_codes_that_reproduce_its_tokens(runs):
+    """transformers' generate samples tokens with torch's global RNG, which freeformer's
+    generate cannot share; so it returns the codes it used (encoder at prefill, a fresh
+    uniform code per new token), and those codes give its tokens through our cached path:
+    greedy tokens exactly, sampled tokens' per-step logits within tolerance."""
+    run, d = runs["qwen2", "ft"]
+    hf, (ours, _) = _load_hf(d), load_model(run)
+    prompt, n = _tokens(10, seed=4), 20
+    g = torch.Generator().manual_seed(7)
+    seqs, codes = hf.generate(prompt, max_new_tokens=n, do_sample=False, latent_generator=g,
+                              return_latents=True)
+    assert codes.shape == seqs.shape == (2, 10 + n)
+    # Prompt codes: the encoder's, drawn from the generator exactly as our prefill draws them.
+    with torch.no_grad():
+        enc = ours(prompt, generator=torch.Generator().manual_seed(7)).codes
+    assert torch.equal(codes[:, :10], enc)
+    # New tokens: fresh codes, not a constant.
+    assert codes[:, 10:].unique().numel() > 5
+    assert ours.generate(prompt, n, temperature=0, latents=codes).tolist() == seqs.tolist()
+
+    torch.manual_seed(11)
+    out, codes = hf.generate(prompt, max_new_tokens=n, do_sample=True, top_k=0,
+                             latent_generator=torch.Generator().manual_seed(8),
+                             return_latents=True, output_logits=True,
+                             return_dict_in_generate=True)
+    step_logits = torch.stack(out.logits, dim=1)
+    with torch.no_grad():
+        mine = _cached_logits(ours, out.sequences, codes, 10)
+    assert _max_abs(mine, step_logits) < 1e-4 * max(1.0, float(mine.abs().max()))
+
+
+def test_free_transformer_round_trips(runs, tmp_path):
+    run, d = runs["llama_tied", "ft"]
+    _same_run(run, convert(d, tmp_path / "back"))
+    hf = _load_hf(d)
+    hf.save_pretrained(tmp_path / "resaved")
+    transformers.AutoTokenizer.from_pretrained(d).save_pretrained(tmp_path / "resaved")
+    assert (tmp_path / "resaved" / "modeling_freeformer.py").is_file()
+    again = _load_hf(tmp_path / "resaved")
+    x = _tokens(20, seed=6)
+    codes = torch.randint(0, 1 << H, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(hf(x, latents=codes).logits, again(x, latents=codes).logits)
+    _same_run(run, convert(tmp_path / "resaved", tmp_path / "back2"))
+
+
+def test_remote_code_needs_only_torch_and_transformers():
+    import freeformer.export as pkg
+
+    allowed = {"__future__", "math", "dataclasses", "typing", "torch", "transformers"}
+    for name in ("configuration_freeformer.py", "modeling_freeformer.py"):
+        tree = ast.parse((Path(pkg.__file__).parent / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots = set() if node.level else {node.module.split(".")[0]}
+            else:
+                continue
+            assert roots <= allowed, (name, roots)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI and refusals
+# ---------------------------------------------------------------------------------------
+def _refused(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("freeformer: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_export_and_refusals(runs, tmp_path, capsys):
+    run, _ = runs["llama", "ft"]
+    out = tmp_path / "cli"
+    assert main(["export", str(run / "checkpoints" / "step_00000000"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "FreeformerForCausalLM (step 0)" in printed and "trust_remote_code=True" in printed
+    assert "not empty" in _refused(capsys, ["export", str(run), "--out", str(out)])
+    assert "does not exist" in _refused(capsys, ["export", str(tmp_path / "nope"),
+                                                 "--out", str(tmp_path / "o")])
+    # A baseline Qwen2ForCausalLM cannot claim Llama 3.1's RoPE scaling.
+    base, _ = runs["llama31", "base"]
+    model, ck = load_model(base)
+    cfg = json.loads(json.dumps(ck.state["config"]))
+    cfg["model"]["qkv_bias"] = True
+    from freeformer.model import FreeTransformer
+    from freeformer.runconfig import RunConfig
+
+    mc = RunConfig.from_dict(cfg).model
+    biased = FreeTransformer(mc)
+    weird = tmp_path / "weird"
+    save_checkpoint(weird, 0, model_state=biased.state_dict(), state={**ck.state, "config": cfg})
+    (weird / "tokenizer").mkdir()
+    err = _refused(capsys, ["export", str(weird), "--out", str(tmp_path / "w")])
+    assert "model.rope_scaling = 'llama3' with model.qkv_bias = true" in err
+    # A stray tensor is named, never dropped.
+    state = dict(ck.model_state, **{"blocks.0.attn.wq.lora_A": torch.zeros(2, 2)})
+    stray = tmp_path / "stray"
+    save_checkpoint(stray, 0, model_state=state, state=ck.state)
+    err = _refused(capsys, ["export", str(stray), "--out", str(tmp_path / "s")])
+    assert "blocks.0.attn.wq.lora_A has no Hugging Face name" in err
+    # convert refuses to drop an exported Free Transformer's latent path.
+    _, d = runs["llama", "ft"]
+    err = _refused(capsys, ["convert", str(d), "--out", str(tmp_path / "c"), "--baseline"])
+    assert "is an exported Free Transformer" in err
