@@ -227,7 +227,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     with torch.device("meta"):
         model = FreeTransformer(ck.model_config)
     model.to_empty(device=device)
-    load_model_state(model, ck.model_state)
+    from freeformer.lora import merged_state
+
+    load_model_state(model, merged_state(ck.model_state, ck.state["config"]))  # LoRA folded in
     return model.eval(), ck
 
 

@@ -152,7 +152,9 @@ def export(run: str | Path, out: str | Path) -> Path:
         raise ExportError(f"{out} already exists and is not empty; choose another --out")
     ck = load_checkpoint(run)
     mc = ck.model_config
-    state = ck.model_state
+    from freeformer.lora import merged_state
+
+    state = merged_state(ck.model_state, ck.state["config"])  # LoRA adapters folded in
     if mc.latent:
         arch, config = "freeformer", freeformer_config(mc)
     else:
