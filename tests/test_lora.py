@@ -110,6 +110,21 @@ def test_lora_trains_merges_resumes_and_exports(source, tmp_path):
     assert torch.equal(t["model.layers.0.self_attn.q_proj.weight"],
                        merged.state_dict()["blocks.0.attn.wq.weight"])
 
+    # Unmerged: the base weights + PEFT's adapter files; PeftModel computes the merged model.
+    transformers = pytest.importorskip("transformers")
+    from peft import PeftModel
+
+    out = export(full, tmp_path / "hf-unmerged", unmerged_lora=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        plain = hf(x, latents=z).logits
+        peft_model = PeftModel.from_pretrained(hf, out / "lora").eval()
+        adapted = peft_model(input_ids=x, latents=z).logits
+    assert float((adapted - a).abs().max()) < 1e-5 * max(1.0, float(a.abs().max()))
+    assert float((plain - a).abs().max()) > 1e-3  # without the adapters it differs
+    n_adapted = sum(".lora_A." in n for n, _ in peft_model.named_parameters())
+    assert n_adapted == 7 * (cfg.model.n_layers - 1)  # q k v o gate up down, not the encoder
+
 
 def test_lora_config_is_validated(capsys):
     for kv, needle in ((dict(lora_rank=-1), "train.lora_rank = -1"),

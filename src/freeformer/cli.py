@@ -173,13 +173,16 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                     "(docs/export.md).")
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--out", required=True, metavar="HF_DIR", help="directory to create")
+    p.add_argument("--unmerged-lora", action="store_true",
+                   help="a LoRA run: write the weights without the adapters and the adapters "
+                        "in PEFT's format to HF_DIR/lora (default: adapters merged)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from freeformer.export import export
 
-    out = export(args.path, args.out)
+    out = export(args.path, args.out, unmerged_lora=args.unmerged_lora)
     import json
 
     cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
