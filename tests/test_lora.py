@@ -93,6 +93,11 @@ def test_lora_trains_merges_resumes_and_exports(source, tmp_path):
     assert float((a - b).abs().max()) < 1e-5 * max(1.0, float(a.abs().max()))
     assert float((a - base).abs().max()) > 1e-3  # the comparison is not vacuous
 
+    # Fine-tuning from a LoRA run starts from its merged weights.
+    again = build_model(debug_cfg(init_from=str(full)), torch.device("cpu"),
+                        load_init_checkpoint(debug_cfg(init_from=str(full))))
+    assert all(torch.equal(t, merged.state_dict()[k]) for k, t in again.state_dict().items())
+
     # Exact resume from step 3.
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "checkpoints" / "step_00000006")

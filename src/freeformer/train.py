@@ -210,7 +210,7 @@ def build_model(cfg: RunConfig, device: torch.device, init: Checkpoint | None = 
         with torch.device("meta"):  # no seeded init that would be overwritten at once
             model = FreeTransformer(cfg.model)
         model.to_empty(device=device)
-        load_model_state(model, init.model_state)
+        load_model_state(model, lora.merged_state(init.model_state, init.state["config"]))
     set_trainable(model, cfg.train.trainable)
     return model
 

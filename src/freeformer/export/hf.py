@@ -57,6 +57,40 @@ def to_hf_weights(state: dict[str, torch.Tensor], config: ModelConfig,
     return out
 
 
+def to_peft_adapter(state: dict[str, torch.Tensor], config: ModelConfig, arch: str,
+                    run_config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A LoRA run's adapters in PEFT's format for the exported module names: tensors
+    (``base_model.model.<module>.lora_A.weight`` …) and adapter_config.json. Where freeformer
+    fuses two maps (K/V in ``wkv``, gate/up in ``w_in``) the rows of B are split and A is
+    shared: B·A split by rows is exactly the two maps' updates."""
+    from freeformer.lora import _CKPT_KEY
+    from freeformer.pretrained.convert import _template, weight_table
+
+    table = weight_table(arch, config)
+    tensors: dict[str, torch.Tensor] = {}
+    modules: list[str] = []
+    for key in sorted(state):
+        m = _CKPT_KEY.match(key)
+        if m is None or m.group(2) != "A":
+            continue
+        module = m.group(1)
+        a, b = state[key], state[f"{module}.lora_B"]
+        template, i = _template(f"{module}.weight")
+        names = [n.replace("{i}", i) if i is not None else n for n in table[template]]
+        for name, b_part in zip(names, b.chunk(len(names), dim=0)):
+            hf_module = name.removesuffix(".weight")
+            modules.append(hf_module)
+            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = a.contiguous().clone()
+            tensors[f"base_model.model.{hf_module}.lora_B.weight"] = b_part.contiguous().clone()
+    rank = {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")}
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank.pop(),
+           "lora_alpha": run_config["train"]["lora_alpha"], "lora_dropout": 0.0,
+           "bias": "none", "inference_mode": True, "base_model_name_or_path": None,
+           # Exact module names: a name list would also match the encoder's projections.
+           "target_modules": "|".join(m.replace(".", r"\.") for m in sorted(modules))}
+    return tensors, cfg
+
+
 # ---------------------------------------------------------------------------------------
 # config.json
 # ---------------------------------------------------------------------------------------
@@ -139,9 +173,13 @@ def _write_tokenizer(tok: Any, mc: ModelConfig, out: Path) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------
 # Directory
 # ---------------------------------------------------------------------------------------
-def export(run: str | Path, out: str | Path) -> Path:
+def export(run: str | Path, out: str | Path, *, unmerged_lora: bool = False) -> Path:
     """Write the model of ``run`` (a run directory, its newest checkpoint, or a
-    ``checkpoints/step_*`` directory) as a Hugging Face model directory ``out``."""
+    ``checkpoints/step_*`` directory) as a Hugging Face model directory ``out``.
+
+    A LoRA run's adapters are folded into the weights; with ``unmerged_lora`` the weights
+    are the run's without them (the base decoder, the fully trained latent path) and the
+    adapters go to ``out/lora`` in PEFT's format (``PeftModel.from_pretrained``)."""
     from safetensors.torch import save_file
 
     from freeformer import __version__
@@ -152,15 +190,24 @@ def export(run: str | Path, out: str | Path) -> Path:
         raise ExportError(f"{out} already exists and is not empty; choose another --out")
     ck = load_checkpoint(run)
     mc = ck.model_config
-    from freeformer.lora import merged_state
+    from freeformer.lora import base_state, merged_state
 
-    state = merged_state(ck.model_state, ck.state["config"])  # LoRA adapters folded in
+    adapters = None
+    if unmerged_lora:
+        if base_state(ck.model_state).keys() == ck.model_state.keys():
+            raise ExportError(f"--unmerged-lora: {ck.path} holds no LoRA adapters "
+                              "(train.lora_rank = 0)")
+        state = base_state(ck.model_state)
+    else:
+        state = merged_state(ck.model_state, ck.state["config"])  # LoRA adapters folded in
     if mc.latent:
         arch, config = "freeformer", freeformer_config(mc)
     else:
         arch = plain_arch(mc)
         config = plain_config(mc, arch)
     tensors = to_hf_weights(state, mc, arch)
+    if unmerged_lora:
+        adapters = to_peft_adapter(ck.model_state, mc, arch, ck.state["config"])
     dtypes = {t.dtype for t in tensors.values()}
     config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(
         dtypes) == 1 else "float32"
@@ -178,6 +225,11 @@ def export(run: str | Path, out: str | Path) -> Path:
         write_json_atomic(tmp / "config.json", config)
         write_json_atomic(tmp / "generation_config.json", {**ids, "_from_model_config": True})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if adapters is not None:
+            (tmp / "lora").mkdir()
+            write_json_atomic(tmp / "lora" / "adapter_config.json", adapters[1])
+            save_file(adapters[0], str(tmp / "lora" / "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
         if arch == "freeformer":
             here = Path(__file__).parent
             for name in REMOTE_FILES:
