@@ -322,3 +322,38 @@ def test_real_smollm2_export_generates_like_ours(tmp_path):
         n = have.shape[1]  # transformers stops at EOS; ours goes on
         assert have.tolist() == want[:, :n].tolist() and n > len(ids)
         assert n == want.shape[1] or int(have[0, -1]) == tok.eos_token_id
+
+
+def test_lm_eval_hf_model_scores_the_exported_free_transformer_under_prior_codes(runs):
+    """lm-eval's own `hf` model on the export, `prefill_latents=prior` passed through
+    model_args: each score is log P(continuation | context, Z) under the uniform codes the
+    forward drew (recorded by a hook), as our model computes it; the encoder never runs."""
+    pytest.importorskip("lm_eval", reason="the eval extra")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    run, d = runs["llama", "ft"]
+    lm = HFLM(pretrained=str(d), trust_remote_code=True, prefill_latents="prior", batch_size=1,
+              device="cpu")
+    assert lm.model.config.prefill_latents == "prior"
+    seen = []
+    lm.model.register_forward_hook(
+        lambda m, args, kw, out: seen.append((args[0] if args else kw["input_ids"], out)),
+        with_kwargs=True)
+    reqs = [("Hello world", " the quick brown"), ("def f(x):", " return x*2")]
+    scores = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)])
+    ours, ck = load_model(run)
+    from freeformer.checkpoint import load_run_tokenizer
+
+    tok = load_run_tokenizer(ck)
+    assert len(seen) == 2
+    for (ctx, cont), (score, _) in zip(reqs, scores):
+        full = tok.encode_prompt(ctx) + tok.encode(cont)
+        n = len(tok.encode(cont))
+        out = next(o for ids, o in seen if ids[0].tolist() == full[:-1])
+        assert out.bit_logits is None  # prior codes: no encoder
+        x = torch.tensor([full[:-1]])
+        with torch.no_grad():
+            logp = ours(x, latents=out.codes).logits.log_softmax(-1)[0, -n:]
+        want = float(logp.gather(-1, torch.tensor(full[-n:])[:, None]).sum())
+        assert abs(score - want) < 1e-4
