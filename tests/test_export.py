@@ -357,3 +357,28 @@ def test_lm_eval_hf_model_scores_the_exported_free_transformer_under_prior_codes
             logp = ours(x, latents=out.codes).logits.log_softmax(-1)[0, -n:]
         want = float(logp.gather(-1, torch.tensor(full[-n:])[:, None]).sum())
         assert abs(score - want) < 1e-4
+
+
+def test_left_padded_batch_equals_each_prompt_alone(runs):
+    """transformers pads a batch on the left and derives positions from the attention mask:
+    the export then gives each row what freeformer gives the unpadded prompt — the encoder's
+    bit logits at prefill (padded keys masked) and greedy tokens under pinned codes."""
+    run, d = runs["qwen2", "ft"]
+    hf, (ours, _) = _load_hf(d), load_model(run)
+    p1, p2 = _tokens(10, seed=8, batch=1), _tokens(7, seed=9, batch=1)
+    n, pad = 12, 3
+    batch = torch.cat([p1, torch.cat([torch.zeros(1, pad, dtype=torch.long), p2], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = (torch.randint(0, 1 << H, (1, t + n), generator=g) for t in (10, 7))
+    codes = torch.cat([z1, torch.cat([torch.zeros(1, pad, dtype=torch.long), z2], 1)])
+    have = hf.generate(batch, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                       latents=codes)
+    assert have[0].tolist() == ours.generate(p1, n, temperature=0, latents=z1)[0].tolist()
+    assert have[1, pad:].tolist() == ours.generate(p2, n, temperature=0, latents=z2)[0].tolist()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        b = hf(batch, attention_mask=mask, position_ids=pos).bit_logits
+        a = ours(p2).bit_logits
+    assert _max_abs(b[1, pad:], a[0]) < 1e-5
