@@ -189,6 +189,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     remote = ", trust_remote_code=True" if cfg["model_type"] == "freeformer" else ""
     print(f"wrote {out}: {cfg['architectures'][0]} (step {cfg['freeformer_export']['step']}); "
           f"load with AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})")
+    if not (out / "tokenizer.json").is_file():
+        print("no tokenizer files: the run's byte / synthetic vocabulary has no tokenizer.json")
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
