@@ -277,11 +277,14 @@ def test_cli_export_and_refusals(runs, tmp_path, capsys):
     err = _refused(capsys, ["export", str(weird), "--out", str(tmp_path / "w")])
     assert "model.rope_scaling = 'llama3' with model.qkv_bias = true" in err
     # A stray tensor is named, never dropped.
-    state = dict(ck.model_state, **{"blocks.0.attn.wq.lora_A": torch.zeros(2, 2)})
-    stray = tmp_path / "stray"
-    save_checkpoint(stray, 0, model_state=state, state=ck.state)
-    err = _refused(capsys, ["export", str(stray), "--out", str(tmp_path / "s")])
-    assert "blocks.0.attn.wq.lora_A has no Hugging Face name" in err
+    for name, needle in (("blocks.0.attn.wq.scale", "blocks.0.attn.wq.scale has no Hugging "
+                                                    "Face name"),
+                         ("blocks.0.attn.wq.lora_A", "adapter blocks.0.attn.wq.lora_A has no "
+                                                     "lora_B")):
+        stray = tmp_path / name
+        state = dict(ck.model_state, **{name: torch.zeros(2, 2)})
+        save_checkpoint(stray, 0, model_state=state, state=ck.state)
+        assert needle in _refused(capsys, ["export", str(stray), "--out", str(tmp_path / "s")])
     # convert refuses to drop an exported Free Transformer's latent path.
     _, d = runs["llama", "ft"]
     err = _refused(capsys, ["convert", str(d), "--out", str(tmp_path / "c"), "--baseline"])
