@@ -259,6 +259,8 @@ def test_cli_export_and_refusals(runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "FreeformerForCausalLM (step 0)" in printed and "trust_remote_code=True" in printed
     assert "not empty" in _refused(capsys, ["export", str(run), "--out", str(out)])
+    assert "holds no LoRA adapters" in _refused(
+        capsys, ["export", str(run), "--out", str(tmp_path / "u"), "--unmerged-lora"])
     assert "does not exist" in _refused(capsys, ["export", str(tmp_path / "nope"),
                                                  "--out", str(tmp_path / "o")])
     # A baseline Qwen2ForCausalLM cannot claim Llama 3.1's RoPE scaling.
