@@ -387,3 +387,27 @@ def test_left_padded_batch_equals_each_prompt_alone(runs):
         b = hf(batch, attention_mask=mask, position_ids=pos).bit_logits
         a = ours(p2).bit_logits
     assert _max_abs(b[1, pad:], a[0]) < 1e-5
+
+
+def test_trained_synthetic_run_with_bit_post_sampler(tmp_path):
+    """A run trained here (the synthetic task: no tokenizer files to ship) with the 'bits'
+    post-sampler ablation exports to the same function (convert needs a tokenizer.json, so
+    such an export is not read back)."""
+    from freeformer.runconfig import load_run_config
+    from freeformer.train import train
+
+    cfg = load_run_config(preset="debug", overrides=[
+        "model.latent_embedding=bits", "train.max_steps=3", "train.lr=0.01",
+        "train.progress=false", "train.eval_every=0"])
+    run = tmp_path / "run"
+    train(cfg, run, quiet=True)
+    d = export(run, tmp_path / "hf")
+    assert not (d / "tokenizer.json").exists()
+    hf, (ours, _) = _load_hf(d), load_model(run)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    z = torch.randint(0, cfg.model.n_codes, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(x, latents=z).logits, hf(x, latents=z).logits
+        other = ours(x, latents=(z + 1) % cfg.model.n_codes).logits
+    assert _max_abs(a, b) < 1e-5 * max(1.0, float(a.abs().max()))
+    assert _max_abs(a, other) > 1e-4
