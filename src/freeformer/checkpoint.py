@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from freeformer.config import ModelConfig
 from freeformer.errors import CheckpointError, ConfigError
+from freeformer.lora import merged_state
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -222,7 +223,8 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """A ready-to-use model (eval mode) from a run directory or checkpoint."""
     ck = load_checkpoint(path)
-    return model_from_state(ck.model_config, ck.model_state, device).eval(), ck
+    tensors = merged_state(ck.model_state, ck.state["config"])  # LoRA adapters folded in
+    return model_from_state(ck.model_config, tensors, device).eval(), ck
 
 
 def model_from_state(config: ModelConfig, tensors: dict[str, torch.Tensor],

@@ -171,6 +171,37 @@ def cmd_convert(args: argparse.Namespace) -> None:
           f"max_seq_len {mc.max_seq_len}; {kind}")
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="a run → a Hugging Face model directory (transformers, the Hub)",
+        description="Write the model of RUN_DIR (its newest checkpoint, or the checkpoints/"
+                    "step_* directory given) as a Hugging Face directory: a baseline as a "
+                    "plain LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases), a Free "
+                    "Transformer with its own configuration and modeling files, loaded with "
+                    "trust_remote_code=True. `freeformer convert HF_DIR` reads either back "
+                    "(docs/export.md).")
+    p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--out", required=True, metavar="HF_DIR", help="directory to create")
+    p.add_argument("--unmerged-lora", action="store_true",
+                   help="a LoRA run: write the weights without the adapters and the adapters "
+                        "in PEFT's format to HF_DIR/lora (default: adapters merged)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from freeformer.export import export
+
+    out = export(args.path, args.out, unmerged_lora=args.unmerged_lora)
+    import json
+
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    remote = ", trust_remote_code=True" if cfg["model_type"] == "freeformer" else ""
+    print(f"wrote {out}: {cfg['architectures'][0]} (step {cfg['freeformer_export']['step']}); "
+          f"load with AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})")
+    if not (out / "tokenizer.json").is_file():
+        print("no tokenizer files: the run's byte / synthetic vocabulary has no tokenizer.json")
+
+
 def _add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="overlay CE and KL curves of runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -209,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"freeformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_train, _add_config, _add_validate, _add_generate, _add_prepare, _add_convert,
-                _add_plot):
+                _add_export, _add_plot):
         add(sub)
     for optional in (_add_synthetic, _add_eval, _add_compare):
         try:

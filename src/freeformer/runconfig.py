@@ -110,9 +110,21 @@ class TrainConfig:
     weights: the encoder (with ζ and the bit readout) and the post-sampler — not the
     injection block, a pretrained decoder block. For fine-tuning a converted model, whose
     post-sampler starts at 0 (docs/pretrained.md); no effect without a latent path."""
+    lora_rank: int = 0
+    """LoRA rank r of the decoder's adapters (PEFT; the 'lora' extra); 0 = no LoRA. The
+    latent path's new weights train in full beside them (freeformer.lora)."""
+    lora_alpha: float = 16.0
+    """LoRA α: the adapters add (α/r)·B·A to each targeted weight."""
+    lora_targets: str = "wq,wkv,wo,w_in,w_out"
+    """Comma-separated linears of each decoder block that get adapters: wq, wkv, wo
+    (attention), w_in, w_out (SwiGLU)."""
+    lora_injection: str = "full"
+    """"full": the injection block (block L/2+1) trains in full, like the encoder and the
+    post-sampler; "lora": it gets adapters like the other decoder blocks."""
 
     def __post_init__(self) -> None:
         s = "train"
+        _check_lora(self)
         for n in ("max_steps", "batch_size", "seq_len", "eval_batches", "importance_samples",
                   "keep_last"):
             v = getattr(self, n)
@@ -143,6 +155,30 @@ class TrainConfig:
                "a run directory or checkpoint path (a string)")
         _check(self.trainable in TRAINABLE, s, "trainable", self.trainable,
                f"one of {', '.join(TRAINABLE)}")
+
+
+def _check_lora(tc: TrainConfig) -> None:
+    from freeformer.lora import LORA_INJECTION, LORA_TARGETS, parse_targets
+
+    s = "train"
+    _check(_is_int(tc.lora_rank) and tc.lora_rank >= 0, s, "lora_rank", tc.lora_rank,
+           "an integer ≥ 0 (0: no LoRA)")
+    _check(_is_num(tc.lora_alpha) and tc.lora_alpha > 0, s, "lora_alpha", tc.lora_alpha,
+           "a positive number")
+    try:
+        parse_targets(tc.lora_targets)
+        ok = True
+    except (ValueError, AttributeError):
+        ok = False
+    _check(ok, s, "lora_targets", tc.lora_targets,
+           f"comma-separated names among {', '.join(LORA_TARGETS)}")
+    _check(tc.lora_injection in LORA_INJECTION, s, "lora_injection", tc.lora_injection,
+           f"one of {', '.join(LORA_INJECTION)}")
+    if tc.lora_rank:
+        _check(tc.trainable == "all", s, "trainable", tc.trainable,
+               "'all' with train.lora_rank > 0 (LoRA itself says what trains)")
+        _check(tc.dist != "fsdp", s, "dist", tc.dist,
+               "none or ddp with train.lora_rank > 0 (LoRA under FSDP2 is untested)")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from freeformer import __version__
+from freeformer import __version__, lora
 from freeformer import distributed as D
 from freeformer.checkpoint import (
     Checkpoint,
@@ -77,7 +77,8 @@ def build_model(cfg: RunConfig, device: torch.device, init: Checkpoint | None = 
     if init is None:
         model = FreeTransformer(cfg.model, seed=cfg.train.seed).to(device)
     else:
-        model = model_from_state(cfg.model, init.model_state, device)
+        model = model_from_state(cfg.model, lora.merged_state(init.model_state,
+                                                              init.state["config"]), device)
     set_trainable(model, cfg.train.trainable)
     return model
 
@@ -198,9 +199,10 @@ def _check_resume_compatible(ck: Checkpoint, cfg: RunConfig) -> None:
         diff = [k for k in saved["model"] if saved["model"].get(k) != cfg.model.to_dict().get(k)]
         raise CheckpointError(f"cannot resume: the model config differs from the checkpoint's "
                               f"({', '.join(diff)})")
-    for key in ("batch_size", "seq_len", "seed", "trainable", "latent_lr_scale"):
-        # .get: checkpoints from before latent_lr_scale existed trained with 1.0
-        was = saved["train"].get(key, 1.0 if key == "latent_lr_scale" else None)
+    for key in ("batch_size", "seq_len", "seed", "trainable", "latent_lr_scale", "lora_rank",
+                "lora_alpha", "lora_targets", "lora_injection"):
+        # .get: checkpoints from before a field existed trained with its default
+        was = saved["train"].get(key, TrainConfig.__dataclass_fields__[key].default)
         if was != getattr(cfg.train, key):
             raise CheckpointError(f"cannot resume: train.{key} = {getattr(cfg.train, key)!r} but "
                                   f"the checkpoint used {was}")
@@ -255,11 +257,14 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
 
             load_tokenizer(train_data.data_dir).save(run_dir / "tokenizer")
     if ck is not None:
-        # Loaded before sharding: fully_shard keeps the values.
-        model = model_from_state(mc, ck.model_state, device)
+        # Loaded before sharding: fully_shard keeps the values. LoRA adapters are attached
+        # (and loaded) below, on top of the frozen base.
+        model = model_from_state(mc, lora.base_state(ck.model_state), device)
         set_trainable(model, tc.trainable)
+        lora.attach(model, tc, ck.model_state)  # LoRA: the adapters too (freeformer.lora)
     else:
         model = build_model(cfg, device, init)
+        lora.attach(model, tc)
     del init
     if tc.activation_checkpointing:
         _enable_activation_checkpointing(model)
@@ -287,6 +292,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
 
     def checkpoint(step: int) -> None:
         msd, osd = D.full_state_dicts(model, optimizer)
+        msd = lora.checkpoint_state(msd)  # PEFT's module names → freeformer's
         if info.is_main:
             otensors, groups = flatten_optimizer_state(osd)
             state = {"config": cfg.to_dict(), "tokens": tokens, "data": train_data.state_dict(),

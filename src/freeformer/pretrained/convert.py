@@ -56,6 +56,31 @@ FAMILY_EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
         "blocks.{i}.attn.wkv.bias": (_L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"),
     },
 }
+# A Free Transformer exported by `freeformer export` (model_type "freeformer"): the decoder
+# under the names above, each encoder block under the decoder block's names (the same map,
+# re-rooted), and the latent path's own tensors.
+_E = "model.encoder.layers.{i}."
+LATENT_FROM_HF: dict[str, tuple[str, ...]] = {
+    **{"encoder." + k: tuple(n.replace(_L, _E) for n in v)
+       for k, v in {**FROM_HF, **FAMILY_EXTRA["qwen2"]}.items() if k.startswith("blocks.")},
+    "encoder.zeta": ("model.encoder.zeta",),
+    "encoder.norm.weight": ("model.encoder.norm.weight",),
+    "encoder.readout.weight": ("model.encoder.readout.weight",),
+    "post_sampler.weight": ("model.post_sampler.weight",),
+}
+
+
+def weight_table(arch: str, config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """freeformer parameter template → its Hugging Face source names, for ``arch``'s layout
+    (``export`` reads the same table the other way)."""
+    table = {**FROM_HF, **FAMILY_EXTRA.get(arch, {})}
+    if config.qkv_bias:
+        table.update(FAMILY_EXTRA["qwen2"])
+    if config.latent:
+        table.update(LATENT_FROM_HF)
+    return table
+
+
 # Buffers some old checkpoints carry: recomputed from the config, never weights.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -109,6 +134,30 @@ def _sliding_window(src: SourceModel) -> int | None:
     return window
 
 
+# ModelConfig fields an exported Free Transformer's config.json records under these names
+# (besides the decoder's Hugging Face names above); freeformer.export writes them.
+FREEFORMER_FIELDS = ("latent_bits", "free_bits", "inject_layer", "encoder_layers",
+                     "latent_embedding", "latent_init_std", "qkv_bias")
+_LLAMA3_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                  "rope_original_max_len")
+
+
+def _freeformer_fields(c: dict[str, Any], where: str) -> dict[str, Any]:
+    missing = [k for k in FREEFORMER_FIELDS if k not in c]
+    if missing:
+        raise ConvertError(f"{where}: a freeformer config.json must hold {missing[0]}; "
+                           "export the run again with `freeformer export`")
+    out: dict[str, Any] = {k: c[k] for k in FREEFORMER_FIELDS}
+    out["latent"] = True
+    llama3 = c.get("rope_llama3")
+    if llama3 is not None:
+        if not isinstance(llama3, list) or len(llama3) != 4:
+            raise ConvertError(f"{where}: rope_llama3 = {llama3!r}; expected [factor, "
+                               "low_freq_factor, high_freq_factor, original_max_len] or null")
+        out.update(rope_scaling="llama3", **dict(zip(_LLAMA3_FIELDS, llama3)))
+    return out
+
+
 def model_config_from_source(src: SourceModel, *, latent: bool, max_seq_len: int | None = None,
                              **latent_fields: Any) -> ModelConfig:
     """The ModelConfig of ``src``; every value freeformer cannot reproduce is refused."""
@@ -137,8 +186,8 @@ def model_config_from_source(src: SourceModel, *, latent: bool, max_seq_len: int
     source_len = get("max_position_embeddings")
     window = _sliding_window(src)
     limit = min(source_len, window) if window is not None else source_len
-    if max_seq_len is None:
-        max_seq_len = min(limit, DEFAULT_MAX_SEQ_LEN)
+    if max_seq_len is None:  # an exported freeformer model keeps its own length
+        max_seq_len = limit if src.arch == "freeformer" else min(limit, DEFAULT_MAX_SEQ_LEN)
     elif max_seq_len > limit:
         why = (f"its sliding window ({window}), beyond which attention differs"
                if window is not None and window < source_len
@@ -151,6 +200,8 @@ def model_config_from_source(src: SourceModel, *, latent: bool, max_seq_len: int
         tie_embeddings=bool(get("tie_word_embeddings", False, required=False)),
         norm_eps=get("rms_norm_eps"), qkv_bias=src.arch == "qwen2",
         **_rope(c, where), latent=latent, **latent_fields)
+    if src.arch == "freeformer":  # an exported Free Transformer: its own latent path
+        fields.update(_freeformer_fields(c, where))
     try:
         return ModelConfig(**fields)
     except ConfigError as e:
@@ -161,16 +212,19 @@ def model_config_from_source(src: SourceModel, *, latent: bool, max_seq_len: int
 # Weights
 # ---------------------------------------------------------------------------------------
 def _template(key: str) -> tuple[str, str | None]:
-    m = re.match(r"^(blocks)\.(\d+)\.(.*)$", key)
-    return (f"blocks.{{i}}.{m.group(3)}", m.group(2)) if m else (key, None)
+    m = re.match(r"^((?:encoder\.)?blocks)\.(\d+)\.(.*)$", key)
+    return (f"{m.group(1)}.{{i}}.{m.group(3)}", m.group(2)) if m else (key, None)
 
 
 def convert_weights(src: SourceModel, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Baseline (latent=False) state dict of ``config`` from ``src``'s tensors."""
+    """Baseline (latent=False) state dict of ``config`` from ``src``'s tensors; the whole
+    Free Transformer's when ``src`` is one (an exported one, arch "freeformer")."""
     from freeformer.model import FreeTransformer
 
-    target = FreeTransformer.empty(config.replace(latent=False), "meta").state_dict()
-    table = {**FROM_HF, **FAMILY_EXTRA[src.arch]}
+    if src.arch != "freeformer":  # an exported Free Transformer keeps its latent path
+        config = config.replace(latent=False)
+    target = FreeTransformer.empty(config, "meta").state_dict()
+    table = weight_table(src.arch, config)
     used: set[str] = set()
     out: dict[str, torch.Tensor] = {}
     for key, param in target.items():
@@ -227,6 +281,11 @@ def convert(src: str | Path, out: str | Path, *, baseline: bool = False, latent_
     latent_fields = {} if baseline else dict(latent_bits=latent_bits, free_bits=free_bits,
                                             inject_layer=inject_layer,
                                             encoder_layers=encoder_layers)
+    if source.arch == "freeformer":
+        if baseline:
+            raise ConvertError(f"{source.path} is an exported Free Transformer; --baseline would "
+                               "drop its trained latent path (convert it without --baseline)")
+        latent_fields = {}  # its own, from its config.json (the latent flags do not apply)
     mc = model_config_from_source(source, latent=not baseline, max_seq_len=max_seq_len,
                                   **latent_fields)
     tok = source.tokenizer
@@ -241,7 +300,7 @@ def convert(src: str | Path, out: str | Path, *, baseline: bool = False, latent_
         for p in model.parameters():
             p.fill_(float("nan"))  # anything left unset below would show, not pass silently
     model.load_state_dict(weights, strict=False, assign=True)
-    if mc.latent:
+    if mc.latent and source.arch != "freeformer":
         # The latent path's init on a pretrained decoder (docs/design.md, "Starting from a
         # pretrained decoder"): the model computes the source's function at step 0.
         model.init_latent_path(torch.Generator().manual_seed(seed), from_decoder=True)

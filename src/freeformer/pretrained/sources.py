@@ -24,8 +24,9 @@ import torch
 from freeformer.data.tokenizer import HFTokenizer, _import_tokenizers
 from freeformer.errors import ConvertError, UserError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
-_ARCH_HELP = "supported: llama (and SmolLM, which is Llama), mistral, qwen2 / qwen2.5"
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "freeformer")
+_ARCH_HELP = ("supported: llama (and SmolLM, which is Llama), mistral, qwen2 / qwen2.5, and "
+              "freeformer (a Free Transformer written by `freeformer export`)")
 
 
 @dataclass
