@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             for static in (False, True):
                 key = f"{tag} {'static' if static else 'eager'}"
 
-                def run(m=m, p=p, static=static, key=key):
+                def run(m=m, p=p, static=static, key=key, tokens=tokens):
                     g = torch.Generator(dev).manual_seed(0)
                     tokens[key] = generate(m, p, args.new_tokens, temperature=0, generator=g,
                                            static=static)

@@ -30,7 +30,7 @@ from test_convert import VOCAB, _hf_model, _save_tokenizer  # noqa: E402
 from freeformer.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from freeformer.cli import main  # noqa: E402
 from freeformer.export import export  # noqa: E402
-from freeformer.generate import KVCache  # noqa: E402
+from freeformer.generate import generate, new_cache  # noqa: E402
 from freeformer.pretrained import convert  # noqa: E402
 
 H = 6
@@ -106,7 +106,7 @@ def test_baseline_export_is_plain_transformers_with_our_logits(kind, runs, tmp_p
     assert _max_abs(ref, got) < 1e-5 * max(1.0, scale)
     prompt = x[:1, :8]
     assert hf.generate(prompt, max_new_tokens=30, do_sample=False).tolist() == \
-        ours.generate(prompt, 30, temperature=0).tolist()
+        generate(ours, prompt, 30, temperature=0).tolist()
     # Back: bit-identical tensors and the same model config.
     _same_run(run, convert(d, tmp_path / "back", baseline=True))
 
@@ -146,7 +146,7 @@ def test_free_transformer_under_pinned_codes_equals_ours(kind, runs):
     # Greedy generation under the same pinned codes (prompt and new tokens).
     prompt, n = x[:, :8], 30
     pinned = codes[:, :8 + n]
-    want = ours.generate(prompt, n, temperature=0, latents=pinned)
+    want = generate(ours, prompt, n, temperature=0, latents=pinned)
     have = hf.generate(prompt, max_new_tokens=n, do_sample=False, latents=pinned)
     assert have.tolist() == want.tolist()
 
@@ -172,7 +172,7 @@ def test_prefill_codes_come_from_the_encoder_with_our_rng(runs):
 def _cached_logits(model, tokens: torch.Tensor, codes: torch.Tensor, t0: int) -> torch.Tensor:
     """Our cached path: prefill tokens[:, :t0], then one decode step per later token;
     the logits that predict tokens t0 .. T-1."""
-    cache = KVCache(model, tokens.shape[0], tokens.shape[1])
+    cache = new_cache(model, tokens.shape[0], tokens.shape[1])
     out = [model(tokens[:, :t0], latents=codes[:, :t0], cache=cache).logits[:, -1]]
     for t in range(t0, tokens.shape[1] - 1):
         out.append(model(tokens[:, t:t + 1], latents=codes[:, t:t + 1], cache=cache)
@@ -198,7 +198,7 @@ def test_generate_returns_the_codes_that_reproduce_its_tokens(runs):
     assert torch.equal(codes[:, :10], enc)
     # New tokens: fresh codes, not a constant.
     assert codes[:, 10:].unique().numel() > 5
-    assert ours.generate(prompt, n, temperature=0, latents=codes).tolist() == seqs.tolist()
+    assert generate(ours, prompt, n, temperature=0, latents=codes).tolist() == seqs.tolist()
 
     torch.manual_seed(11)
     out, codes = hf.generate(prompt, max_new_tokens=n, do_sample=True, top_k=0,
@@ -322,7 +322,7 @@ def test_real_smollm2_export_generates_like_ours(tmp_path):
         z = None if baseline else torch.randint(0, 1 << 16, (1, len(ids) + 24),
                                                 generator=torch.Generator().manual_seed(0))
         kw = {} if baseline else {"latents": z}
-        want = ours.generate(x, 24, temperature=0, **kw)
+        want = generate(ours, x, 24, temperature=0, **kw)
         have = hf.generate(x, max_new_tokens=24, do_sample=False, **kw)
         n = have.shape[1]  # transformers stops at EOS; ours goes on
         assert have.tolist() == want[:, :n].tolist() and n > len(ids)
@@ -380,8 +380,8 @@ def test_left_padded_batch_equals_each_prompt_alone(runs):
     codes = torch.cat([z1, torch.cat([torch.zeros(1, pad, dtype=torch.long), z2], 1)])
     have = hf.generate(batch, attention_mask=mask, max_new_tokens=n, do_sample=False,
                        latents=codes)
-    assert have[0].tolist() == ours.generate(p1, n, temperature=0, latents=z1)[0].tolist()
-    assert have[1, pad:].tolist() == ours.generate(p2, n, temperature=0, latents=z2)[0].tolist()
+    assert have[0].tolist() == generate(ours, p1, n, temperature=0, latents=z1)[0].tolist()
+    assert have[1, pad:].tolist() == generate(ours, p2, n, temperature=0, latents=z2)[0].tolist()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         b = hf(batch, attention_mask=mask, position_ids=pos).bit_logits

@@ -207,7 +207,8 @@ def test_static_decode_equals_eager_decode(latent):
     outs = []
     for static in (False, True):
         rows = []
-        hook = model.register_forward_hook(lambda mod, a, o: rows.append(o.logits[:, -1].clone()))
+        hook = model.register_forward_hook(
+            lambda mod, a, o, rows=rows: rows.append(o.logits[:, -1].clone()))
         toks = generate(model, p, 12, temperature=0, latents=z, static=static)
         hook.remove()
         outs.append((toks, torch.stack(rows, 1)))

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from freeformer.config import ModelConfig
+
 # Attention backends for cached (prefill / decode) calls on CUDA. cuDNN's attention builds an
 # execution plan for every new shape and caches it; decoding changes the key length at every
 # step, and on an H200 that replanning cost ~65 ms per token — ten times the whole step of the
 # baseline (bench/RESULTS.md, GPU section). Flash / memory-efficient kernels need no plan.
 _CACHED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-from freeformer.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
