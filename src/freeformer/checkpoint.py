@@ -19,11 +19,13 @@ checksums, so truncation or corruption is detected on load.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,25 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _write_json(tmp, obj)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Write a whole directory at once: yields a fresh temporary sibling of ``out`` to fill,
+    then renames it to ``out`` (which must be absent or empty); on any error nothing is left
+    at ``out`` and the temporary is removed. Used by convert and export."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (checked by the caller)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -16,7 +16,6 @@ cannot express is refused in one line naming the field.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -183,7 +182,12 @@ def export(run: str | Path, out: str | Path, *, unmerged_lora: bool = False) -> 
     from safetensors.torch import save_file
 
     from freeformer import __version__
-    from freeformer.checkpoint import load_checkpoint, load_run_tokenizer, write_json_atomic
+    from freeformer.checkpoint import (
+        atomic_directory,
+        load_checkpoint,
+        load_run_tokenizer,
+        write_json_atomic,
+    )
 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -213,11 +217,7 @@ def export(run: str | Path, out: str | Path, *, unmerged_lora: bool = False) -> 
         dtypes) == 1 else "float32"
     tok = load_run_tokenizer(ck)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_directory(out) as tmp:
         ids = _write_tokenizer(tok, mc, tmp)
         config.update(ids)
         config["freeformer_export"] = {"version": __version__, "checkpoint": str(ck.path),
@@ -234,10 +234,4 @@ def export(run: str | Path, out: str | Path, *, unmerged_lora: bool = False) -> 
             here = Path(__file__).parent
             for name in REMOTE_FILES:
                 shutil.copyfile(here / name, tmp / name)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -19,9 +19,7 @@ docs/design.md, "Starting from a pretrained decoder").
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +268,7 @@ def convert(src: str | Path, out: str | Path, *, baseline: bool = False, latent_
     an ordinary run directory for generate / validate / eval / load_model.
     """
     from freeformer import __version__
-    from freeformer.checkpoint import save_checkpoint, write_json_atomic
+    from freeformer.checkpoint import atomic_directory, save_checkpoint, write_json_atomic
     from freeformer.model import FreeTransformer
     from freeformer.runconfig import DataConfig, RunConfig, TrainConfig
 
@@ -310,19 +308,9 @@ def convert(src: str | Path, out: str | Path, *, baseline: bool = False, latent_
 
     cfg = RunConfig(model=mc, train=TrainConfig(seq_len=min(256, mc.max_seq_len)),
                     data=DataConfig(source="none"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_directory(out) as tmp:
         write_json_atomic(tmp / "config.json", {**cfg.to_dict(), "version": __version__})
         tok.save(tmp / "tokenizer")
         save_checkpoint(tmp, 0, model_state=model.state_dict(), keep_last=1, state={
             "config": cfg.to_dict(), "tokens": 0, "converted_from": source.describe()})
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
