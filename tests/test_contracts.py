@@ -1,0 +1,118 @@
+"""Small contracts that mutation testing (scripts/mutation.sh, docs/testing.md) showed no
+other test held: each test here kills at least one mutant that survived the suite."""
+
+import pytest
+import torch
+
+from freeformer import FreeTransformer, ModelConfig
+from freeformer.errors import DataError
+from freeformer.generate import KVCache
+
+CFG = ModelConfig.preset("debug")
+
+
+# -- generate ---------------------------------------------------------------------------
+def test_kv_cache_takes_the_models_dtype_and_device_unless_told():
+    model = FreeTransformer(CFG, seed=0).double()
+    cache = KVCache(model, 2, 8)
+    assert len(cache.layers) == CFG.n_layers and cache.pos == 0
+    for layer in cache.layers:
+        assert layer.k.dtype == layer.v.dtype == torch.float64
+        assert layer.k.shape == (2, CFG.n_kv_heads, 8, CFG.head_dim)
+    assert KVCache(model, 1, 4, dtype=torch.float16).layers[0].k.dtype == torch.float16
+    with torch.device("meta"):
+        meta = FreeTransformer(CFG)
+    assert KVCache(meta, 1, 4).layers[0].v.device.type == "meta"
+
+
+def _support(logits, **kw):
+    """Indices with non-zero probability in the distribution ``sample`` draws from."""
+    from unittest import mock
+
+    from freeformer.generate import sample
+
+    with mock.patch("torch.multinomial", wraps=torch.multinomial) as spy:
+        sample(logits[None], generator=torch.Generator().manual_seed(0), **kw)
+    return (spy.call_args.args[0][0] > 0).nonzero().flatten().tolist()
+
+
+def test_top_p_one_keeps_every_token_even_when_float32_mass_rounds_to_one():
+    # P(token 1) = e^-30 ≈ 1e-13: in float32 the mass before it is exactly 1.0.
+    assert _support(torch.tensor([30.0, 0.0]), top_p=1.0) == [0, 1]
+
+
+def test_top_p_stops_at_the_token_whose_preceding_mass_equals_p_exactly():
+    # Four tokens of mass 1/4 (exact in binary): {0, 1} already hold p = 0.5.
+    assert len(_support(torch.zeros(4), top_p=0.5)) == 2
+    assert len(_support(torch.zeros(4), top_p=0.5000001)) == 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return FreeTransformer(CFG, seed=0).eval()
+
+
+def test_generate_argument_bounds(model):
+    p = torch.randint(0, CFG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.generate(p, 0), p)  # zero new tokens: the prompt itself
+    for bad in (-1, 2.5):
+        with pytest.raises(DataError, match="max_new_tokens"):
+            model.generate(p, bad)
+    # Exactly max_seq_len positions are allowed; one more is refused before any forward.
+    assert model.generate(p, CFG.max_seq_len - 5, temperature=0).shape == (2, CFG.max_seq_len)
+    with pytest.raises(DataError, match=r"max_new_tokens \(124\) exceeds max_seq_len=128"):
+        model.generate(p, CFG.max_seq_len - 4)
+    z = torch.zeros(11, dtype=torch.long)
+    greedy = model.generate(p, 6, temperature=0, latents=z)
+    assert torch.equal(model.generate(p, 6, top_k=1, latents=z, generator=gen(1)), greedy)
+    for top_p in (1e-6, 0.9, 1.0):  # (0, 1]
+        assert model.generate(p, 3, top_p=top_p, generator=gen(2)).shape == (2, 8)
+    for bad in (0.0, 1.5):
+        with pytest.raises(DataError, match="top_p"):
+            model.generate(p, 3, top_p=bad)
+    with pytest.raises(DataError, match="top_k"):
+        model.generate(p, 3, top_k=0)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_generate_function_defaults_are_the_documented_ones(model, monkeypatch):
+    import freeformer.generate as G
+    from freeformer.generate import generate
+
+    temps = []
+    real = G.sample
+    monkeypatch.setattr(G, "sample", lambda logits, t, *a: temps.append(t) or real(logits, t, *a))
+    p = torch.randint(0, CFG.vocab_size, (2, 5), generator=gen(3))
+    out = generate(model, p, 6, generator=gen(4))
+    assert isinstance(out, torch.Tensor)  # return_latents=False
+    assert temps == [1.0] * 6  # temperature=1.0
+    explicit = generate(model, p, 6, temperature=1.0, prefill="encoder", generator=gen(4),
+                        return_latents=False)
+    assert torch.equal(out, explicit)
+    assert torch.equal(out, model.generate(p, 6, generator=gen(4)))
+
+
+def test_a_1d_prompt_gives_row_0_of_the_batched_call(model):
+    p = torch.randint(0, CFG.vocab_size, (5,), generator=gen(5))
+    one, codes = model.generate(p, 6, generator=gen(6), return_latents=True)
+    batch, bcodes = model.generate(p[None], 6, generator=gen(6), return_latents=True)
+    assert one.shape == (11,) and codes.shape == (11,)
+    assert torch.equal(one, batch[0]) and torch.equal(codes, bcodes[0])
+
+
+def test_generation_builds_no_autograd_graph(model, monkeypatch):
+    seen = []
+    real = FreeTransformer.forward
+
+    def spy(self, *a, **k):
+        seen.append(torch.is_grad_enabled())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FreeTransformer, "forward", spy)
+    from freeformer.generate import generate
+
+    generate(model, torch.zeros(1, 3, dtype=torch.long), 3, generator=gen(0))
+    assert seen and not any(seen)
