@@ -116,3 +116,12 @@ def test_generation_builds_no_autograd_graph(model, monkeypatch):
 
     generate(model, torch.zeros(1, 3, dtype=torch.long), 3, generator=gen(0))
     assert seen and not any(seen)
+
+
+# -- latent -----------------------------------------------------------------------------
+def test_a_bit_of_probability_zero_is_never_set_even_by_a_zero_uniform():
+    from freeformer.latent import sample_codes
+
+    # σ(−200) is 0 in float32, and 0.0 is a legal draw of a uniform on [0, 1).
+    L = torch.tensor([[-200.0, 200.0, -200.0]])
+    assert sample_codes(L, noise=torch.zeros(1, 3)).item() == 0b010
