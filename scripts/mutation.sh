@@ -26,7 +26,7 @@ declare -A FILE TESTS
 FILE[generate]=src/freeformer/generate.py
 TESTS[generate]="tests/test_generate.py $R::test_eos_pads_each_row_from_its_own_first_eos_and_only_then $R::test_sampling_frequencies_follow_the_tempered_softmax $R::test_tempered_top_k_renormalises_the_kept_tokens $P::test_top_k_keeps_exactly_the_k_largest $P::test_top_p_keeps_the_smallest_prefix_reaching_p $C"
 FILE[latent]=src/freeformer/latent.py
-TESTS[latent]="$P::test_codes_to_bits_is_the_binary_expansion $P::test_sample_codes_sets_exactly_the_bits_whose_uniform_is_below_p $R::test_kl_bits_is_the_exact_kl_per_token_in_bits_and_elbo_adds_it tests/test_latent.py $C"
+TESTS[latent]="$P::test_codes_to_bits_is_the_binary_expansion $P::test_sample_codes_sets_exactly_the_bits_whose_uniform_is_below_p $R::test_kl_bits_is_the_exact_kl_per_token_in_bits_and_elbo_adds_it tests/test_latent.py $C tests/test_model.py"
 FILE[runconfig]=src/freeformer/runconfig.py
 TESTS[runconfig]="$R::test_override_applies_whether_or_not_the_toml_has_its_section $R::test_cli_override_of_a_section_missing_from_the_file $P::test_overrides_apply_and_config_round_trips_through_toml tests/test_cli.py::test_bad_train_input tests/test_cli.py::test_malformed_and_unknown_config tests/test_cli.py::test_config_prints_a_round_trippable_toml tests/test_train.py::test_every_shipped_config_parses tests/test_runconfig.py $C"
 FILE[checkpoint]=src/freeformer/checkpoint.py

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from freeformer import FreeTransformer, ModelConfig
-from freeformer.errors import DataError
+from freeformer.errors import ConfigError, DataError
 from freeformer.generate import KVCache
 
 CFG = ModelConfig.preset("debug")
@@ -125,3 +125,73 @@ def test_a_bit_of_probability_zero_is_never_set_even_by_a_zero_uniform():
     # σ(−200) is 0 in float32, and 0.0 is a legal draw of a uniform on [0, 1).
     L = torch.tensor([[-200.0, 200.0, -200.0]])
     assert sample_codes(L, noise=torch.zeros(1, 3)).item() == 0b010
+
+
+def test_mapper_backward_fills_its_preallocated_buffers_without_resizing():
+    import warnings
+
+    from freeformer.latent import binary_mapper
+
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(5, 3, generator=g, requires_grad=True)
+    W = torch.randn(8, 4, generator=g, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when an out= buffer has the wrong shape
+        r, _ = binary_mapper(L, W, generator=g)
+        r.sum().backward()
+    assert L.grad.shape == L.shape and torch.isfinite(L.grad).all()
+
+
+# -- runconfig --------------------------------------------------------------------------
+# What a run gets for every key its TOML leaves out (`freeformer config` prints them). A
+# default changes every run that relies on it, so changing one must be a deliberate edit
+# here too (and in the docs that quote it).
+TRAIN_DEFAULTS = dict(
+    max_steps=1000, batch_size=32, micro_batch_size=0, seq_len=256, lr=3e-4, min_lr_ratio=0.1,
+    warmup_steps=100, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0,
+    log_every=10, eval_every=200, eval_batches=8, importance_samples=4, ckpt_every=500,
+    keep_last=3, dist="none", compile=False, activation_checkpointing=False, device="auto",
+    precision="auto", threads=0, tensorboard=False, wandb=False, wandb_project="freeformer",
+    progress=True, init_from="", trainable="all", latent_lr_scale=1.0)
+
+
+def test_run_config_defaults_are_the_documented_ones():
+    import dataclasses
+
+    from freeformer.runconfig import DataConfig, RunConfig, TrainConfig
+
+    assert dataclasses.asdict(TrainConfig()) == TRAIN_DEFAULTS
+    assert dataclasses.asdict(DataConfig()) == {"source": "synthetic", "path": ""}
+    cfg = RunConfig(train=TrainConfig(seq_len=65))
+    assert cfg.model == ModelConfig() and cfg.data == DataConfig()
+
+
+def test_run_config_sections_are_frozen():
+    import dataclasses
+
+    from freeformer.runconfig import DataConfig, TrainConfig, load_run_config
+
+    cfg = load_run_config(preset="debug")
+    for obj, key in ((cfg, "train"), (cfg.train, "lr"), (cfg.data, "path")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, key, 1)
+    assert TrainConfig.__dataclass_params__.frozen and DataConfig.__dataclass_params__.frozen
+
+
+@pytest.mark.parametrize("key,values", [
+    ("dist", ["none", "ddp", "fsdp"]), ("device", ["auto", "cpu", "cuda"]),
+    ("precision", ["auto", "fp32", "bf16"]), ("trainable", ["all", "latent"])])
+def test_every_documented_choice_is_accepted(key, values):
+    from freeformer.runconfig import TrainConfig
+
+    for v in values:
+        assert getattr(TrainConfig(**{key: v}), key) == v
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+        TrainConfig(**{key: "other"})
+
+
+def test_every_documented_data_source_is_accepted():
+    from freeformer.runconfig import DataConfig
+
+    for source in ("synthetic", "files", "stdlib", "none"):
+        assert DataConfig(source=source, path="d").source == source
