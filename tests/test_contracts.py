@@ -195,3 +195,40 @@ def test_every_documented_data_source_is_accepted():
 
     for source in ("synthetic", "files", "stdlib", "none"):
         assert DataConfig(source=source, path="d").source == source
+
+
+# Each TrainConfig number, at the edges of what it accepts, and the one line its refusal
+# prints: "train.KEY = VALUE is invalid: expected WHAT".
+POSITIVE_INT = "a positive integer"
+NONNEG_INT = "an integer ≥ 0"
+BOUNDS = {  # key: (accepted values, refused values, what the error expects)
+    **{k: ([1, 7], [0, -1, 1.5, True], POSITIVE_INT) for k in (
+        "max_steps", "batch_size", "seq_len", "eval_batches", "importance_samples",
+        "keep_last", "log_every")},
+    **{k: ([0, 3], [-1, 1.5, "2", False], NONNEG_INT) for k in (
+        "micro_batch_size", "warmup_steps", "eval_every", "ckpt_every", "seed", "threads")},
+    "lr": ([1e-9, 5], [0, -1e-9, float("inf"), float("nan"), True], "a positive number"),
+    "latent_lr_scale": ([1e-9, 3], [0, float("inf"), "1"], "a positive number"),
+    "min_lr_ratio": ([0, 0.5, 1], [-1e-9, 1.0001, 1.5, float("nan"), "0.5"], "a number in [0, 1]"),
+    "beta1": ([0, 0.999], [1, -0.1, float("inf")], "a number in [0, 1)"),
+    "beta2": ([0, 0.999], [1, 1.5, -0.1], "a number in [0, 1)"),
+    "weight_decay": ([0, 2.5], [-1e-9, float("inf")], "a number ≥ 0"),
+    "grad_clip": ([0, 2.5], [-1e-9, float("nan")], "a number ≥ 0"),
+    **{k: ([True, False], [1, "true", None], "true or false") for k in (
+        "compile", "activation_checkpointing", "tensorboard", "wandb", "progress")},
+}
+
+
+@pytest.mark.parametrize("key", sorted(BOUNDS))
+def test_train_config_accepts_exactly_its_documented_range(key):
+    from freeformer.runconfig import TrainConfig
+
+    ok, bad, expect = BOUNDS[key]
+    for v in ok:
+        assert getattr(TrainConfig(**{key: v}), key) == v
+    for v in bad:
+        with pytest.raises(ConfigError) as e:
+            TrainConfig(**{key: v})
+        msg = str(e.value)
+        assert msg.startswith(f"train.{key} = {v!r} is invalid: expected {expect}"), msg
+        assert "\n" not in msg
