@@ -164,6 +164,7 @@ def test_run_config_defaults_are_the_documented_ones():
     assert dataclasses.asdict(DataConfig()) == {"source": "synthetic", "path": ""}
     cfg = RunConfig(train=TrainConfig(seq_len=65))
     assert cfg.model == ModelConfig() and cfg.data == DataConfig()
+    assert RunConfig(data=DataConfig(source="none")).train == TrainConfig()
 
 
 def test_run_config_sections_are_frozen():
@@ -192,11 +193,20 @@ def test_every_documented_choice_is_accepted(key, values):
     assert str(e.value).startswith(want), str(e.value)
 
 
-def test_every_documented_data_source_is_accepted():
+def test_every_documented_data_source_is_accepted_and_nothing_else():
     from freeformer.runconfig import DataConfig
 
     for source in ("synthetic", "files", "stdlib", "none"):
         assert DataConfig(source=source, path="d").source == source
+    for kwargs, want in [
+            (dict(source="web"), "data.source = 'web' is invalid: expected one of synthetic, "
+                                 "files, stdlib, none"),
+            (dict(path=3), "data.path = 3 is invalid: expected a string"),
+            (dict(source="files"), "data.path = '' is invalid: expected a directory"),
+            (dict(source="stdlib"), "data.path = '' is invalid: expected a directory")]:
+        with pytest.raises(ConfigError) as e:
+            DataConfig(**kwargs)
+        assert str(e.value).startswith(want), str(e.value)
 
 
 # Each TrainConfig number, at the edges of what it accepts, and the one line its refusal
@@ -216,6 +226,7 @@ BOUNDS = {  # key: (accepted values, refused values, what the error expects)
     "beta2": ([0, 0.999], [1, 1.5, -0.1], "a number in [0, 1)"),
     "weight_decay": ([0, 2.5], [-1e-9, float("inf")], "a number ≥ 0"),
     "grad_clip": ([0, 2.5], [-1e-9, float("nan")], "a number ≥ 0"),
+    "init_from": (["", "runs/a"], [3, None], "a run directory or checkpoint path"),
     **{k: ([True, False], [1, "true", None], "true or false") for k in (
         "compile", "activation_checkpointing", "tensorboard", "wandb", "progress")},
 }
