@@ -245,3 +245,27 @@ def test_train_config_accepts_exactly_its_documented_range(key):
         msg = str(e.value)
         assert msg.startswith(f"train.{key} = {v!r} is invalid: expected {expect}"), msg
         assert "\n" not in msg
+
+
+def test_run_config_cross_section_rules_name_the_field_and_the_fix():
+    from freeformer.runconfig import DataConfig, RunConfig, TrainConfig
+
+    debug = ModelConfig.preset("debug")
+    files = DataConfig(source="none")
+    for kwargs, want in [
+            (dict(train=TrainConfig(seq_len=64)), "train.seq_len = 64 is invalid: expected 65 "
+                                                  "for the synthetic task"),
+            (dict(model=ModelConfig.preset("debug", vocab_size=28), train=TrainConfig(seq_len=65)),
+             "model.vocab_size = 28 is invalid: expected ≥ 29 for the synthetic task"),
+            (dict(model=debug, train=TrainConfig(seq_len=129), data=files),
+             "train.seq_len = 129 is invalid: expected ≤ model.max_seq_len = 128"),
+            (dict(model=debug.replace(latent=False),
+                  train=TrainConfig(trainable="latent", seq_len=64), data=files), "train.trainable = 'latent' is invalid: expected 'all' for a "
+                               "baseline")]:
+        with pytest.raises(ConfigError) as e:
+            RunConfig(**kwargs)
+        assert str(e.value).startswith(want), str(e.value)
+    # The edges that are allowed.
+    RunConfig(model=ModelConfig.preset("debug", vocab_size=29), train=TrainConfig(seq_len=65))
+    RunConfig(model=debug, train=TrainConfig(seq_len=128), data=files)
+    RunConfig(model=debug, train=TrainConfig(trainable="latent", seq_len=64), data=files)
