@@ -64,7 +64,7 @@ for m in "${mods[@]}"; do
   server=$!
   for _ in $(seq 600); do [ -S "$scratch/runner.sock" ] && break; sleep 0.1; done
   # BUDGET=SECONDS time-boxes each module: the mutants not reached are reported untested.
-  (cd "$scratch" && PYTHONPATH="$scratch/src" timeout -s INT "${BUDGET:-0}" $MUTMUT run \
+  (cd "$scratch" && PYTHONPATH="$scratch/src" timeout -k 10 "${BUDGET:-0}" $MUTMUT run \
      --paths-to-mutate "${FILE[$m]}" --tests-dir tests --simple-output --no-progress \
      --test-time-multiplier 3 --test-time-base 10 \
      --runner "$PY $ROOT/scripts/mutation_runner.py run $scratch/runner.sock -- -x -q -p no:cacheprovider $tests") || true

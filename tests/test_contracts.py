@@ -269,3 +269,49 @@ def test_run_config_cross_section_rules_name_the_field_and_the_fix():
     RunConfig(model=ModelConfig.preset("debug", vocab_size=29), train=TrainConfig(seq_len=65))
     RunConfig(model=debug, train=TrainConfig(seq_len=128), data=files)
     RunConfig(model=debug, train=TrainConfig(trainable="latent", seq_len=64), data=files)
+
+
+# -- checkpoint -------------------------------------------------------------------------
+def _weights():
+    return {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}
+
+
+STATE = {"config": {"model": CFG.to_dict(), "train": {}, "data": {}}}
+
+
+def test_checkpoint_layout_format_and_default_pruning(tmp_path):
+    import json
+
+    from freeformer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+    run = tmp_path / "not" / "yet" / "there"  # created on the first save
+    for step in range(1, 6):
+        final = save_checkpoint(run, step, model_state=_weights(), state=STATE)
+    assert final == run / "checkpoints" / "step_00000005"
+    assert [p.name for p in list_checkpoints(run)] == [f"step_0000000{i}" for i in (3, 4, 5)]
+    # On-disk format 1: what older runs hold, and what load_checkpoint accepts.
+    assert json.loads((final / "state.json").read_text())["format"] == 1
+    # A checkpoint directory itself loads, not only a run directory.
+    ck = load_checkpoint(run / "checkpoints" / "step_00000004")
+    assert ck.step == 4 and torch.equal(ck.model_state["w"], _weights()["w"])
+    # Another format, or not a JSON object, is refused in one line.
+    from freeformer.errors import CheckpointError
+
+    state = json.loads((final / "state.json").read_text())
+    for bad in ({**state, "format": 2}, [state]):
+        (final / "state.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="not a freeformer checkpoint of format 1"):
+            load_checkpoint(run)
+
+
+def test_optimizer_groups_naming_unknown_parameters_are_refused():
+    from freeformer.checkpoint import unflatten_optimizer_state
+    from freeformer.errors import CheckpointError
+
+    t = {"w/exp_avg": torch.zeros(2)}
+    ok = unflatten_optimizer_state(t, [{"params": ["w"], "lr": 1.0}], {"w"})
+    assert torch.equal(ok["state"]["w"]["exp_avg"], torch.zeros(2))
+    with pytest.raises(CheckpointError, match="unknown parameter 'v'"):
+        unflatten_optimizer_state(t, [{"params": ["w", "v"], "lr": 1.0}], {"w"})
+    with pytest.raises(CheckpointError, match="'x'"):
+        unflatten_optimizer_state({"x/exp_avg": torch.zeros(1)}, [], {"w"})
