@@ -315,3 +315,15 @@ def test_optimizer_groups_naming_unknown_parameters_are_refused():
         unflatten_optimizer_state(t, [{"params": ["w", "v"], "lr": 1.0}], {"w"})
     with pytest.raises(CheckpointError, match="'x'"):
         unflatten_optimizer_state({"x/exp_avg": torch.zeros(1)}, [], {"w"})
+
+
+def test_load_model_defaults_to_an_eval_mode_cpu_model_with_the_saved_weights(tmp_path):
+    from freeformer.checkpoint import load_model, save_checkpoint
+
+    model = FreeTransformer(CFG, seed=3)
+    save_checkpoint(tmp_path, 1, model_state=model.state_dict(), state=STATE)
+    loaded, ck = load_model(tmp_path)
+    assert ck.step == 1 and not loaded.training
+    for k, v in model.state_dict().items():
+        got = loaded.state_dict()[k]
+        assert got.device.type == "cpu" and torch.equal(got, v), k
