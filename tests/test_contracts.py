@@ -327,3 +327,20 @@ def test_load_model_defaults_to_an_eval_mode_cpu_model_with_the_saved_weights(tm
     for k, v in model.state_dict().items():
         got = loaded.state_dict()[k]
         assert got.device.type == "cpu" and torch.equal(got, v), k
+
+
+def test_weights_that_do_not_match_the_model_are_refused_naming_the_first_mismatch():
+    from freeformer.checkpoint import load_model_state
+    from freeformer.errors import CheckpointError
+
+    model = FreeTransformer(CFG, seed=0)
+    own = model.state_dict()
+    first = next(iter(own))
+    cases = [({k: v for k, v in own.items() if k != first},
+              f"missing {first!r}; 1 missing, 0 unexpected"),
+             ({**own, "extra.weight": torch.zeros(1)}, "unexpected 'extra.weight'; 0 missing, 1 "
+                                                      "unexpected")]
+    for tensors, want in cases:
+        with pytest.raises(CheckpointError) as e:
+            load_model_state(model, tensors)
+        assert str(e.value) == f"checkpoint does not match the model ({want})"
