@@ -344,3 +344,31 @@ def test_weights_that_do_not_match_the_model_are_refused_naming_the_first_mismat
         with pytest.raises(CheckpointError) as e:
             load_model_state(model, tensors)
         assert str(e.value) == f"checkpoint does not match the model ({want})"
+
+
+# -- data/loader ------------------------------------------------------------------------
+def _token_dir(path, dtype, stream, vocab):
+    """A prepared directory written by hand: one train shard of ``stream`` in ``dtype``."""
+    import json
+
+    import numpy as np
+
+    path.mkdir()
+    np.asarray(stream, dtype=dtype).tofile(path / "train_0.bin")
+    (path / "manifest.json").write_text(json.dumps({
+        "format": 1, "vocab_size": vocab, "eos_id": vocab - 1, "dtype": dtype,
+        "train": [{"file": "train_0.bin", "tokens": len(stream)}], "val": []}))
+    return path
+
+
+@pytest.mark.parametrize("dtype,vocab", [("uint16", 1 << 16), ("uint32", 100_000)])
+def test_windows_read_both_shard_dtypes_exactly(tmp_path, dtype, vocab):
+    from freeformer.data.loader import TokenWindows
+
+    stream = [(i * 7919) % vocab for i in range(300)]  # ids up to the dtype's range
+    w = TokenWindows(_token_dir(tmp_path / "d", dtype, stream, vocab), "train", 16, 4, seed=0)
+    assert w.vocab_size == vocab and w.n_tokens == 300
+    x, y = w.next_batch()
+    for row_x, row_y in zip(x.tolist(), y.tolist()):  # real windows of the stream
+        window = row_x + row_y[-1:]
+        assert any(stream[i:i + 17] == window for i in range(300 - 16)), window
