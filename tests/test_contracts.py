@@ -372,3 +372,18 @@ def test_windows_read_both_shard_dtypes_exactly(tmp_path, dtype, vocab):
     for row_x, row_y in zip(x.tolist(), y.tolist()):  # real windows of the stream
         window = row_x + row_y[-1:]
         assert any(stream[i:i + 17] == window for i in range(300 - 16)), window
+
+
+def test_a_manifest_of_another_format_is_refused_naming_both_formats(tmp_path):
+    import json
+
+    from freeformer.data.loader import load_manifest
+
+    d = _token_dir(tmp_path / "d", "uint16", list(range(50)), 64)
+    good = json.loads((d / "manifest.json").read_text())
+    assert load_manifest(d)["dtype"] == "uint16"
+    for bad, got in (({**good, "format": 2}, "2"), ([good], "None")):
+        (d / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(DataError) as e:
+            load_manifest(d)
+        assert f"has format {got}, expected 1; re-run freeformer prepare" in str(e.value)
