@@ -387,3 +387,18 @@ def test_a_manifest_of_another_format_is_refused_naming_both_formats(tmp_path):
         with pytest.raises(DataError) as e:
             load_manifest(d)
         assert f"has format {got}, expected 1; re-run freeformer prepare" in str(e.value)
+
+
+def test_token_windows_arguments_at_their_edges(tmp_path):
+    from freeformer.data.loader import TokenWindows
+
+    d = _token_dir(tmp_path / "d", "uint16", list(range(50)), 64)
+    edge = dict(seq_len=1, batch_size=1, seed=0, rank=0, world_size=1)
+    w = TokenWindows(d, "train", **edge)
+    assert w.next_batch()[0].shape == (1, 1)
+    for name, low in (("seq_len", 1), ("batch_size", 1), ("seed", 0), ("world_size", 1),
+                      ("rank", 0)):
+        for bad in (low - 1, True, 1.0):
+            with pytest.raises(ConfigError) as e:
+                TokenWindows(d, "train", **{**edge, name: bad})
+            assert str(e.value) == f"{name} must be an int >= {low}, got {bad!r}"
