@@ -402,3 +402,56 @@ def test_token_windows_arguments_at_their_edges(tmp_path):
             with pytest.raises(ConfigError) as e:
                 TokenWindows(d, "train", **{**edge, name: bad})
             assert str(e.value) == f"{name} must be an int >= {low}, got {bad!r}"
+
+
+def _shards_dir(path, sizes, vocab=64, top=None):
+    import json
+
+    import numpy as np
+
+    path.mkdir()
+    shards, k = [], 0
+    for i, n in enumerate(sizes):
+        np.arange(k, k + n, dtype="uint16").__mod__(vocab - 1).tofile(path / f"t{i}.bin")
+        shards.append({"file": f"t{i}.bin", "tokens": n})
+        k += n
+    if top is not None:  # the last token of the last shard becomes `top`
+        a = np.fromfile(path / f"t{len(sizes) - 1}.bin", dtype="uint16")
+        a[-1] = top
+        a.tofile(path / f"t{len(sizes) - 1}.bin")
+    (path / "manifest.json").write_text(json.dumps({
+        "format": 1, "vocab_size": vocab, "eos_id": vocab - 1, "dtype": "uint16",
+        "train": shards, "val": []}))
+    return path
+
+
+def test_token_windows_stream_edges(tmp_path):
+    from freeformer.data.loader import TokenWindows
+
+    # Empty shards are skipped, not the end of the stream; EOS comes from the manifest.
+    w = TokenWindows(_shards_dir(tmp_path / "a", [30, 0, 1, 30]), "train", 16, 2, seed=0)
+    assert w.n_tokens == 61 and w.eos_id == 63 and w.vocab_size == 64
+    # n_tokens = seq_len + 1 is one window; then every start in [0, n − seq_len) is drawn.
+    d = _shards_dir(tmp_path / "b", [18])
+    # (Token i of this stream is i, so a row's first token is its start.)
+    assert set(TokenWindows(d, "train", 17, 8, seed=1).next_batch()[0][:, 0].tolist()) == {0}
+    assert set(TokenWindows(d, "train", 16, 64, seed=0).next_batch()[0][:, 0].tolist()) == {0, 1}
+    with pytest.raises(DataError) as e:
+        TokenWindows(d, "train", 18, 1, seed=0)
+    msg = str(e.value)
+    assert "has 18 tokens, fewer than seq_len+1=19" in msg and "val_fraction" not in msg
+    with pytest.raises(DataError) as e:
+        TokenWindows(d, "val", 4, 1, seed=0)
+    assert "has 0 tokens (prepared with val_fraction=0), fewer than seq_len+1=5" in str(e.value)
+    import json
+
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, "val": m["train"]}))  # 18 val tokens
+    with pytest.raises(DataError) as e:
+        TokenWindows(d, "val", 18, 1, seed=0)
+    assert "has 18 tokens, fewer" in str(e.value) and "val_fraction" not in str(e.value)
+    # Ids must be < vocab_size; rank must be < world_size.
+    with pytest.raises(DataError, match="token id 64 >= vocab_size 64"):
+        TokenWindows(_shards_dir(tmp_path / "c", [20], top=64), "train", 4, 1, seed=0)
+    with pytest.raises(ConfigError, match="rank=1 must be < world_size=1"):
+        TokenWindows(d, "train", 4, 1, seed=0, rank=1, world_size=1)
