@@ -455,3 +455,33 @@ def test_token_windows_stream_edges(tmp_path):
         TokenWindows(_shards_dir(tmp_path / "c", [20], top=64), "train", 4, 1, seed=0)
     with pytest.raises(ConfigError, match="rank=1 must be < world_size=1"):
         TokenWindows(d, "train", 4, 1, seed=0, rank=1, world_size=1)
+
+
+def test_loader_state_and_fixed_batches_contracts(tmp_path):
+    from freeformer.data.loader import TokenWindows
+    from freeformer.errors import CheckpointError
+
+    d = _shards_dir(tmp_path / "a", [40])  # token i is i
+    w = TokenWindows(d, "train", 4, 2, seed=3)
+    assert set(w.state_dict()) == {"step", "seed", "split", "n_tokens", "seq_len", "batch_size"}
+    w.load_state_dict({**w.state_dict(), "step": 0})
+    for bad in (-1, True, 1.5):
+        with pytest.raises(CheckpointError, match="step="):
+            w.load_state_dict({**w.state_dict(), "step": bad})
+    for key, other in (("split", "val"), ("n_tokens", 41), ("seed", 4)):
+        with pytest.raises(DataError, match=f"{key}="):
+            w.load_state_dict({**w.state_dict(), key: other})
+    # Evaluation windows: evenly spread from the first token to the last, n ≥ 1 batches.
+    fixed = TokenWindows(d, "train", 4, 2, seed=0).fixed_batches(3)
+    rows = torch.cat([x for x, _ in fixed])
+    ys = torch.cat([y for _, y in fixed])
+    assert len(fixed) == 3 and rows[0, 0] == 0 and ys[-1, -1] == 39
+    assert (rows[1:, 0] - rows[:-1, 0] >= 5).all()  # windows of 5 never overlap
+    assert len(TokenWindows(d, "train", 4, 8, seed=0).fixed_batches(1)) == 1  # exactly fits
+    (_, y), = TokenWindows(d, "train", 4, 2, seed=0).fixed_batches(1)  # two windows: the ends
+    assert y[-1, -1] == 39
+    for bad in (0, True):
+        with pytest.raises(ConfigError, match="n_batches"):
+            w.fixed_batches(bad)
+    with pytest.raises(DataError, match="too few for one batch"):
+        TokenWindows(d, "train", 4, 9, seed=0).fixed_batches(1)
