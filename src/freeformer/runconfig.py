@@ -126,20 +126,21 @@ class TrainConfig:
         s = "train"
         _check_lora(self)
         for n in ("max_steps", "batch_size", "seq_len", "eval_batches", "importance_samples",
-                  "keep_last"):
+                  "keep_last", "log_every"):
             v = getattr(self, n)
             _check(_is_int(v) and v > 0, s, n, v, "a positive integer")
-        for n in ("micro_batch_size", "warmup_steps", "log_every", "eval_every", "ckpt_every",
-                  "seed", "threads"):
+        for n in ("micro_batch_size", "warmup_steps", "eval_every", "ckpt_every", "seed",
+                  "threads"):
             v = getattr(self, n)
             _check(_is_int(v) and v >= 0, s, n, v, "an integer ≥ 0")
-        _check(self.log_every > 0, s, "log_every", self.log_every, "a positive integer")
         _check(_is_num(self.lr) and self.lr > 0, s, "lr", self.lr, "a positive number")
         _check(_is_num(self.latent_lr_scale) and self.latent_lr_scale > 0, s,
                "latent_lr_scale", self.latent_lr_scale, "a positive number (1: the same lr)")
         for n in ("min_lr_ratio", "beta1", "beta2"):
             v = getattr(self, n)
-            _check(_is_num(v) and 0 <= v < 1 + (n == "min_lr_ratio"), s, n, v,
+            # The lr floor may equal the peak (a constant lr), never exceed it; β < 1.
+            ok = _is_num(v) and (0 <= v <= 1 if n == "min_lr_ratio" else 0 <= v < 1)
+            _check(ok, s, n, v,
                    "a number in [0, 1]" if n == "min_lr_ratio" else "a number in [0, 1)")
         for n in ("weight_decay", "grad_clip"):
             v = getattr(self, n)
