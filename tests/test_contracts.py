@@ -6,7 +6,8 @@ import torch
 
 from freeformer import FreeTransformer, ModelConfig
 from freeformer.errors import ConfigError, DataError
-from freeformer.generate import KVCache
+from freeformer.generate import generate, new_cache
+from freeformer.layers import KVCache
 
 CFG = ModelConfig.preset("debug")
 
@@ -14,15 +15,16 @@ CFG = ModelConfig.preset("debug")
 # -- generate ---------------------------------------------------------------------------
 def test_kv_cache_takes_the_models_dtype_and_device_unless_told():
     model = FreeTransformer(CFG, seed=0).double()
-    cache = KVCache(model, 2, 8)
+    cache = new_cache(model, 2, 8)
     assert len(cache.layers) == CFG.n_layers and cache.pos == 0
     for layer in cache.layers:
         assert layer.k.dtype == layer.v.dtype == torch.float64
         assert layer.k.shape == (2, CFG.n_kv_heads, 8, CFG.head_dim)
-    assert KVCache(model, 1, 4, dtype=torch.float16).layers[0].k.dtype == torch.float16
+    assert KVCache(model.config, 1, 4, dtype=torch.float16,
+                   device="cpu").layers[0].k.dtype == torch.float16
     with torch.device("meta"):
         meta = FreeTransformer(CFG)
-    assert KVCache(meta, 1, 4).layers[0].v.device.type == "meta"
+    assert new_cache(meta, 1, 4).layers[0].v.device.type == "meta"
 
 
 def _support(logits, **kw):
@@ -54,24 +56,24 @@ def model():
 
 def test_generate_argument_bounds(model):
     p = torch.randint(0, CFG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(model.generate(p, 0), p)  # zero new tokens: the prompt itself
+    assert torch.equal(generate(model, p, 0), p)  # zero new tokens: the prompt itself
     for bad in (-1, 2.5):
         with pytest.raises(DataError, match="max_new_tokens"):
-            model.generate(p, bad)
+            generate(model, p, bad)
     # Exactly max_seq_len positions are allowed; one more is refused before any forward.
-    assert model.generate(p, CFG.max_seq_len - 5, temperature=0).shape == (2, CFG.max_seq_len)
+    assert generate(model, p, CFG.max_seq_len - 5, temperature=0).shape == (2, CFG.max_seq_len)
     with pytest.raises(DataError, match=r"max_new_tokens \(124\) exceeds max_seq_len=128"):
-        model.generate(p, CFG.max_seq_len - 4)
+        generate(model, p, CFG.max_seq_len - 4)
     z = torch.zeros(11, dtype=torch.long)
-    greedy = model.generate(p, 6, temperature=0, latents=z)
-    assert torch.equal(model.generate(p, 6, top_k=1, latents=z, generator=gen(1)), greedy)
+    greedy = generate(model, p, 6, temperature=0, latents=z)
+    assert torch.equal(generate(model, p, 6, top_k=1, latents=z, generator=gen(1)), greedy)
     for top_p in (1e-6, 0.9, 1.0):  # (0, 1]
-        assert model.generate(p, 3, top_p=top_p, generator=gen(2)).shape == (2, 8)
+        assert generate(model, p, 3, top_p=top_p, generator=gen(2)).shape == (2, 8)
     for bad in (0.0, 1.5):
         with pytest.raises(DataError, match="top_p"):
-            model.generate(p, 3, top_p=bad)
+            generate(model, p, 3, top_p=bad)
     with pytest.raises(DataError, match="top_k"):
-        model.generate(p, 3, top_k=0)
+        generate(model, p, 3, top_k=0)
 
 
 def gen(seed):
@@ -92,13 +94,13 @@ def test_generate_function_defaults_are_the_documented_ones(model, monkeypatch):
     explicit = generate(model, p, 6, temperature=1.0, prefill="encoder", generator=gen(4),
                         return_latents=False)
     assert torch.equal(out, explicit)
-    assert torch.equal(out, model.generate(p, 6, generator=gen(4)))
+    assert torch.equal(out, generate(model, p, 6, generator=gen(4)))
 
 
 def test_a_1d_prompt_gives_row_0_of_the_batched_call(model):
     p = torch.randint(0, CFG.vocab_size, (5,), generator=gen(5))
-    one, codes = model.generate(p, 6, generator=gen(6), return_latents=True)
-    batch, bcodes = model.generate(p[None], 6, generator=gen(6), return_latents=True)
+    one, codes = generate(model, p, 6, generator=gen(6), return_latents=True)
+    batch, bcodes = generate(model, p[None], 6, generator=gen(6), return_latents=True)
     assert one.shape == (11,) and codes.shape == (11,)
     assert torch.equal(one, batch[0]) and torch.equal(codes, bcodes[0])
 
@@ -152,7 +154,8 @@ TRAIN_DEFAULTS = dict(
     log_every=10, eval_every=200, eval_batches=8, importance_samples=4, ckpt_every=500,
     keep_last=3, dist="none", compile=False, activation_checkpointing=False, device="auto",
     precision="auto", threads=0, tensorboard=False, wandb=False, wandb_project="freeformer",
-    progress=True, init_from="", trainable="all", latent_lr_scale=1.0)
+    progress=True, init_from="", trainable="all", latent_lr_scale=1.0, lora_rank=0,
+    lora_alpha=16.0, lora_targets="wq,wkv,wo,w_in,w_out", lora_injection="full")
 
 
 def test_run_config_defaults_are_the_documented_ones():
