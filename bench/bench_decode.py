@@ -30,18 +30,23 @@ def shape_config(name: str, bits: int) -> ModelConfig:
         return ModelConfig.preset(name, latent_bits=bits)
     shapes = {n: c for n, c, _, _ in theory.bench_train_shapes(bits)}
     if name not in shapes:
-        raise SystemExit(f"bench_decode: unknown shape {name!r}; use one of "
-                         f"{', '.join(shapes)}, paper-1.5b, paper-8b")
+        raise SystemExit(
+            f"bench_decode: unknown shape {name!r}; use one of "
+            f"{', '.join(shapes)}, paper-1.5b, paper-8b"
+        )
     return shapes[name]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="weights and cache dtype")
+    ap.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and cache dtype"
+    )
     ap.add_argument("--shapes", default="d256-L8", help="comma-separated shape names")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=16)
@@ -63,48 +68,80 @@ def main(argv=None) -> int:
             tag = "FT" if latent else "base"
             m = FreeTransformer(cfg.replace(latent=latent), seed=0).to(dev, dtype).eval()
             models[tag] = m
-            p = torch.randint(0, cfg.vocab_size, (1, args.prompt), device=dev,
-                              generator=torch.Generator(dev).manual_seed(1))
+            p = torch.randint(
+                0,
+                cfg.vocab_size,
+                (1, args.prompt),
+                device=dev,
+                generator=torch.Generator(dev).manual_seed(1),
+            )
             for static in (False, True):
                 key = f"{tag} {'static' if static else 'eager'}"
 
                 def run(m=m, p=p, static=static, key=key, tokens=tokens):
                     g = torch.Generator(dev).manual_seed(0)
-                    tokens[key] = generate(m, p, args.new_tokens, temperature=0, generator=g,
-                                           static=static)
+                    tokens[key] = generate(
+                        m, p, args.new_tokens, temperature=0, generator=g, static=static
+                    )
+
                 fns[key] = run
         t0 = time.perf_counter()
         tm = C.alternate(fns, args.rounds, device=dev)
         elapsed = time.perf_counter() - t0
         ms = {k: 1000 * tm.median(k) / args.new_tokens for k in fns}
-        same = {tag: bool(torch.equal(tokens[f"{tag} eager"], tokens[f"{tag} static"]))
-                for tag in ("FT", "base")}
+        same = {
+            tag: bool(torch.equal(tokens[f"{tag} eager"], tokens[f"{tag} static"]))
+            for tag in ("FT", "base")
+        }
         if dtype == torch.float32 and not all(same.values()):
             mismatch = True
-        rows.append([name, args.new_tokens, f"{ms['FT eager']:.2f}", f"{ms['base eager']:.2f}",
-                     f"{tm.ratio('FT eager', 'base eager'):.2f}",
-                     f"{ms['FT static']:.2f}", f"{ms['base static']:.2f}",
-                     f"{tm.ratio('FT static', 'base static'):.2f}",
-                     f"{tm.ratio('base eager', 'base static'):.1f}",
-                     "yes" if all(same.values()) else
-                     "no: " + ", ".join(k for k, v in same.items() if not v),
-                     f"{elapsed:.0f}"])
+        rows.append(
+            [
+                name,
+                args.new_tokens,
+                f"{ms['FT eager']:.2f}",
+                f"{ms['base eager']:.2f}",
+                f"{tm.ratio('FT eager', 'base eager'):.2f}",
+                f"{ms['FT static']:.2f}",
+                f"{ms['base static']:.2f}",
+                f"{tm.ratio('FT static', 'base static'):.2f}",
+                f"{tm.ratio('base eager', 'base static'):.1f}",
+                "yes"
+                if all(same.values())
+                else "no: " + ", ".join(k for k, v in same.items() if not v),
+                f"{elapsed:.0f}",
+            ]
+        )
         del models
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     graph = "CUDA graph" if dev.type == "cuda" else "no graph on CPU"
-    body = "\n".join([
-        f"Command: `{C.command_line(sys.argv if argv is None else ['bench/bench_decode.py', *argv])}`  ",
-        f"Machine: {machine}  ",
-        f"dtype {args.dtype}; batch 1, prompt {args.prompt}, greedy, default generate (encoder "
-        f"prefill, prior codes); {args.rounds} alternating rounds, median; static = fixed-shape "
-        f"step ({graph}).",
-        "",
-        C.md_table(["shape", "new tokens", "FT eager (ms/token)", "base eager (ms/token)",
-                    "FT / base eager", "FT static (ms/token)", "base static (ms/token)",
-                    "FT / base static", "base eager / static", "static tokens = eager?",
-                    "seconds"], rows),
-    ])
+    body = "\n".join(
+        [
+            f"Command: `{C.command_line(sys.argv if argv is None else ['bench/bench_decode.py', *argv])}`  ",
+            f"Machine: {machine}  ",
+            f"dtype {args.dtype}; batch 1, prompt {args.prompt}, greedy, default generate (encoder "
+            f"prefill, prior codes); {args.rounds} alternating rounds, median; static = fixed-shape "
+            f"step ({graph}).",
+            "",
+            C.md_table(
+                [
+                    "shape",
+                    "new tokens",
+                    "FT eager (ms/token)",
+                    "base eager (ms/token)",
+                    "FT / base eager",
+                    "FT static (ms/token)",
+                    "base static (ms/token)",
+                    "FT / base static",
+                    "base eager / static",
+                    "static tokens = eager?",
+                    "seconds",
+                ],
+                rows,
+            ),
+        ]
+    )
     print(f"## Decoding (`bench/bench_decode.py`){': ' + args.section if args.section else ''}")
     print()
     print(body)

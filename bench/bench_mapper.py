@@ -90,19 +90,32 @@ def time_backward(N, H, D, rounds, device, dtype, bf16_path: bool) -> dict:
     flops = 2 * N * (1 << H) * D
     rate_same = flops / t.median("gemm")
     rate_big = big_flops * big_reps / t.median("big")
-    res = dict(N=N, H=H, D=D, threads=torch.get_num_threads(), flops=flops,
-               gemm_s=t.median("gemm"), mapper_s=t.median("mapper"),
-               rate_same=rate_same, rate_big=rate_big,
-               ratio_same=t.ratio("mapper", "gemm"), ratio_range=t.ratio_range("mapper", "gemm"),
-               ratio_best=t.median("mapper") * max(rate_same, rate_big) / flops,
-               load=t.load_range(), rounds=rounds)
+    res = dict(
+        N=N,
+        H=H,
+        D=D,
+        threads=torch.get_num_threads(),
+        flops=flops,
+        gemm_s=t.median("gemm"),
+        mapper_s=t.median("mapper"),
+        rate_same=rate_same,
+        rate_big=rate_big,
+        ratio_same=t.ratio("mapper", "gemm"),
+        ratio_range=t.ratio_range("mapper", "gemm"),
+        ratio_best=t.median("mapper") * max(rate_same, rate_big) / flops,
+        load=t.load_range(),
+        rounds=rounds,
+    )
     if bf16_path:  # accuracy against float64, on the first 256 tokens
         n = min(N, 256)
         Ln, Wn, gn = L.detach()[:n].float(), W.detach().float(), dr[:n].float()
         ref = latent._mapper_logit_grad(Ln.double(), Wn.double(), gn.double())
-        res.update(c_s=t.median("bf16"), c_vs_fp32=t.ratio("bf16", "mapper"),
-                   c_err=rel_error(latent._mapper_logit_grad(Ln, Wn, gn, torch.bfloat16), ref),
-                   fp32_err=rel_error(latent._mapper_logit_grad(Ln, Wn, gn), ref))
+        res.update(
+            c_s=t.median("bf16"),
+            c_vs_fp32=t.ratio("bf16", "mapper"),
+            c_err=rel_error(latent._mapper_logit_grad(Ln, Wn, gn, torch.bfloat16), ref),
+            fp32_err=rel_error(latent._mapper_logit_grad(Ln, Wn, gn), ref),
+        )
     return res
 
 
@@ -115,8 +128,14 @@ def time_forward(N, H, D, rounds, device, dtype, dense: bool) -> dict:
         fns["dense"] = lambda: dense_mapper(L, W, codes)
     with torch.enable_grad():
         t = C.alternate(fns, rounds, warmup=1, device=device, inner=1 if dense else 5)
-    return dict(N=N, H=H, D=D, ours_fwd=t.median("ours"),
-                dense_fwd=t.median("dense") if dense else None, load=t.load_range())
+    return dict(
+        N=N,
+        H=H,
+        D=D,
+        ours_fwd=t.median("ours"),
+        dense_fwd=t.median("dense") if dense else None,
+        load=t.load_range(),
+    )
 
 
 def memory(N, H, D, device, dtype, which: str) -> dict:
@@ -134,8 +153,9 @@ def memory(N, H, D, device, dtype, which: str) -> dict:
     keep.clear()
     rss = C.peak_rss(run) if device.type == "cpu" else None
     keep.clear()
-    return dict(N=N, H=H, D=D, which=which, peak=m.peak, returned=m.final,
-                extra=m.transient, rss_peak=rss)
+    return dict(
+        N=N, H=H, D=D, which=which, peak=m.peak, returned=m.final, extra=m.transient, rss_peak=rss
+    )
 
 
 def fit_line(xs, ys):
@@ -147,32 +167,55 @@ def fit_line(xs, ys):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes only (< 1 min)")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny sizes (N 256, H 10, D 64), seconds: checks the script runs "
-                         "(bench/gpu_check.sh --smoke); the figures mean nothing")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes (N 256, H 10, D 64), seconds: checks the script runs "
+        "(bench/gpu_check.sh --smoke); the figures mean nothing",
+    )
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="intra-op threads (default 1: on a shared 2-core machine, 2-thread "
-                         "runs mostly measure the co-tenants)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (default 1: on a shared 2-core machine, 2-thread "
+        "runs mostly measure the co-tenants)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
-    ap.add_argument("--section", default=None,
-                    help="name of the RESULTS.md section --write replaces (default from device "
-                         "and threads)")
+    ap.add_argument(
+        "--section",
+        default=None,
+        help="name of the RESULTS.md section --write replaces (default from device and threads)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="dtype of the inputs (logits, table, upstream gradient); the mapper "
-                         "backward computes in float32 (S products in bf16 under autocast)")
-    ap.add_argument("--fp32-only", action="store_true",
-                    help="do not time the backward after a bf16-autocast forward")
-    ap.add_argument("--parts", default="bwd,fwd,mem",
-                    help="which measurements: any of bwd (backward vs FLOP bound), fwd, mem")
-    ap.add_argument("--dense-full", action="store_true",
-                    help="measure the dense formulation at N = 8192 too (~10 GiB) instead of "
-                         "extrapolating")
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="dtype of the inputs (logits, table, upstream gradient); the mapper "
+        "backward computes in float32 (S products in bf16 under autocast)",
+    )
+    ap.add_argument(
+        "--fp32-only",
+        action="store_true",
+        help="do not time the backward after a bf16-autocast forward",
+    )
+    ap.add_argument(
+        "--parts",
+        default="bwd,fwd,mem",
+        help="which measurements: any of bwd (backward vs FLOP bound), fwd, mem",
+    )
+    ap.add_argument(
+        "--dense-full",
+        action="store_true",
+        help="measure the dense formulation at N = 8192 too (~10 GiB) instead of extrapolating",
+    )
     args = ap.parse_args(argv)
     if args.smoke and args.write:
         ap.error("--smoke figures mean nothing: do not --write them")
@@ -202,12 +245,23 @@ def main(argv=None) -> int:
     bf16 = not args.fp32_only
 
     # Short calls (H = 8: ~40 ms) are noisier: give them more rounds.
-    bwd_rows = [time_backward(N, H, Dd, args.rounds if 2 * N * (1 << H) * Dd > 1e11
-                              else max(args.rounds, 15), device, dtype, bf16)
-                for N, H, Dd in (bwd_sizes if "bwd" in parts else [])]
+    bwd_rows = [
+        time_backward(
+            N,
+            H,
+            Dd,
+            args.rounds if 2 * N * (1 << H) * Dd > 1e11 else max(args.rounds, 15),
+            device,
+            dtype,
+            bf16,
+        )
+        for N, H, Dd in (bwd_sizes if "bwd" in parts else [])
+    ]
     dense_fwd_max = 256 if args.quick else 1024
-    fwd_rows = [time_forward(N, H, Dd, args.rounds, device, dtype, dense=N <= dense_fwd_max)
-                for N, H, Dd in (fwd_sizes if "fwd" in parts else [])]
+    fwd_rows = [
+        time_forward(N, H, Dd, args.rounds, device, dtype, dense=N <= dense_fwd_max)
+        for N, H, Dd in (fwd_sizes if "fwd" in parts else [])
+    ]
     for r in bwd_rows + fwd_rows:
         print(r, flush=True)
     # Memory after the timings: pinning glibc's mmap threshold makes every large block a
@@ -216,8 +270,9 @@ def main(argv=None) -> int:
         C.pin_malloc()
     ours_mem = {(N, H, Dd): memory(N, H, Dd, device, dtype, "ours") for N, H, Dd in mem_ours}
     dense_mem = {N: memory(N, 16, D, device, dtype, "dense") for N in dense_ns}
-    dense_mem |= {(N, H, Dd): memory(N, H, Dd, device, dtype, "dense")
-                  for N, H, Dd in mem_ours if H != 16}
+    dense_mem |= {
+        (N, H, Dd): memory(N, H, Dd, device, dtype, "dense") for N, H, Dd in mem_ours if H != 16
+    }
     for m in [*ours_mem.values(), *dense_mem.values()]:
         print(m, flush=True)
 
@@ -229,61 +284,143 @@ def main(argv=None) -> int:
     ]
     if bwd_rows:
         t1 = C.md_table(
-            ["N", "H", "D", "rounds", "bound 2·N·2^H·D (GFLOP)", "same-shape GEMM (s)",
-             "GEMM rate same / large (GFLOP/s)", "mapper bwd (s)", "bwd / same-shape GEMM",
-             "bwd / best-rate bound", "bwd / same-shape ≤ 1.15?"]
-            + (["bwd after bf16-autocast fwd (s)", "bf16 / fp32 bwd",
-                "rel. error fp32 / bf16"] if bf16 else []) + ["load"],
-            [[r["N"], r["H"], r["D"], r["rounds"], f"{r['flops'] / 1e9:.1f}",
-              C.fmt_s(r["gemm_s"]), f"{r['rate_same'] / 1e9:.0f} / {r['rate_big'] / 1e9:.0f}",
-              C.fmt_s(r["mapper_s"]),
-              f"{r['ratio_same']:.3f} ({r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f})",
-              f"{r['ratio_best']:.3f}", "yes" if r["ratio_same"] <= 1.15 else "no"]
-             + ([C.fmt_s(r["c_s"]), f"{r['c_vs_fp32']:.3f}",
-                 f"{r['fp32_err']:.1e} / {r['c_err']:.1e}"] if bf16 else []) + [r["load"]]
-             for r in bwd_rows])
+            [
+                "N",
+                "H",
+                "D",
+                "rounds",
+                "bound 2·N·2^H·D (GFLOP)",
+                "same-shape GEMM (s)",
+                "GEMM rate same / large (GFLOP/s)",
+                "mapper bwd (s)",
+                "bwd / same-shape GEMM",
+                "bwd / best-rate bound",
+                "bwd / same-shape ≤ 1.15?",
+            ]
+            + (
+                ["bwd after bf16-autocast fwd (s)", "bf16 / fp32 bwd", "rel. error fp32 / bf16"]
+                if bf16
+                else []
+            )
+            + ["load"],
+            [
+                [
+                    r["N"],
+                    r["H"],
+                    r["D"],
+                    r["rounds"],
+                    f"{r['flops'] / 1e9:.1f}",
+                    C.fmt_s(r["gemm_s"]),
+                    f"{r['rate_same'] / 1e9:.0f} / {r['rate_big'] / 1e9:.0f}",
+                    C.fmt_s(r["mapper_s"]),
+                    f"{r['ratio_same']:.3f} ({r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f})",
+                    f"{r['ratio_best']:.3f}",
+                    "yes" if r["ratio_same"] <= 1.15 else "no",
+                ]
+                + (
+                    [
+                        C.fmt_s(r["c_s"]),
+                        f"{r['c_vs_fp32']:.3f}",
+                        f"{r['fp32_err']:.1e} / {r['c_err']:.1e}",
+                    ]
+                    if bf16
+                    else []
+                )
+                + [r["load"]]
+                for r in bwd_rows
+            ],
+        )
         sections.append(
-            "### Backward vs its FLOP bound\n\n" + t1 +
-            "\n\nbwd / same-shape GEMM: median over rounds of (mapper backward) / (the same "
+            "### Backward vs its FLOP bound\n\n"
+            + t1
+            + "\n\nbwd / same-shape GEMM: median over rounds of (mapper backward) / (the same "
             "GEMMs alone), with the range over rounds. bwd / best-rate bound: mapper backward × "
             "max(same-shape, large 2048×4096 GEMM rate) / (2·N·2^H·D). The backward timed is the "
             "whole autograd backward: logit gradient, and the table gradient (zero-filled "
             "2^H × D, then an index_add), which the bound does not count. bf16: the backward "
             "after a forward under bf16 autocast (S products from bf16 operands; not exact); "
-            "rel. error = median over tokens of ‖grad − grad_float64‖ / ‖grad_float64‖.")
+            "rel. error = median over tokens of ‖grad − grad_float64‖ / ‖grad_float64‖."
+        )
     if fwd_rows:
-        sections.append("### Forward (sample codes + row lookup)\n\n" + C.md_table(
-            ["N", "H", "D", "ours forward (ms)", "dense forward (ms)", "load"],
-            [[r["N"], r["H"], r["D"], C.fmt_ms(r["ours_fwd"]),
-              C.fmt_ms(r["dense_fwd"]) if r["dense_fwd"] is not None else "—", r["load"]]
-             for r in fwd_rows]))
+        sections.append(
+            "### Forward (sample codes + row lookup)\n\n"
+            + C.md_table(
+                ["N", "H", "D", "ours forward (ms)", "dense forward (ms)", "load"],
+                [
+                    [
+                        r["N"],
+                        r["H"],
+                        r["D"],
+                        C.fmt_ms(r["ours_fwd"]),
+                        C.fmt_ms(r["dense_fwd"]) if r["dense_fwd"] is not None else "—",
+                        r["load"],
+                    ]
+                    for r in fwd_rows
+                ],
+            )
+        )
     if ours_mem:
         xs = sorted(n for n in dense_mem if isinstance(n, int))
-        a, b, resid = (fit_line([float(n) for n in xs], [float(dense_mem[n]["extra"]) for n in xs])
-                       if len(xs) >= 2 else (0.0, 0.0, 0.0))
+        a, b, resid = (
+            fit_line([float(n) for n in xs], [float(dense_mem[n]["extra"]) for n in xs])
+            if len(xs) >= 2
+            else (0.0, 0.0, 0.0)
+        )
         per_tensor = (1 << 16) * torch.tensor([], dtype=dtype).element_size()  # N × 2^16 / N
         rows = []
         for (N, H, Dd), m in ours_mem.items():
             key = N if H == 16 and Dd == D else (N, H, Dd)
-            dx, how = ((dense_mem[key]["extra"], "measured") if key in dense_mem else
-                       (a * N + b, "extrapolated") if H == 16 and Dd == D else (None, "—"))
-            rows.append([N, H, Dd, f"{m['extra'] / C.MiB:.1f}",
-                         "—" if dx is None else f"{dx / C.MiB:,.0f} ({how})",
-                         "—" if dx is None else f"{dx / max(m['extra'], 1):,.0f}×",
-                         "yes" if m["extra"] <= 64 * C.MiB else "no", f"{m['peak'] / C.MiB:.0f}",
-                         "—" if m["rss_peak"] is None else f"{m['rss_peak'] / C.MiB:.0f}",
-                         f"{m['returned'] / C.MiB:.0f}"])
-        t3 = C.md_table(["N", "H", "D", "ours extra (working) peak (MiB)",
-                         "dense extra peak (MiB)", "dense / ours", "ours ≤ 64 MiB?",
-                         "ours total peak (MiB)", "ours total peak, RSS (MiB)",
-                         "returned r + grads (MiB)"], rows)
-        t4 = C.md_table(["N (H = 16, D = 1024)", "dense extra peak (MiB, measured)",
-                         "N × 2^H tensors"],
-                        [[n, f"{dense_mem[n]['extra'] / C.MiB:,.0f}",
-                          f"{dense_mem[n]['extra'] / (n * per_tensor):.2f}"] for n in xs])
+            dx, how = (
+                (dense_mem[key]["extra"], "measured")
+                if key in dense_mem
+                else (a * N + b, "extrapolated")
+                if H == 16 and Dd == D
+                else (None, "—")
+            )
+            rows.append(
+                [
+                    N,
+                    H,
+                    Dd,
+                    f"{m['extra'] / C.MiB:.1f}",
+                    "—" if dx is None else f"{dx / C.MiB:,.0f} ({how})",
+                    "—" if dx is None else f"{dx / max(m['extra'], 1):,.0f}×",
+                    "yes" if m["extra"] <= 64 * C.MiB else "no",
+                    f"{m['peak'] / C.MiB:.0f}",
+                    "—" if m["rss_peak"] is None else f"{m['rss_peak'] / C.MiB:.0f}",
+                    f"{m['returned'] / C.MiB:.0f}",
+                ]
+            )
+        t3 = C.md_table(
+            [
+                "N",
+                "H",
+                "D",
+                "ours extra (working) peak (MiB)",
+                "dense extra peak (MiB)",
+                "dense / ours",
+                "ours ≤ 64 MiB?",
+                "ours total peak (MiB)",
+                "ours total peak, RSS (MiB)",
+                "returned r + grads (MiB)",
+            ],
+            rows,
+        )
+        t4 = C.md_table(
+            ["N (H = 16, D = 1024)", "dense extra peak (MiB, measured)", "N × 2^H tensors"],
+            [
+                [
+                    n,
+                    f"{dense_mem[n]['extra'] / C.MiB:,.0f}",
+                    f"{dense_mem[n]['extra'] / (n * per_tensor):.2f}",
+                ]
+                for n in xs
+            ],
+        )
         sections.append(
-            "### Extra peak memory of forward + backward\n\n" + t3 +
-            "\n\nExtra (working) peak = the highest total of blocks that were allocated *and "
+            "### Extra peak memory of forward + backward\n\n"
+            + t3
+            + "\n\nExtra (working) peak = the highest total of blocks that were allocated *and "
             "freed* during forward + backward, i.e. memory beyond the returned r, gradients and "
             "codes (replayed from the profiler's allocation events of PyTorch's CPU allocator). "
             "Total peak = highest live total above the start, returned tensors included (the "
@@ -293,13 +430,17 @@ def main(argv=None) -> int:
             "independent cross-check of the allocator replay.\n\n" + t4 + "\n\n"
             f"Linear fit of the dense extra peak over N = {xs}: {a / C.MiB * 1024:,.0f} MiB "
             f"per 1024 tokens + {b / C.MiB:,.0f} MiB (largest relative residual {resid:.1%}); "
-            f"slope = {a / per_tensor:.2f} live N × 2^H tensors at the peak.")
+            f"slope = {a / per_tensor:.2f} live N × 2^H tensors at the peak."
+        )
     body = "\n\n".join(sections)
     print()
     print(body)
     if args.write:
-        name = "mapper" if args.threads == 1 and args.device == "cpu" else (
-            f"mapper-{args.device}-t{args.threads}")
+        name = (
+            "mapper"
+            if args.threads == 1 and args.device == "cpu"
+            else (f"mapper-{args.device}-t{args.threads}")
+        )
         C.write_section(args.section or name, body)
         print(f"\nwrote {C.RESULTS}")
     return 0

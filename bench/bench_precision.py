@@ -26,9 +26,10 @@ import theory
 import torch
 
 from freeformer import FreeTransformer
+from freeformer.optim import build_optimizer
 from freeformer.runconfig import available_presets, load_run_config
 from freeformer.runtime import autocast, bf16_native_cpu, resolve_precision
-from freeformer.train import build_optimizer, train_step
+from freeformer.train import train_step
 
 
 def make_step(cfg, latent: bool, precision: str):
@@ -43,10 +44,12 @@ def make_step(cfg, latent: bool, precision: str):
     ctx = autocast(C.CPU, precision)
 
     def step():
-        noise = (torch.rand(tc.batch_size, tc.seq_len, mc.latent_bits, generator=g)
-                 if latent else None)
+        noise = (
+            torch.rand(tc.batch_size, tc.seq_len, mc.latent_bits, generator=g) if latent else None
+        )
         m = train_step(model, opt, x, y, noise, n_micro, tc, ctx)
         return float(m["loss"])
+
     return step
 
 
@@ -60,25 +63,39 @@ def run_config(name: str):
         return None
     mc, T, B = shapes[name]
     cfg = load_run_config(preset="stdlib-code", overrides=["train.progress=false"])
-    return dataclasses.replace(cfg, model=mc.replace(max_seq_len=max(T, mc.max_seq_len)),
-                               train=dataclasses.replace(cfg.train, seq_len=T, batch_size=B))
+    return dataclasses.replace(
+        cfg,
+        model=mc.replace(max_seq_len=max(T, mc.max_seq_len)),
+        train=dataclasses.replace(cfg.train, seq_len=T, batch_size=B),
+    )
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--presets", default="synthetic,stdlib-code",
-                    help="comma-separated shipped presets, or bench shapes d128-L4, d256-L8, "
-                         "d512-L8 (stdlib-code's run settings with that model, T and B; "
-                         "default synthetic,stdlib-code)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    ap.add_argument(
+        "--presets",
+        default="synthetic,stdlib-code",
+        help="comma-separated shipped presets, or bench shapes d128-L4, d256-L8, "
+        "d512-L8 (stdlib-code's run settings with that model, T and B; "
+        "default synthetic,stdlib-code)",
+    )
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    ap.add_argument("--smoke", action="store_true", help="debug preset, 1 round: checks the "
-                    "script runs (the figure means nothing)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="debug preset, 1 round: checks the script runs (the figure means nothing)",
+    )
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
-    ap.add_argument("--section", default="precision-cpu",
-                    help="RESULTS.md section --write replaces (default precision-cpu)")
+    ap.add_argument(
+        "--section",
+        default="precision-cpu",
+        help="RESULTS.md section --write replaces (default precision-cpu)",
+    )
     args = ap.parse_args(argv)
     C.setup_threads(args.threads)
     presets = ["debug"] if args.smoke else [p for p in args.presets.split(",") if p]
@@ -97,23 +114,44 @@ def main(argv=None) -> int:
             t = C.alternate(fns, rounds, warmup=1)
             lo, hi = t.ratio_range("fp32", "bf16")
             label = "FT" if latent else "baseline"
-            rows.append([name, label, f"D {mc.dim}, L {mc.n_layers}, H {mc.latent_bits}",
-                         f"{tc.batch_size}×{tc.seq_len}", C.fmt_ms(t.median("fp32")),
-                         C.fmt_ms(t.median("bf16")),
-                         f"{t.ratio('fp32', 'bf16'):.2f} ({lo:.2f}–{hi:.2f})",
-                         resolve_precision(C.CPU, "auto", mc.dim), t.load_range()])
+            rows.append(
+                [
+                    name,
+                    label,
+                    f"D {mc.dim}, L {mc.n_layers}, H {mc.latent_bits}",
+                    f"{tc.batch_size}×{tc.seq_len}",
+                    C.fmt_ms(t.median("fp32")),
+                    C.fmt_ms(t.median("bf16")),
+                    f"{t.ratio('fp32', 'bf16'):.2f} ({lo:.2f}–{hi:.2f})",
+                    resolve_precision(C.CPU, "auto", mc.dim),
+                    t.load_range(),
+                ]
+            )
             print(rows[-1], flush=True)
-    table = C.md_table(["preset", "model", "shape", "B×T", "FP32 step (ms)",
-                        "bf16 autocast step (ms)", "speed-up fp32/bf16 (range)",
-                        "precision=auto picks (this CPU)", "load"], rows)
-    body = "\n\n".join([
-        "## CPU precision: FP32 vs bf16 autocast (`bench/bench_precision.py`)",
-        f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}; native bf16 matmul "
-        f"(AVX512-BF16 or AMX-BF16): {'yes' if native else 'no'}  \n{rounds} alternating "
-        "rounds; one step = `train.train_step` (forward, loss, backward, clip, AdamW) at the "
-        "preset's batch, on random tokens; speed-up = median of per-round fp32 / bf16 ratios.",
-        table,
-    ])
+    table = C.md_table(
+        [
+            "preset",
+            "model",
+            "shape",
+            "B×T",
+            "FP32 step (ms)",
+            "bf16 autocast step (ms)",
+            "speed-up fp32/bf16 (range)",
+            "precision=auto picks (this CPU)",
+            "load",
+        ],
+        rows,
+    )
+    body = "\n\n".join(
+        [
+            "## CPU precision: FP32 vs bf16 autocast (`bench/bench_precision.py`)",
+            f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}; native bf16 matmul "
+            f"(AVX512-BF16 or AMX-BF16): {'yes' if native else 'no'}  \n{rounds} alternating "
+            "rounds; one step = `train.train_step` (forward, loss, backward, clip, AdamW) at the "
+            "preset's batch, on random tokens; speed-up = median of per-round fp32 / bf16 ratios.",
+            table,
+        ]
+    )
     print()
     print(body)
     if args.write and not args.smoke:

@@ -35,20 +35,33 @@ from freeformer.checkpoint import load_model
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--gguf", type=Path, required=True, help="the source GGUF file")
-    ap.add_argument("--base-run", type=Path, required=True,
-                    help="run dir of `freeformer convert --baseline` of that file")
-    ap.add_argument("--ft-run", type=Path, default=None,
-                    help="run dir of `freeformer convert` (Free Transformer) of that file")
+    ap.add_argument(
+        "--base-run",
+        type=Path,
+        required=True,
+        help="run dir of `freeformer convert --baseline` of that file",
+    )
+    ap.add_argument(
+        "--ft-run",
+        type=Path,
+        default=None,
+        help="run dir of `freeformer convert` (Free Transformer) of that file",
+    )
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    ap.add_argument("--optimizer", action="store_true",
-                    help="include an AdamW step in every model's training step")
+    ap.add_argument(
+        "--optimizer",
+        action="store_true",
+        help="include an AdamW step in every model's training step",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     ap.add_argument("--section", default=None, help="RESULTS.md section name suffix")
@@ -59,8 +72,12 @@ def main(argv=None) -> int:
     print(header, flush=True)
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(args.gguf.parent), gguf_file=args.gguf.name,
-                                              dtype=torch.float32, attn_implementation="sdpa")
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(args.gguf.parent),
+        gguf_file=args.gguf.name,
+        dtype=torch.float32,
+        attn_implementation="sdpa",
+    )
     models = {"hf": hf.to(device).train(), "ours-base": load_model(args.base_run, device)[0]}
     if args.ft_run is not None:
         models["ours-ft"] = load_model(args.ft_run, device)[0]
@@ -74,8 +91,11 @@ def main(argv=None) -> int:
         ref = hf(input_ids=inp, use_cache=False).logits.float()
         d = {}
         for n, m in models.items():
-            kw = (dict(latents="prior", generator=torch.Generator(device=device).manual_seed(1))
-                  if n == "ours-ft" else {})
+            kw = (
+                dict(latents="prior", generator=torch.Generator(device=device).manual_seed(1))
+                if n == "ours-ft"
+                else {}
+            )
             if n != "hf":
                 d[n] = float((m(inp, **kw).logits.float() - ref).abs().max())
     print(f"max |Δlogits| vs transformers on the benchmark batch: {d}", flush=True)
@@ -86,18 +106,20 @@ def main(argv=None) -> int:
         m.train()
         opt = None
         if args.optimizer:
+            from freeformer.optim import build_optimizer
             from freeformer.runconfig import TrainConfig
-            from freeformer.train import build_optimizer
 
             opt = build_optimizer(m, TrainConfig(lr=1e-12))
 
         def loss(name=name, m=m, opt=opt):
             if name == "hf":
-                out = F.cross_entropy(m(input_ids=inp, use_cache=False).logits.flatten(0, 1)
-                                      .float(), tgt.flatten())
+                out = F.cross_entropy(
+                    m(input_ids=inp, use_cache=False).logits.flatten(0, 1).float(), tgt.flatten()
+                )
             else:
                 out = m(inp, tgt, generator=gen).loss
             return out
+
         runners[name] = Runner(m, loss)
         if opt is not None:
             step = runners[name].step
@@ -107,43 +129,57 @@ def main(argv=None) -> int:
     if "ours-ft" in models:
         fns["mapper-gemm"] = mapper_gemm(models["ours-ft"].config, B * T, device)
     print(f"timing {', '.join(fns)}: {args.rounds} rounds", flush=True)
-    t = C.alternate(fns, args.rounds, warmup=1,
-                    before={n: r.zero for n, r in runners.items()}, device=device)
+    t = C.alternate(
+        fns, args.rounds, warmup=1, before={n: r.zero for n, r in runners.items()}, device=device
+    )
 
-    shape = theory.Shape.from_config("smollm2", models.get("ours-ft", models["ours-base"]).config,
-                                     T, B, H)
+    shape = theory.Shape.from_config(
+        "smollm2", models.get("ours-ft", models["ours-base"]).config, T, B, H
+    )
     costs = theory.costs(shape)
 
     def row(label, a, b, note=""):
         return [label, f"{t.ratio(a, b):.3f}", "{:.3f}–{:.3f}".format(*t.ratio_range(a, b)), note]
+
     rows = [row("ours baseline / transformers", "ours-base", "hf", "≤ 1 (target)")]
     if "ours-ft" in models:
         meas, th = t.ratio("ours-ft", "ours-base"), theory.ratio(shape)
-        pred = sorted(1 + costs["encoder"] / costs["base"] + gm / b for gm, b in
-                      zip(t.times["mapper-gemm"], t.times["ours-base"]))[len(t.loads) // 2]
-        rows += [row("ours FT / ours baseline", "ours-ft", "ours-base",
-                     f"theory {th:.3f} (measured {meas / th - 1:+.0%}); "
-                     f"at measured rates {pred:.3f} ({meas / pred - 1:+.0%})"),
-                 row("transformers / ours FT", "hf", "ours-ft")]
+        pred = sorted(
+            1 + costs["encoder"] / costs["base"] + gm / b
+            for gm, b in zip(t.times["mapper-gemm"], t.times["ours-base"])
+        )[len(t.loads) // 2]
+        rows += [
+            row(
+                "ours FT / ours baseline",
+                "ours-ft",
+                "ours-base",
+                f"theory {th:.3f} (measured {meas / th - 1:+.0%}); "
+                f"at measured rates {pred:.3f} ({meas / pred - 1:+.0%})",
+            ),
+            row("transformers / ours FT", "hf", "ours-ft"),
+        ]
     what = "forward + loss + backward" + (" + AdamW step" if args.optimizer else "")
-    body = "\n\n".join([
-        "## Converted pretrained model: training step (`bench/bench_pretrained.py`)"
-        + (f": {args.section}" if args.section else ""),
-        f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}  \n"
-        f"Model: {args.gguf.name} (D {cfg.dim}, L {cfg.n_layers}, heads {cfg.n_heads}:"
-        f"{cfg.n_kv_heads}, SwiGLU {cfg.mlp_hidden}, vocab {cfg.vocab_size}, tied "
-        f"{cfg.tie_embeddings}); batch {B}×{T}; float32; {what}; load {t.load_range()}. "
-        "Same function checked first: max |Δlogits| against transformers (FT under prior "
-        "codes): " + ", ".join(f"{n} {v:.1e}" for n, v in d.items()) + ".",
-        C.md_table(["model", "median step (s)", "per round (s)"],
-                   [[n, C.fmt_s(t.median(n)), ", ".join(f"{x:.2f}" for x in t.times[n])]
-                    for n in fns]),
-        C.md_table(["ratio", "median of per-round ratios", "range", "compare with"], rows),
-        f"Theory (`bench/theory.py`, H = {H}): baseline {costs['base'] / 1e9:,.0f} GFLOP per "
-        f"step, encoder block +{costs['encoder'] / costs['base']:.1%}, mapper backward "
-        f"+{costs['mapper'] / costs['base']:.1%}. *At measured rates*: 1 + encoder/base + "
-        "(mapper GEMM time, same round) / (baseline step time).",
-    ])
+    body = "\n\n".join(
+        [
+            "## Converted pretrained model: training step (`bench/bench_pretrained.py`)"
+            + (f": {args.section}" if args.section else ""),
+            f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}  \n"
+            f"Model: {args.gguf.name} (D {cfg.dim}, L {cfg.n_layers}, heads {cfg.n_heads}:"
+            f"{cfg.n_kv_heads}, SwiGLU {cfg.mlp_hidden}, vocab {cfg.vocab_size}, tied "
+            f"{cfg.tie_embeddings}); batch {B}×{T}; float32; {what}; load {t.load_range()}. "
+            "Same function checked first: max |Δlogits| against transformers (FT under prior "
+            "codes): " + ", ".join(f"{n} {v:.1e}" for n, v in d.items()) + ".",
+            C.md_table(
+                ["model", "median step (s)", "per round (s)"],
+                [[n, C.fmt_s(t.median(n)), ", ".join(f"{x:.2f}" for x in t.times[n])] for n in fns],
+            ),
+            C.md_table(["ratio", "median of per-round ratios", "range", "compare with"], rows),
+            f"Theory (`bench/theory.py`, H = {H}): baseline {costs['base'] / 1e9:,.0f} GFLOP per "
+            f"step, encoder block +{costs['encoder'] / costs['base']:.1%}, mapper backward "
+            f"+{costs['mapper'] / costs['base']:.1%}. *At measured rates*: 1 + encoder/base + "
+            "(mapper GEMM time, same round) / (baseline step time).",
+        ]
+    )
     print()
     print(body)
     if args.write:

@@ -44,9 +44,14 @@ from freeformer import FreeTransformer, ModelConfig
 KAPPA_NATS = 0.5 * math.log(2.0)  # κ = 1/2 bit, for every implementation
 
 IMPLS = ("ours-ft", "ours-base", "xt-ft", "xt-dec", "ft012-ft", "ft012-base")
-LABELS = {"ours-ft": "ours FT", "ours-base": "ours baseline",
-          "xt-ft": "x-transformers FT", "xt-dec": "x-transformers decoder",
-          "ft012-ft": "free-transformer 0.1.2 FT", "ft012-base": "free-transformer 0.1.2 baseline"}
+LABELS = {
+    "ours-ft": "ours FT",
+    "ours-base": "ours baseline",
+    "xt-ft": "x-transformers FT",
+    "xt-dec": "x-transformers decoder",
+    "ft012-ft": "free-transformer 0.1.2 FT",
+    "ft012-base": "free-transformer 0.1.2 baseline",
+}
 
 
 class Runner:
@@ -66,8 +71,9 @@ class Runner:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
-def build(impl: str, cfg: ModelConfig, T: int, B: int, device: torch.device,
-          amp: Callable, compile_: bool) -> Runner:
+def build(
+    impl: str, cfg: ModelConfig, T: int, B: int, device: torch.device, amp: Callable, compile_: bool
+) -> Runner:
     """Build one implementation with the shape of ``cfg`` and its step on fixed data."""
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g).to(device)
@@ -98,28 +104,55 @@ def build(impl: str, cfg: ModelConfig, T: int, B: int, device: torch.device,
 
         try:  # x-transformers warns (loguru) about short rotary dims at the debug shape
             from loguru import logger
+
             logger.disable("x_transformers")
         except ImportError:
             pass
         # Rotary over the whole head, as ours (x-transformers' default rotates half of it).
-        shared = dict(attn_kv_heads=cfg.n_kv_heads, attn_flash=True, ff_glu=True, ff_swish=True,
-                      ff_mult=cfg.mlp_hidden / D, ff_no_bias=True, rotary_emb_dim=cfg.head_dim)
+        shared = dict(
+            attn_kv_heads=cfg.n_kv_heads,
+            attn_flash=True,
+            ff_glu=True,
+            ff_swish=True,
+            ff_mult=cfg.mlp_hidden / D,
+            ff_no_bias=True,
+            rotary_emb_dim=cfg.head_dim,
+        )
         if impl == "xt-ft":
-            model = XFreeTransformer(num_tokens=cfg.vocab_size, dim=D, dec_head_depth=L // 2,
-                                     dec_tail_depth=L - L // 2, max_seq_len=T, enc_depth=1,
-                                     attn_dim_head=cfg.head_dim, heads=cfg.n_heads,
-                                     latent_bits=H, kl_loss_threshold=KAPPA_NATS, **shared)
+            model = XFreeTransformer(
+                num_tokens=cfg.vocab_size,
+                dim=D,
+                dec_head_depth=L // 2,
+                dec_tail_depth=L - L // 2,
+                max_seq_len=T,
+                enc_depth=1,
+                attn_dim_head=cfg.head_dim,
+                heads=cfg.n_heads,
+                latent_bits=H,
+                kl_loss_threshold=KAPPA_NATS,
+                **shared,
+            )
             model = model.to(device).train()
             fwd = maybe_compile(model)
 
             def loss():
                 with amp():
-                    return fwd(seq)   # shifts internally: predicts seq[:, 1:] from seq[:, :-1]
+                    return fwd(seq)  # shifts internally: predicts seq[:, 1:] from seq[:, :-1]
         else:
             model = TransformerWrapper(
-                num_tokens=cfg.vocab_size, max_seq_len=T, use_abs_pos_emb=False,
-                attn_layers=Decoder(dim=D, depth=L, heads=cfg.n_heads, attn_dim_head=cfg.head_dim,
-                                    rotary_pos_emb=True, use_rmsnorm=True, **shared))
+                num_tokens=cfg.vocab_size,
+                max_seq_len=T,
+                use_abs_pos_emb=False,
+                attn_layers=Decoder(
+                    dim=D,
+                    depth=L,
+                    heads=cfg.n_heads,
+                    attn_dim_head=cfg.head_dim,
+                    rotary_pos_emb=True,
+                    use_rmsnorm=True,
+                    **shared,
+                ),
+            )
             model = model.to(device).train()
             fwd = maybe_compile(model)
 
@@ -129,9 +162,16 @@ def build(impl: str, cfg: ModelConfig, T: int, B: int, device: torch.device,
     else:
         import free_transformer as ft012
 
-        mc = ft012.ModelConfig(vocab_size=cfg.vocab_size, hidden_dim=D, num_layers=L,
-                               num_heads=cfg.n_heads, num_kv_heads=cfg.n_kv_heads,
-                               ffn_hidden_dim=cfg.mlp_hidden, max_seq_len=T, latent_dim=H)
+        mc = ft012.ModelConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_dim=D,
+            num_layers=L,
+            num_heads=cfg.n_heads,
+            num_kv_heads=cfg.n_kv_heads,
+            ffn_hidden_dim=cfg.mlp_hidden,
+            max_seq_len=T,
+            latent_dim=H,
+        )
         if impl == "ft012-ft":
             model = ft012.FreeTransformer(mc).to(device).train()
             fwd = maybe_compile(model)
@@ -139,8 +179,9 @@ def build(impl: str, cfg: ModelConfig, T: int, B: int, device: torch.device,
             def loss():
                 with amp():
                     logits, z_logits = fwd(inp, mode="training")
-                    total, _ = ft012.compute_vae_loss(logits.float(), tgt, z_logits.float(), H,
-                                                      beta_kl=1.0, free_bits=KAPPA_NATS)
+                    total, _ = ft012.compute_vae_loss(
+                        logits.float(), tgt, z_logits.float(), H, beta_kl=1.0, free_bits=KAPPA_NATS
+                    )
                 return total
         else:
             model = ft012.TransformerBaseline(mc).to(device).train()
@@ -149,6 +190,7 @@ def build(impl: str, cfg: ModelConfig, T: int, B: int, device: torch.device,
             def loss():
                 with amp():
                     return F.cross_entropy(fwd(inp).flatten(0, 1).float(), tgt.flatten())
+
     return Runner(model, loss)
 
 
@@ -165,14 +207,24 @@ def mapper_gemm(cfg: ModelConfig, N: int, device: torch.device) -> Callable[[], 
 
     def run():
         for t0 in range(0, N, nt):
-            g = dr[t0:t0 + nt]
+            g = dr[t0 : t0 + nt]
             for j in range(0, 1 << H, Cc):
-                torch.mm(g, W[j:j + Cc].T, out=S[:g.shape[0]])
+                torch.mm(g, W[j : j + Cc].T, out=S[: g.shape[0]])
+
     return run
 
 
-def measure_shape(name: str, cfg: ModelConfig, T: int, B: int, impls: list[str], rounds: int,
-                  device: torch.device, amp: Callable, compile_: bool) -> dict:
+def measure_shape(
+    name: str,
+    cfg: ModelConfig,
+    T: int,
+    B: int,
+    impls: list[str],
+    rounds: int,
+    device: torch.device,
+    amp: Callable,
+    compile_: bool,
+) -> dict:
     runners, failed, first = {}, {}, {}
     for i in impls:
         try:
@@ -191,12 +243,25 @@ def measure_shape(name: str, cfg: ModelConfig, T: int, B: int, impls: list[str],
     fns = {i: r.step for i, r in runners.items()}
     if "ours-ft" in runners and "ours-base" in runners:
         fns["mapper-gemm"] = mapper_gemm(cfg, B * T, device)
-    t = C.alternate(fns, rounds, warmup=warm,
-                    before={i: r.zero for i, r in runners.items()}, device=device)
-    res = dict(shape=name, H=cfg.latent_bits, D=cfg.dim, L=cfg.n_layers, T=T, B=B,
-               load=t.load_range(), rounds=rounds, times={i: t.times[i] for i in runners},
-               median={i: t.median(i) for i in runners}, params={}, mem={}, failed=failed,
-               first=first)
+    t = C.alternate(
+        fns, rounds, warmup=warm, before={i: r.zero for i, r in runners.items()}, device=device
+    )
+    res = dict(
+        shape=name,
+        H=cfg.latent_bits,
+        D=cfg.dim,
+        L=cfg.n_layers,
+        T=T,
+        B=B,
+        load=t.load_range(),
+        rounds=rounds,
+        times={i: t.times[i] for i in runners},
+        median={i: t.median(i) for i in runners},
+        params={},
+        mem={},
+        failed=failed,
+        first=first,
+    )
     for i, r in runners.items():
         r.zero()
         res["params"][i] = r.param_bytes()
@@ -217,39 +282,66 @@ def fmt_mib(b) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--quick", action="store_true", help="two small shapes at H = 16 (< 1 min)")
     ap.add_argument("--large", action="store_true", help="add d512-L8 (2048 tokens per step)")
-    ap.add_argument("--write", action="store_true",
-                    help="update bench/RESULTS.md and bench/train_results.json")
+    ap.add_argument(
+        "--write", action="store_true", help="update bench/RESULTS.md and bench/train_results.json"
+    )
     ap.add_argument("--bits", default="8,16", help="latent bits H to measure (default 8,16)")
-    ap.add_argument("--shapes", default=None,
-                    help="comma-separated shape names (debug, d128-L4, d256-L8, d512-L8, "
-                         "paper-1.5b, paper-8b)")
+    ap.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated shape names (debug, d128-L4, d256-L8, d512-L8, paper-1.5b, paper-8b)",
+    )
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
-    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5, 3 "
-                    "for shapes with a step over ~1 s)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="intra-op threads (default 1: on a shared 2-core machine the second "
-                         "thread mostly measures the co-tenants)")
-    ap.add_argument("--section", default=None,
-                    help="name of the RESULTS.md section --write replaces (default from device)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="alternating rounds (default 5, 3 for shapes with a step over ~1 s)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (default 1: on a shared 2-core machine the second "
+        "thread mostly measures the co-tenants)",
+    )
+    ap.add_argument(
+        "--section",
+        default=None,
+        help="name of the RESULTS.md section --write replaces (default from device)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                    help="bf16: autocast around forward and loss (fp32 master weights)")
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: autocast around forward and loss (fp32 master weights)",
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile every model")
     ap.add_argument("--batch", type=int, default=None, help="override B for every shape")
     ap.add_argument("--seq", type=int, default=None, help="override T for every shape")
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="accelerator peak (dense TFLOP/s of --dtype) for an MFU column, e.g. 989 "
-                         "for an H100 SXM in bf16")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="accelerator peak (dense TFLOP/s of --dtype) for an MFU column, e.g. 989 "
+        "for an H100 SXM in bf16",
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     C.setup_threads(args.threads)
-    amp = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bf16"
-           else (lambda: torch.autocast(device.type, enabled=False)))
+    amp = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if args.dtype == "bf16"
+        else (lambda: torch.autocast(device.type, enabled=False))
+    )
     impls = [i for i in args.impls.split(",") if i]
     bad = set(impls) - set(IMPLS)
     if bad:
@@ -287,10 +379,14 @@ def main(argv=None) -> int:
             res["theory"] = theory.ratio(theory.Shape.from_config(name, cfg, T, B, H))
             res["flops"] = theory.costs(theory.Shape.from_config(name, cfg, T, B, H))
             results.append(res)
-            print({k: v for k, v in res.items() if not k.startswith("_") and k != "times"},
-                  flush=True)
-    failures = [f"{LABELS[i]} fails at {r['shape']}, H = {r['H']}: `{e}`"
-                for r in results for i, e in r["failed"].items()]
+            print(
+                {k: v for k, v in res.items() if not k.startswith("_") and k != "times"}, flush=True
+            )
+    failures = [
+        f"{LABELS[i]} fails at {r['shape']}, H = {r['H']}: `{e}`"
+        for r in results
+        for i, e in r["failed"].items()
+    ]
     for res in results:
         measure_memory(res, device)
         print(res["shape"], res["H"], {i: fmt_mib(m) for i, m in res["mem"].items()}, flush=True)
@@ -307,9 +403,11 @@ def main(argv=None) -> int:
             return text if i in r["median"] else ("fails" if i in r["failed"] else "—")
 
         key = f"{r['shape']}/H{r['H']}"
-        time_rows.append([r["shape"], r["H"], f"{r['B']}×{r['T']}"]
-                         + [cell(i, C.fmt_ms(r["median"].get(i, 0.0))) for i in cols]
-                         + [r["load"]])
+        time_rows.append(
+            [r["shape"], r["H"], f"{r['B']}×{r['T']}"]
+            + [cell(i, C.fmt_ms(r["median"].get(i, 0.0))) for i in cols]
+            + [r["load"]]
+        )
         row = [r["shape"], r["H"]]
         if has("ours-ft", "ours-base"):
             m = t.ratio("ours-ft", "ours-base")
@@ -318,21 +416,38 @@ def main(argv=None) -> int:
             # Rate-calibrated prediction, per round: the encoder block runs at the baseline's
             # achieved FLOP rate, the mapper backward at the measured rate of its GEMMs.
             f = r["flops"]
-            pred = sorted(1 + f["encoder"] / f["base"] + g / b for g, b in
-                          zip(t.times["mapper-gemm"], t.times["ours-base"]))[len(t.loads) // 2]
+            pred = sorted(
+                1 + f["encoder"] / f["base"] + g / b
+                for g, b in zip(t.times["mapper-gemm"], t.times["ours-base"])
+            )[len(t.loads) // 2]
             dev_c = m / pred - 1
-            measured[key] = dict(ratio=m, range=[lo, hi], theory=r["theory"], calibrated=pred,
-                                 load=r["load"], command=C.command_line(sys.argv))
-            row += [f"{m:.2f} ({lo:.2f}–{hi:.2f})", f"{r['theory']:.2f}", f"{dev:+.0%}",
-                    "yes" if abs(dev) <= 0.10 else "no", f"{pred:.2f}", f"{dev_c:+.0%}"]
+            measured[key] = dict(
+                ratio=m,
+                range=[lo, hi],
+                theory=r["theory"],
+                calibrated=pred,
+                load=r["load"],
+                command=C.command_line(sys.argv),
+            )
+            row += [
+                f"{m:.2f} ({lo:.2f}–{hi:.2f})",
+                f"{r['theory']:.2f}",
+                f"{dev:+.0%}",
+                "yes" if abs(dev) <= 0.10 else "no",
+                f"{pred:.2f}",
+                f"{dev_c:+.0%}",
+            ]
         else:
             row += ["—"] * 6
         row.append(f"{t.ratio('xt-ft', 'xt-dec'):.2f}" if has("xt-ft", "xt-dec") else "—")
-        row.append(f"{t.ratio('ft012-ft', 'ft012-base'):.2f}" if has("ft012-ft", "ft012-base")
-                   else "—")
+        row.append(
+            f"{t.ratio('ft012-ft', 'ft012-base'):.2f}" if has("ft012-ft", "ft012-base") else "—"
+        )
         if has("ours-ft", "xt-ft"):
             sp = t.ratio("xt-ft", "ours-ft")
-            row += [f"{sp:.2f}×", "yes" if sp >= 5 else "no"] if r["H"] == 16 else [f"{sp:.2f}×", ""]
+            row += (
+                [f"{sp:.2f}×", "yes" if sp >= 5 else "no"] if r["H"] == 16 else [f"{sp:.2f}×", ""]
+            )
         else:
             row += ["—", ""]
         row.append(f"{t.ratio('ft012-ft', 'ours-ft'):.2f}×" if has("ours-ft", "ft012-ft") else "—")
@@ -342,8 +457,9 @@ def main(argv=None) -> int:
             mrow.append(cell(i, f"{fmt_mib(r['mem'].get(i))} (+{fmt_mib(r['params'].get(i))})"))
         if has("ours-ft", "xt-ft"):
             q = r["mem"]["ours-ft"] / r["mem"]["xt-ft"]
-            qp = ((r["mem"]["ours-ft"] + r["params"]["ours-ft"])
-                  / (r["mem"]["xt-ft"] + r["params"]["xt-ft"]))
+            qp = (r["mem"]["ours-ft"] + r["params"]["ours-ft"]) / (
+                r["mem"]["xt-ft"] + r["params"]["xt-ft"]
+            )
             ok = "yes" if max(q, qp) <= 0.4 else "no"
             mrow += [f"{q:.2f} ({qp:.2f})", ok if r["H"] == 16 else ""]
         else:
@@ -353,17 +469,37 @@ def main(argv=None) -> int:
             f = r["flops"]
             r["mfu"] = {"ours-ft": f["ft"] / r["median"]["ours-ft"] / (args.peak_tflops * 1e12)}
             if has("ours-base"):
-                r["mfu"]["ours-base"] = f["base"] / r["median"]["ours-base"] / (args.peak_tflops * 1e12)
+                r["mfu"]["ours-base"] = (
+                    f["base"] / r["median"]["ours-base"] / (args.peak_tflops * 1e12)
+                )
 
-    t1 = C.md_table(["shape", "H", "B×T"] + [LABELS[i] + " (ms)" for i in cols] + ["load"],
-                    time_rows)
-    t2 = C.md_table(["shape", "H", "ours FT / ours base (range)", "theory (FLOPs)", "vs theory",
-                     "within 10 %?", "calibrated", "vs calibrated", "x-transformers FT / its decoder",
-                     "free-transformer FT / its baseline", "x-transformers FT / ours FT",
-                     "≥ 5× at H = 16?", "free-transformer FT / ours FT"], ratio_rows)
-    t3 = C.md_table(["shape", "H"] + [LABELS[i] for i in cols]
-                    + ["ours FT / x-transformers FT: step (with params)", "≤ 0.4× at H = 16?"],
-                    mem_rows)
+    t1 = C.md_table(
+        ["shape", "H", "B×T"] + [LABELS[i] + " (ms)" for i in cols] + ["load"], time_rows
+    )
+    t2 = C.md_table(
+        [
+            "shape",
+            "H",
+            "ours FT / ours base (range)",
+            "theory (FLOPs)",
+            "vs theory",
+            "within 10 %?",
+            "calibrated",
+            "vs calibrated",
+            "x-transformers FT / its decoder",
+            "free-transformer FT / its baseline",
+            "x-transformers FT / ours FT",
+            "≥ 5× at H = 16?",
+            "free-transformer FT / ours FT",
+        ],
+        ratio_rows,
+    )
+    t3 = C.md_table(
+        ["shape", "H"]
+        + [LABELS[i] for i in cols]
+        + ["ours FT / x-transformers FT: step (with params)", "≤ 0.4× at H = 16?"],
+        mem_rows,
+    )
     parts = [
         "## Training step (`bench/bench_train.py`)" + (f": {args.section}" if args.section else ""),
         f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}  \n"
@@ -372,34 +508,58 @@ def main(argv=None) -> int:
         "vocab 64); d128-L4 = D 128, L 4, heads 4:2; d256-L8 = D 256, L 8, heads 8:4; "
         "d512-L8 = D 512, L 8, heads 8:4 (vocab 256, SwiGLU 8/3·D).",
         "### Step time, median over rounds (ms)\n\n" + t1,
-        "### Ratios (median of per-round ratios)\n\n" + t2 +
-        "\n\n*theory (FLOPs)*: `bench/theory.py`, matmul FLOPs of forward + backward. "
+        "### Ratios (median of per-round ratios)\n\n"
+        + t2
+        + "\n\n*theory (FLOPs)*: `bench/theory.py`, matmul FLOPs of forward + backward. "
         "*calibrated*: the same model at this machine's achieved rates, per round: 1 + "
         "encoder FLOPs / baseline FLOPs + (time of the mapper's 2·N·2^H·D GEMMs, timed in "
         "the same round) / (baseline step time); a gap to it is implementation overhead.",
         "### Peak memory of one step (MiB), (+ parameters)\n\n"
-        + t3 + "\n\nStep peak = highest live PyTorch allocation above the start of the step "
+        + t3
+        + "\n\nStep peak = highest live PyTorch allocation above the start of the step "
         "(activations, gradients, temporaries), parameters excluded and shown in parentheses; "
         "the ratio in parentheses includes the parameters.",
     ]
     if failures:
-        parts.append("Failures (the step raised; not timed):\n\n" + "\n".join(
-            f"- {f}" for f in failures))
+        parts.append(
+            "Failures (the step raised; not timed):\n\n" + "\n".join(f"- {f}" for f in failures)
+        )
     if args.peak_tflops:
-        parts.append(C.md_table(["shape", "H", "MFU ours FT", "MFU ours base",
-                                 "first step ours FT (s)", "first step ours base (s)"],
-                                [[r["shape"], r["H"], f"{r['mfu']['ours-ft']:.1%}",
-                                  f"{r['mfu'].get('ours-base', float('nan')):.1%}",
-                                  f"{r['first'].get('ours-ft', float('nan')):.1f}",
-                                  f"{r['first'].get('ours-base', float('nan')):.1f}"]
-                                 for r in results if "mfu" in r]))
-        parts.append("*first step*: the untimed first step, compilation included with "
-                     "`--compile` (regional: each block, `freeformer.distributed.compile_blocks`).")
+        parts.append(
+            C.md_table(
+                [
+                    "shape",
+                    "H",
+                    "MFU ours FT",
+                    "MFU ours base",
+                    "first step ours FT (s)",
+                    "first step ours base (s)",
+                ],
+                [
+                    [
+                        r["shape"],
+                        r["H"],
+                        f"{r['mfu']['ours-ft']:.1%}",
+                        f"{r['mfu'].get('ours-base', float('nan')):.1%}",
+                        f"{r['first'].get('ours-ft', float('nan')):.1f}",
+                        f"{r['first'].get('ours-base', float('nan')):.1f}",
+                    ]
+                    for r in results
+                    if "mfu" in r
+                ],
+            )
+        )
+        parts.append(
+            "*first step*: the untimed first step, compilation included with "
+            "`--compile` (regional: each block, `freeformer.distributed.compile_blocks`)."
+        )
     body = "\n\n".join(parts)
     print()
     print(body)
     if args.write:
-        C.write_section(args.section or ("train" if args.device == "cpu" else f"train-{args.device}"), body)
+        C.write_section(
+            args.section or ("train" if args.device == "cpu" else f"train-{args.device}"), body
+        )
         if args.device == "cpu" and args.dtype == "fp32" and not args.compile:
             old = json.loads(theory.MEASURED.read_text()) if theory.MEASURED.exists() else {}
             old.update(measured)

@@ -29,18 +29,26 @@ CPU = torch.device("cpu")
 
 def machine_line(device: torch.device) -> str:
     """One line naming the machine, thread count, library versions, load and date."""
-    m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()
-                  if Path("/proc/cpuinfo").exists() else "")
+    m = re.search(
+        r"model name\s*:\s*(.+)",
+        Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "",
+    )
     la = os.getloadavg()
-    parts = [f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-             f"CPU: {m.group(1).strip() if m else 'unknown'} ({os.cpu_count()} logical cores)",
-             f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)",
-             f"load avg {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f} at start"]
+    parts = [
+        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        f"CPU: {m.group(1).strip() if m else 'unknown'} ({os.cpu_count()} logical cores)",
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)",
+        f"load avg {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f} at start",
+    ]
     if device.type == "cuda":
         parts.insert(2, f"GPU: {torch.cuda.get_device_name(device)}")
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
     return "; ".join(parts + ([f"repo at {rev}"] if rev else []))
@@ -89,9 +97,15 @@ class Timings:
         return f"{min(self.loads):.1f}–{max(self.loads):.1f}" if self.loads else "?"
 
 
-def alternate(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 1,
-              before: dict[str, Callable[[], object]] | None = None,
-              device: torch.device = CPU, inner: int = 1) -> Timings:
+def alternate(
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    *,
+    warmup: int = 1,
+    before: dict[str, Callable[[], object]] | None = None,
+    device: torch.device = CPU,
+    inner: int = 1,
+) -> Timings:
     """Time each callable once per round, rotating the order every round (A B C, B C A, ...).
 
     ``before[name]`` runs untimed before each timed call (e.g. dropping gradients);
@@ -188,6 +202,7 @@ def peak_alloc(fn: Callable[[], object], device: torch.device = CPU) -> PeakMemo
 def peak_rss(fn: Callable[[], object]) -> int | None:
     """Peak resident set during ``fn()`` above the resident set before it (bytes; VmHWM reset
     through /proc/self/clear_refs), or None where the kernel does not allow the reset."""
+
     def status(key: str) -> int:
         m = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
         return int(m.group(1)) * 1024 if m else 0

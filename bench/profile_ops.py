@@ -29,8 +29,12 @@ def top_ops(fn, rows: int, by_shape: bool) -> str:
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     out = []
     for e in events[:rows]:
-        row = [e.key, f"{e.self_cpu_time_total / total:.1%}",
-               f"{e.self_cpu_time_total / 1e3:.1f} ms", e.count]
+        row = [
+            e.key,
+            f"{e.self_cpu_time_total / total:.1%}",
+            f"{e.self_cpu_time_total / 1e3:.1f} ms",
+            e.count,
+        ]
         if by_shape:
             row.append(str([list(s) for s in e.input_shapes if s]).replace(" ", ""))
         out.append(row)
@@ -39,9 +43,11 @@ def top_ops(fn, rows: int, by_shape: bool) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("what", choices=["mapper", "train", "generate"])
     ap.add_argument("--impl", default="ours-ft", help="train: an implementation of bench_train.py")
     ap.add_argument("--shape", default=None, help="train/generate shape (default d256-L8)")
@@ -72,8 +78,9 @@ def main(argv=None) -> int:
         import bench_train as BT
 
         cfg, T, B = {n: (c, T, B) for n, c, T, B in theory.bench_train_shapes(args.bits)}[shape]
-        runner = BT.build(args.impl, cfg, T, B, cpu, lambda: torch.autocast("cpu", enabled=False),
-                          False)
+        runner = BT.build(
+            args.impl, cfg, T, B, cpu, lambda: torch.autocast("cpu", enabled=False), False
+        )
         for _ in range(2):
             runner.zero()
             runner.step()
@@ -96,16 +103,21 @@ def main(argv=None) -> int:
 
             def run(m=m, kw=kw):
                 return generate(m, prompt, 512, temperature=0, **kw)
+
             run()  # warm-up
             title = f"512 cached decode steps, {'FT' if latent else 'baseline'}, {shape}"
             outs.append((title, top_ops(run, args.rows, False)))
-    body = "\n\n".join(f"#### Profile: {t}\n\nCommand: `{C.command_line(sys.argv)}`  \n"
-                       f"Machine: {header}\n\n{o}" for t, o in outs)
+    body = "\n\n".join(
+        f"#### Profile: {t}\n\nCommand: `{C.command_line(sys.argv)}`  \nMachine: {header}\n\n{o}"
+        for t, o in outs
+    )
     print(body)
     if args.write:
-        key = {"mapper": f"profile-mapper-N{args.N}-H{args.bits}-D{args.D}",
-               "train": f"profile-train-{args.impl}-{shape}-H{args.bits}",
-               "generate": f"profile-generate-{shape}"}[args.what]
+        key = {
+            "mapper": f"profile-mapper-N{args.N}-H{args.bits}-D{args.D}",
+            "train": f"profile-train-{args.impl}-{shape}-H{args.bits}",
+            "generate": f"profile-generate-{shape}",
+        }[args.what]
         C.write_section(key, body)
     return 0
 

@@ -36,6 +36,7 @@ def stepper(batch: int, **overrides):
             m(x, y).loss.backward()
             opt.step()
             opt.zero_grad()
+
     run(4)  # warm-up
     return run
 
@@ -60,10 +61,13 @@ def main(argv=None) -> int:
 
         def on(threads: int, run=run):
             return lambda: (torch.set_num_threads(threads), run(args.steps))
+
         t = C.alternate({1: on(1), 2: on(2)}, args.rounds, warmup=1)
         w1, w2 = (t.median(k) / args.steps * 1000 for k in (1, 2))
-        print(f"{name}: wall ms/step 1 thread {w1:.0f}, 2 threads {w2:.0f}: speed-up "
-              f"{t.ratio(1, 2):.2f}× (median of per-round ratios, load {t.load_range()})")
+        print(
+            f"{name}: wall ms/step 1 thread {w1:.0f}, 2 threads {w2:.0f}: speed-up "
+            f"{t.ratio(1, 2):.2f}× (median of per-round ratios, load {t.load_range()})"
+        )
     return 0
 
 

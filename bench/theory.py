@@ -54,18 +54,29 @@ class Shape:
     @classmethod
     def from_config(cls, name: str, cfg, T: int, B: int, H: int | None = None) -> Shape:
         """From a freeformer ModelConfig."""
-        return cls(name, cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
-                   cfg.mlp_hidden, T, B, cfg.latent_bits if H is None else H,
-                   cfg.encoder_layers)
+        return cls(
+            name,
+            cfg.vocab_size,
+            cfg.dim,
+            cfg.n_layers,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.mlp_hidden,
+            T,
+            B,
+            cfg.latent_bits if H is None else H,
+            cfg.encoder_layers,
+        )
 
 
 def costs(s: Shape) -> dict[str, float]:
     """Training-step FLOPs of each part (forward + backward)."""
     hd = s.dim // s.n_heads
     q, kv = s.n_heads * hd, s.n_kv_heads * hd
-    block_mm = 2 * (s.dim * q + 2 * s.dim * kv + q * s.dim + 2 * s.dim * s.hidden
-                    + s.hidden * s.dim)                      # per token, forward
-    attn_full = 4 * s.T * q                                   # per token, forward, non-causal
+    block_mm = 2 * (
+        s.dim * q + 2 * s.dim * kv + q * s.dim + 2 * s.dim * s.hidden + s.hidden * s.dim
+    )  # per token, forward
+    attn_full = 4 * s.T * q  # per token, forward, non-causal
     N = s.N
     base = 3 * N * (s.n_layers * (block_mm + attn_full / 2) + 2 * s.dim * s.vocab)
     encoder = 3 * N * s.encoder_layers * (block_mm + attn_full) + 3 * N * 2 * s.dim * s.H
@@ -106,12 +117,48 @@ def bench_train_shapes(H: int):
 
     return [
         ("debug", ModelConfig.preset("debug", latent_bits=H), 128, 8),
-        ("d128-L4", ModelConfig(vocab_size=256, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                                max_seq_len=256, latent_bits=H), 256, 4),
-        ("d256-L8", ModelConfig(vocab_size=256, dim=256, n_layers=8, n_heads=8, n_kv_heads=4,
-                                max_seq_len=256, latent_bits=H), 256, 4),
-        ("d512-L8", ModelConfig(vocab_size=256, dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
-                                max_seq_len=512, latent_bits=H), 512, 4),
+        (
+            "d128-L4",
+            ModelConfig(
+                vocab_size=256,
+                dim=128,
+                n_layers=4,
+                n_heads=4,
+                n_kv_heads=2,
+                max_seq_len=256,
+                latent_bits=H,
+            ),
+            256,
+            4,
+        ),
+        (
+            "d256-L8",
+            ModelConfig(
+                vocab_size=256,
+                dim=256,
+                n_layers=8,
+                n_heads=8,
+                n_kv_heads=4,
+                max_seq_len=256,
+                latent_bits=H,
+            ),
+            256,
+            4,
+        ),
+        (
+            "d512-L8",
+            ModelConfig(
+                vocab_size=256,
+                dim=512,
+                n_layers=8,
+                n_heads=8,
+                n_kv_heads=4,
+                max_seq_len=512,
+                latent_bits=H,
+            ),
+            512,
+            4,
+        ),
     ]
 
 
@@ -126,50 +173,87 @@ def table(measured: dict | None) -> str:
                 cal = f"{m['calibrated']:.2f} ({m['ratio'] / m['calibrated'] - 1:+.0%})"
             if m.get("command") and m["command"] not in sources:
                 sources.append(m["command"])
-        rows.append([s.name, s.H, f"{s.dim}/{s.n_layers}/{s.n_heads}:{s.n_kv_heads}",
-                     f"{s.B}×{s.T}", f"{c['base'] / s.N / 1e6:,.1f}",
-                     f"{c['encoder'] / c['base']:.1%}", f"{c['mapper'] / c['base']:.1%}",
-                     f"{ratio(s):.3f}", meas, cal, f"{dense_mapper_ratio(s):.2f}"])
-    out = C.md_table(["shape", "H", "D/L/heads:kv", "B×T", "baseline MFLOP/token",
-                      "encoder / base", "mapper bwd / base", "FT / base (theory)",
-                      "FT / base (measured, vs theory)",
-                      "theory at measured rates (measured vs it)",
-                      "dense-mapper FT / base (theory)"], rows)
+        rows.append(
+            [
+                s.name,
+                s.H,
+                f"{s.dim}/{s.n_layers}/{s.n_heads}:{s.n_kv_heads}",
+                f"{s.B}×{s.T}",
+                f"{c['base'] / s.N / 1e6:,.1f}",
+                f"{c['encoder'] / c['base']:.1%}",
+                f"{c['mapper'] / c['base']:.1%}",
+                f"{ratio(s):.3f}",
+                meas,
+                cal,
+                f"{dense_mapper_ratio(s):.2f}",
+            ]
+        )
+    out = C.md_table(
+        [
+            "shape",
+            "H",
+            "D/L/heads:kv",
+            "B×T",
+            "baseline MFLOP/token",
+            "encoder / base",
+            "mapper bwd / base",
+            "FT / base (theory)",
+            "FT / base (measured, vs theory)",
+            "theory at measured rates (measured vs it)",
+            "dense-mapper FT / base (theory)",
+        ],
+        rows,
+    )
     if sources:
-        out += ("\n\nMeasured ratios from: " + "; ".join(f"`{c}`" for c in sources)
-                + " (1 thread, FP32; see the training section).")
+        out += (
+            "\n\nMeasured ratios from: "
+            + "; ".join(f"`{c}`" for c in sources)
+            + " (1 thread, FP32; see the training section)."
+        )
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--measured", type=Path, default=MEASURED,
-                    help=f"measured ratios written by bench_train.py --write (default {MEASURED.name})")
-    ap.add_argument("--write", action="store_true", help="update the theory section of bench/RESULTS.md")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    ap.add_argument(
+        "--measured",
+        type=Path,
+        default=MEASURED,
+        help=f"measured ratios written by bench_train.py --write (default {MEASURED.name})",
+    )
+    ap.add_argument(
+        "--write", action="store_true", help="update the theory section of bench/RESULTS.md"
+    )
     ap.add_argument("--json", action="store_true", help="print the per-shape costs as JSON")
     args = ap.parse_args(argv)
     if args.json:
-        print(json.dumps([{**asdict(s), **costs(s), "ratio": ratio(s)} for s in shapes()], indent=1))
+        print(
+            json.dumps([{**asdict(s), **costs(s), "ratio": ratio(s)} for s in shapes()], indent=1)
+        )
         return 0
     measured = json.loads(args.measured.read_text()) if args.measured.exists() else None
-    body = "\n\n".join([
-        "## Theoretical FT / baseline training cost (`bench/theory.py`)",
-        f"Command: `python {' '.join(sys.argv)}`. Matmul FLOPs of forward + backward; the "
-        "formulas are in the script's docstring. Measured ratios (CPU, from "
-        "`bench/bench_train.py --write`) beside the theory where measured; paper shapes at "
-        "T = 4096 (tokens per sequence; the ratio does not depend on B). *Theory at measured "
-        "rates*: the same cost model with this CPU's achieved rates — the encoder at the "
-        "baseline step's FLOP rate, the mapper at the rate of its own GEMMs timed in the same "
-        "rounds (see the training section).",
-        table(measured),
-        "Reading: at the paper's shapes the FT costs 5–6 % more per step at H = 16 (one extra "
-        "block ≈ 1/L, plus a mapper backward of 2·2^H·D FLOPs per token, about an LM head's "
-        "worth); at the small CPU shapes the mapper backward dominates, because 2^H·D per "
-        "token is large next to a narrow model (at D = 256, L = 8 it equals ~86 % of the "
-        "baseline step). A dense mapper triples that term and adds the N × 2^H memory traffic.",
-    ])
+    body = "\n\n".join(
+        [
+            "## Theoretical FT / baseline training cost (`bench/theory.py`)",
+            f"Command: `python {' '.join(sys.argv)}`. Matmul FLOPs of forward + backward; the "
+            "formulas are in the script's docstring. Measured ratios (CPU, from "
+            "`bench/bench_train.py --write`) beside the theory where measured; paper shapes at "
+            "T = 4096 (tokens per sequence; the ratio does not depend on B). *Theory at measured "
+            "rates*: the same cost model with this CPU's achieved rates — the encoder at the "
+            "baseline step's FLOP rate, the mapper at the rate of its own GEMMs timed in the same "
+            "rounds (see the training section).",
+            table(measured),
+            "Reading: at the paper's shapes the FT costs 5–6 % more per step at H = 16 (one extra "
+            "block ≈ 1/L, plus a mapper backward of 2·2^H·D FLOPs per token, about an LM head's "
+            "worth); at the small CPU shapes the mapper backward dominates, because 2^H·D per "
+            "token is large next to a narrow model (at D = 256, L = 8 it equals ~86 % of the "
+            "baseline step). A dense mapper triples that term and adds the N × 2^H memory traffic.",
+        ]
+    )
     print(body)
     if args.write:
         C.write_section("theory", body)

@@ -25,8 +25,10 @@ from pathlib import Path
 
 def compare(a_path: Path, b_path: Path) -> None:
     a, b = (json.loads(Path(p).read_text()) for p in (a_path, b_path))
-    print(f"| task | {a.get('model', a_path)} acc | {b.get('model', b_path)} acc | requests | "
-          "max abs Δ log-likelihood | documents scored differently |")
+    print(
+        f"| task | {a.get('model', a_path)} acc | {b.get('model', b_path)} acc | requests | "
+        "max abs Δ log-likelihood | documents scored differently |"
+    )
     print("|---|---|---|---|---|---|")
     for task in a["results"]:
         if task not in b["results"] or task not in a.get("samples", {}):
@@ -40,8 +42,10 @@ def compare(a_path: Path, b_path: Path) -> None:
                 y = rb[0][0] if isinstance(rb[0], list) else rb[0]
                 worst, n = max(worst, abs(float(x) - float(y))), n + 1
             differ += s["acc"] != sb[d]["acc"]
-        print(f"| {task} | {a['results'][task]['acc,none']:.3f} | "
-              f"{b['results'][task]['acc,none']:.3f} | {n} | {worst:.1e} | {differ} |")
+        print(
+            f"| {task} | {a['results'][task]['acc,none']:.3f} | "
+            f"{b['results'][task]['acc,none']:.3f} | {n} | {worst:.1e} | {differ} |"
+        )
 
 
 def main(argv=None) -> int:
@@ -57,8 +61,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--log-samples", action="store_true",
-                    help="keep every request's log-likelihoods (to compare per document)")
+    ap.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="keep every request's log-likelihoods (to compare per document)",
+    )
     args = ap.parse_args(argv)
 
     import lm_eval
@@ -77,10 +84,13 @@ def main(argv=None) -> int:
         gguf = args.gguf.resolve()
         results = lm_eval.simple_evaluate(
             model="hf",
-            model_args=f"pretrained={gguf.parent},gguf_file={gguf.name},dtype=float32,"
-                       "device=cpu",
-            tasks=tasks, limit=args.limit, batch_size=args.batch_size, task_manager=tm,
-            log_samples=args.log_samples)
+            model_args=f"pretrained={gguf.parent},gguf_file={gguf.name},dtype=float32,device=cpu",
+            tasks=tasks,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            task_manager=tm,
+            log_samples=args.log_samples,
+        )
     print(make_table(results))
     from lm_eval.utils import handle_non_serializable
 

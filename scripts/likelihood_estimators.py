@@ -57,8 +57,13 @@ def unweighted(model, x, y, n_ctx, k, generator, max_rows):
     xs, ys = x.repeat(k, 1), y.repeat(k, 1)
     codes = uniform_codes((k * B, T), model.config.latent_bits, x.device, generator)
     n = torch.full((k * B,), n_ctx)
-    b = torch.cat([conditional_scores(model, xs[s:e], ys[s:e], n[s:e], codes[s:e]).log_cont
-                   for s in range(0, k * B, max_rows) for e in [min(k * B, s + max_rows)]])
+    b = torch.cat(
+        [
+            conditional_scores(model, xs[s:e], ys[s:e], n[s:e], codes[s:e]).log_cont
+            for s in range(0, k * B, max_rows)
+            for e in [min(k * B, s + max_rows)]
+        ]
+    )
     return log_mean_exp(b.double().view(k, B), 0)
 
 
@@ -67,8 +72,9 @@ def estimate(kind, proposal, model, x, y, n_ctx, k, seed, max_rows):
     if proposal == "unweighted":
         return unweighted(model, x, y, n_ctx, k, g, max_rows)
     if kind == "conditional":
-        return conditional_log_likelihood(model, x, y, n_ctx, k, proposal=proposal,
-                                          generator=g, max_rows=max_rows)
+        return conditional_log_likelihood(
+            model, x, y, n_ctx, k, proposal=proposal, generator=g, max_rows=max_rows
+        )
     if proposal == "encoder":
         return log_likelihood(model, x, y, k, generator=g, max_rows=max_rows)
     return prior_document(model, x, y, k, g, max_rows)
@@ -85,8 +91,11 @@ def main() -> None:
     p.add_argument("--ref-k", type=int, default=4096)
     p.add_argument("--max-rows", type=int, default=4096)
     p.add_argument("--kinds", default="conditional,document")
-    p.add_argument("--proposals", default=None,
-                   help="comma list among prior, encoder, unweighted (default: all that apply)")
+    p.add_argument(
+        "--proposals",
+        default=None,
+        help="comma list among prior, encoder, unweighted (default: all that apply)",
+    )
     p.add_argument("--json", default=None, help="write the table here too")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -98,9 +107,11 @@ def main() -> None:
     y = torch.cat([b[1] for b in val])[: a.sequences]
     with torch.no_grad():
         kl = float(model(x).kl) / math.log(2)
-    print(f"run {a.run} step {ck.step}: κ = {cfg.model.free_bits} bit, H = "
-          f"{cfg.model.latent_bits}, KL on these sequences {kl:.3f} bits/token; "
-          f"{len(x)} sequences of {x.shape[1]} tokens")
+    print(
+        f"run {a.run} step {ck.step}: κ = {cfg.model.free_bits} bit, H = "
+        f"{cfg.model.latent_bits}, KL on these sequences {kl:.3f} bits/token; "
+        f"{len(x)} sequences of {x.shape[1]} tokens"
+    )
     ks = [int(v) for v in a.ks.split(",")]
     rows = []
     t0 = time.time()
@@ -120,33 +131,54 @@ def main() -> None:
         refs = {prop: v.mean(0) for prop, v in pair.items()}
         # seed-to-seed difference at ref_k: how converged each proposal is there
         self_gap = {prop: (v[0] - v[1]).abs().mean().item() for prop, v in pair.items()}
-        runs = {(prop, k): torch.stack([estimate(kind, prop, model, xs, ys, n_ctx, k, r,
-                                                 a.max_rows) for r in range(a.repeats)])
-                for prop in props for k in ks}  # (repeats, sequences) each
+        runs = {
+            (prop, k): torch.stack(
+                [
+                    estimate(kind, prop, model, xs, ys, n_ctx, k, r, a.max_rows)
+                    for r in range(a.repeats)
+                ]
+            )
+            for prop in props
+            for k in ks
+        }  # (repeats, sequences) each
         gap = (refs["prior"] - refs["encoder"]).abs()
         if kind == "conditional":  # both are consistent: the better-converged one at ref_k
             best = min(self_gap, key=self_gap.get)
             ref = refs[best]
-            how = (f"reference = {best} at K = {a.ref_k} (mean of 2 seeds; seed-to-seed "
-                   f"difference: prior {self_gap['prior']:.3f}, encoder "
-                   f"{self_gap['encoder']:.3f} nats; prior − encoder: {gap.mean():.3f} on "
-                   f"average, {gap.max():.3f} at most)")
+            how = (
+                f"reference = {best} at K = {a.ref_k} (mean of 2 seeds; seed-to-seed "
+                f"difference: prior {self_gap['prior']:.3f}, encoder "
+                f"{self_gap['encoder']:.3f} nats; prior − encoder: {gap.mean():.3f} on "
+                f"average, {gap.max():.3f} at most)"
+            )
         else:  # every estimate is a stochastic lower bound: the highest mean is the tightest
             cands = [refs["prior"], refs["encoder"]] + [e.mean(0) for e in runs.values()]
             # (a maximum of noisy means is itself biased high by their noise; the spread of
             # each is printed, and the means at K ≥ 16 have repeats to average it down)
             ref = torch.stack(cands).max(0).values
-            how = ("every estimate is low in expectation (Jensen), so the reference is the "
-                   f"highest mean found, K = {a.ref_k} included (prior − encoder at that K: "
-                   f"{(refs['prior'] - refs['encoder']).mean():+.2f} nats)")
+            how = (
+                "every estimate is low in expectation (Jensen), so the reference is the "
+                f"highest mean found, K = {a.ref_k} included (prior − encoder at that K: "
+                f"{(refs['prior'] - refs['encoder']).mean():+.2f} nats)"
+            )
         print(f"\n{kind}: {what}; {how}")
         print(f"{'proposal':>8} {'K':>5} {'bias':>8} {'sd':>8} {'rmse':>8}")
         for (prop, k), e in runs.items():
             bias = (e.mean(0) - ref).mean().item()
             sd = e.std(0).mean().item()
             rmse = ((e - ref) ** 2).mean().sqrt().item()
-            rows.append(dict(kind=kind, proposal=prop, k=k, bias=bias, sd=sd, rmse=rmse,
-                             ref_gap=gap.mean().item(), ref_self_gap=self_gap))
+            rows.append(
+                dict(
+                    kind=kind,
+                    proposal=prop,
+                    k=k,
+                    bias=bias,
+                    sd=sd,
+                    rmse=rmse,
+                    ref_gap=gap.mean().item(),
+                    ref_self_gap=self_gap,
+                )
+            )
             print(f"{prop:>8} {k:>5} {bias:8.3f} {sd:8.3f} {rmse:8.3f}")
     print(f"\n({time.time() - t0:.0f} s)")
     if a.json:

@@ -75,8 +75,14 @@ def run(path: str, args: list[str]) -> int:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
     src = os.environ.get("PYTHONPATH", "")
-    s.sendall((json.dumps({"cwd": os.getcwd(), "args": args,
-                           "path": [p for p in src.split(os.pathsep) if p]}) + "\n").encode())
+    s.sendall(
+        (
+            json.dumps(
+                {"cwd": os.getcwd(), "args": args, "path": [p for p in src.split(os.pathsep) if p]}
+            )
+            + "\n"
+        ).encode()
+    )
     reply = s.makefile().readline().strip()
     code = int(reply) if reply else 1
     return 0 if code == 0 else 1  # any failure (tests, collection, crash) kills the mutant
@@ -86,6 +92,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "run":
-        sys.exit(run(sys.argv[2], sys.argv[sys.argv.index("--") + 1:]))
+        sys.exit(run(sys.argv[2], sys.argv[sys.argv.index("--") + 1 :]))
     else:
         sys.exit("usage: mutation_runner.py serve SOCKET LOG | run SOCKET -- PYTEST_ARGS")

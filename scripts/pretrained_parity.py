@@ -29,19 +29,24 @@ def main(argv=None) -> int:
     from freeformer.generate import generate
 
     g = args.gguf.resolve()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name,
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(g.parent), gguf_file=g.name, dtype=torch.float32
+    ).eval()
     src_tok = transformers.AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
     base, ck = load_model(args.base_run)
     ft, _ = load_model(args.ft_run)
     tok = load_run_tokenizer(ck)
-    chat = src_tok.apply_chat_template([{"role": "user", "content": "What is the capital of "
-                                         "France?"}], tokenize=False, add_generation_prompt=True)
-    prompts = {"plain": "The capital of France is", "code": "def fibonacci(n):\n    ",
-               "chat": chat}
-    print("| prompt | tokens | ids = transformers' | max abs logit (transformers) | "
-          "max abs Δ baseline | max abs Δ FT, encoder codes | max abs Δ FT, prior codes | "
-          "greedy (30 tokens) equal: baseline / FT |")
+    chat = src_tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    prompts = {"plain": "The capital of France is", "code": "def fibonacci(n):\n    ", "chat": chat}
+    print(
+        "| prompt | tokens | ids = transformers' | max abs logit (transformers) | "
+        "max abs Δ baseline | max abs Δ FT, encoder codes | max abs Δ FT, prior codes | "
+        "greedy (30 tokens) equal: baseline / FT |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     conts = {}
@@ -54,17 +59,21 @@ def main(argv=None) -> int:
             d_base = float((base(x).logits - ref).abs().max())
             d_enc = float((ft(x, generator=gen).logits - ref).abs().max())
             d_pri = float((ft(x, latents="prior", generator=gen).logits - ref).abs().max())
-            want = hf.generate(x, max_new_tokens=args.new_tokens, do_sample=False,
-                               pad_token_id=tok.eos_id)
+            want = hf.generate(
+                x, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.eos_id
+            )
             got_b = generate(base, x, args.new_tokens, temperature=0, eos_id=tok.eos_id)
-            got_f = generate(ft, x, args.new_tokens, temperature=0, eos_id=tok.eos_id,
-                             generator=gen)
+            got_f = generate(
+                ft, x, args.new_tokens, temperature=0, eos_id=tok.eos_id, generator=gen
+            )
         n = want.shape[1]
         eq_b = got_b[:, :n].tolist() == want.tolist()
         eq_f = got_f[:, :n].tolist() == want.tolist()
-        conts[name] = tok.decode(want[0, len(ids):].tolist())
-        print(f"| {name} | {len(ids)} | {same_ids} | {float(ref.abs().max()):.1f} | "
-              f"{d_base:.1e} | {d_enc:.1e} | {d_pri:.1e} | {eq_b} / {eq_f} |")
+        conts[name] = tok.decode(want[0, len(ids) :].tolist())
+        print(
+            f"| {name} | {len(ids)} | {same_ids} | {float(ref.abs().max()):.1f} | "
+            f"{d_base:.1e} | {d_enc:.1e} | {d_pri:.1e} | {eq_b} / {eq_f} |"
+        )
     for name, c in conts.items():
         print(f"{name}: {c!r}")
     return 0

@@ -4,6 +4,7 @@ usage: python scripts/synthetic_probe.py CHECKPOINT_OR_RUN_DIR [...] [--groups 2
 Prints one summary line per checkpoint and appends a JSON record to probe.jsonl next to the
 run directory (used for the search log in docs/synthetic/results.md).
 """
+
 import argparse
 import json
 import time
@@ -28,17 +29,26 @@ for path in args.paths:
     def f(x):
         return "—" if x is None else f"{x:.2f}"
 
-    line = (f"{path} step {r['steps']}: valid {f(i['validity'])}/{f(s['validity'])} "
-            f"pos {f(i['position_agreement'])}/{f(s['position_agreement'])} "
-            f"|Δpos| {f(i['position_abs_diff'])}/{f(s['position_abs_diff'])} "
-            f"jac {f(i['noise_jaccard'])}/{f(s['noise_jaccard'])} "
-            f"KL {f(v.get('kl_bits'))} CEprior {f(v.get('ce_prior', v.get('ce')))} "
-            f"({time.perf_counter() - t0:.0f} s)")
+    line = (
+        f"{path} step {r['steps']}: valid {f(i['validity'])}/{f(s['validity'])} "
+        f"pos {f(i['position_agreement'])}/{f(s['position_agreement'])} "
+        f"|Δpos| {f(i['position_abs_diff'])}/{f(s['position_abs_diff'])} "
+        f"jac {f(i['noise_jaccard'])}/{f(s['noise_jaccard'])} "
+        f"KL {f(v.get('kl_bits'))} CEprior {f(v.get('ce_prior', v.get('ce')))} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     print(line, flush=True)
     if r["recon"]:
         print("   " + format_reconstruction(r["recon"]), flush=True)
-    rec = {"path": str(path), "steps": r["steps"], "ind": i, "sha": s, "val": v,
-           "recon": r["recon"], "panel": r["panel"]}
+    rec = {
+        "path": str(path),
+        "steps": r["steps"],
+        "ind": i,
+        "sha": s,
+        "val": v,
+        "recon": r["recon"],
+        "panel": r["panel"],
+    }
     p = Path(path)
     run = p if (p / "config.json").is_file() else p.parent.parent
     with open(run.parent / "probe.jsonl", "a") as fh:

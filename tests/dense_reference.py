@@ -13,7 +13,7 @@ def dense_mapper(bit_logits, table, codes):
     H = bit_logits.shape[-1]
     bits = bit_matrix(H, bit_logits.dtype, bit_logits.device)  # (2^H, H)
     logp, logq = F.logsigmoid(bit_logits), F.logsigmoid(-bit_logits)
-    G = (logp @ bits.T + logq @ (1 - bits).T).exp()            # (..., 2^H)
+    G = (logp @ bits.T + logq @ (1 - bits).T).exp()  # (..., 2^H)
     Y = F.one_hot(codes, 1 << H).to(bit_logits.dtype)
     return (Y + G - G.detach()) @ table
 

@@ -29,6 +29,7 @@ def counting(name, fn):
     def wrapper(*args, **kwargs):
         CALLS[name] += 1
         return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -81,8 +82,12 @@ def main() -> None:
         if info.is_main:
             err = max(float((msd[k] - ref_state[k]).abs().max()) for k in ref_state)
             moved = max(float((ref_state[k] - init[k]).abs().max()) for k in ref_state)
-            report["runs"][str(n_micro)] = {"loss": loss, "max_param_err": err,
-                                            "grad_comm_calls": calls, "step_size": moved}
+            report["runs"][str(n_micro)] = {
+                "loss": loss,
+                "max_param_err": err,
+                "grad_comm_calls": calls,
+                "step_size": moved,
+            }
     if info.is_main:
         with open(args.out, "w") as f:
             json.dump(report, f)

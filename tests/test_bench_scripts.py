@@ -15,10 +15,10 @@ SCRIPT = REPO / "bench" / "gpu_check.sh"
 
 
 def run(args, out, **env):
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "OMP_NUM_THREADS": "1",
-           **env}
-    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True,
-                          text=True, timeout=900)
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-CUDA path")
@@ -48,16 +48,27 @@ def test_gpu_check_smoke_runs_every_step_on_cpu(tmp_path):
 def test_every_bench_script_and_study_imports():
     """Every benchmark imports (no reference to a removed candidate or moved module), and so
     does the likelihood study that moved to scripts/."""
-    code = ("import importlib, importlib.util, sys\n"
-            "sys.path.insert(0, 'bench')\n"
-            "for m in sys.argv[2:]:\n"
-            "    importlib.import_module(m)\n"
-            "spec = importlib.util.spec_from_file_location('study', sys.argv[1])\n"
-            "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n")
+    code = (
+        "import importlib, importlib.util, sys\n"
+        "sys.path.insert(0, 'bench')\n"
+        "for m in sys.argv[2:]:\n"
+        "    importlib.import_module(m)\n"
+        "spec = importlib.util.spec_from_file_location('study', sys.argv[1])\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+    )
     modules = sorted(p.stem for p in (REPO / "bench").glob("*.py"))
     assert {"bench_mapper", "bench_train", "synthetic_cost"} <= set(modules)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-c", code, "scripts/likelihood_estimators.py", *modules],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    p = subprocess.run(
+        [sys.executable, "-c", code, "scripts/likelihood_estimators.py", *modules],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]

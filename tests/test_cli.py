@@ -12,8 +12,21 @@ from freeformer.cli import main
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", "--preset", "debug", "--out", str(d), "--train.max_steps=2",
-                 "--train.eval_every=0", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "debug",
+                "--out",
+                str(d),
+                "--train.max_steps=2",
+                "--train.eval_every=0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return d
 
 
@@ -40,8 +53,24 @@ def check_error(capsys, argv, match):
 
 def test_train_and_generate_from_run(run_dir, capsys):
     capsys.readouterr()
-    assert main(["generate", str(run_dir), "--prompt", "K>", "-n", "2",
-                 "--max-new-tokens", "10", "--shared-latent", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "--prompt",
+                "K>",
+                "-n",
+                "2",
+                "--max-new-tokens",
+                "10",
+                "--shared-latent",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2 and "K>" in out
     assert main(["validate", str(run_dir), "--batches", "1", "--k", "2"]) == 0
@@ -61,8 +90,24 @@ def test_shared_latent_flag_gives_every_sample_one_code_sequence(run_dir, capsys
 
     monkeypatch.setattr(freeformer.generate, "generate", spy)
     for flag in (["--shared-latent"], []):
-        assert main(["generate", str(run_dir), "--prompt", "K>", "-n", "3",
-                     "--max-new-tokens", "6", "--seed", "3", *flag]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    str(run_dir),
+                    "--prompt",
+                    "K>",
+                    "-n",
+                    "3",
+                    "--max-new-tokens",
+                    "6",
+                    "--seed",
+                    "3",
+                    *flag,
+                ]
+            )
+            == 0
+        )
     capsys.readouterr()
     (shape, shared), (_, independent) = seen
     assert shape[0] == 3 and independent is None  # without the flag: codes per sample
@@ -74,12 +119,32 @@ def test_prepare_then_train_on_files(tmp_path, corpus, capsys):
     assert main(["prepare", str(corpus), "--out", str(data), "--val-fraction", "0.2"]) == 0
     assert "train" in capsys.readouterr().out
     run = tmp_path / "run"
-    assert main(["train", "--preset", "debug", "--out", str(run), "--data.source=files",
-                 f"--data.path={data}", "--model.vocab_size=257", "--train.seq_len=32",
-                 "--train.max_steps=2", "--train.eval_every=0", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "debug",
+                "--out",
+                str(run),
+                "--data.source=files",
+                f"--data.path={data}",
+                "--model.vocab_size=257",
+                "--train.seq_len=32",
+                "--train.max_steps=2",
+                "--train.eval_every=0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (run / "tokenizer").is_dir()
-    assert main(["generate", str(run), "--prompt", "def", "--max-new-tokens", "5",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(
+            ["generate", str(run), "--prompt", "def", "--max-new-tokens", "5", "--temperature", "0"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("def")
 
 
@@ -96,8 +161,17 @@ BAD_TRAIN = [
     (["train", "--preset", "debug", "--train.lr=-1"], "train.lr"),
     (["train", "--preset", "debug", "--train.seq_len=64"], "65 for the synthetic task"),
     (["train", "--preset", "debug", "--data.source=files"], "data.path"),
-    (["train", "--preset", "debug", "--data.source=files", "--data.path=/nonexistent",
-      "--train.seq_len=32"], "/nonexistent"),
+    (
+        [
+            "train",
+            "--preset",
+            "debug",
+            "--data.source=files",
+            "--data.path=/nonexistent",
+            "--train.seq_len=32",
+        ],
+        "/nonexistent",
+    ),
     (["train", "--preset", "debug", "--model.free_bits=1/0"], "expected float"),
     (["train", "--preset", "debug", "--train.micro_batch_size=3"], "micro_batch_size"),
     (["train", "--preset", "debug", "--model.latent_embedding=onehot"], "latent_embedding"),
@@ -130,21 +204,36 @@ def test_existing_run_needs_resume(run_dir, capsys):
 
 def test_resume_errors(run_dir, tmp_path, capsys):
     check_error(capsys, ["train", "--resume", str(tmp_path)], "not a run directory")
-    check_error(capsys, ["train", "--resume", str(run_dir), "--model.dim=64",
-                         "--model.n_heads=4"], "model config differs")
+    check_error(
+        capsys,
+        ["train", "--resume", str(run_dir), "--model.dim=64", "--model.n_heads=4"],
+        "model config differs",
+    )
 
 
 def test_vocab_mismatch_with_data(tmp_path, corpus, capsys):
     data = tmp_path / "data"
     assert main(["prepare", str(corpus), "--out", str(data)]) == 0
-    check_error(capsys, ["train", "--preset", "debug", "--out", str(tmp_path / "r"),
-                         "--data.source=files", f"--data.path={data}", "--train.seq_len=32"],
-                "vocab_size")
+    check_error(
+        capsys,
+        [
+            "train",
+            "--preset",
+            "debug",
+            "--out",
+            str(tmp_path / "r"),
+            "--data.source=files",
+            f"--data.path={data}",
+            "--train.seq_len=32",
+        ],
+        "vocab_size",
+    )
 
 
 def test_prepare_errors(tmp_path, capsys):
-    check_error(capsys, ["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
-                "missing")
+    check_error(
+        capsys, ["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "missing"
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.txt").write_text("")
@@ -192,8 +281,9 @@ def test_mismatched_checkpoint_weights(run_dir, tmp_path, capsys):
     with torch.device("meta"):
         want = FreeTransformer(ModelConfig.from_dict(state["config"]["model"])).state_dict()
     assert name in w and tuple(w[name].shape) != tuple(want[name].shape)
-    assert (f"has shape {tuple(w[name].shape)}, the model expects {tuple(want[name].shape)}"
-            in err), err
+    assert (
+        f"has shape {tuple(w[name].shape)}, the model expects {tuple(want[name].shape)}" in err
+    ), err
 
 
 def test_plot_runs(run_dir, tmp_path, capsys):
@@ -204,8 +294,17 @@ def test_plot_runs(run_dir, tmp_path, capsys):
 
 
 def test_help_everywhere(capsys):
-    for cmd in ("train", "config", "validate", "generate", "prepare", "plot", "synthetic",
-                "eval", "compare"):
+    for cmd in (
+        "train",
+        "config",
+        "validate",
+        "generate",
+        "prepare",
+        "plot",
+        "synthetic",
+        "eval",
+        "compare",
+    ):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
@@ -229,7 +328,25 @@ def test_static_flag_decodes_the_same_text(run_dir, capsys):
     outs = []
     for flag in ([], ["--static"]):
         capsys.readouterr()
-        assert main(["generate", str(run_dir), "--prompt", "K>", "-n", "2", "--temperature", "0",
-                     "--max-new-tokens", "12", "--seed", "3", *flag]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    str(run_dir),
+                    "--prompt",
+                    "K>",
+                    "-n",
+                    "2",
+                    "--temperature",
+                    "0",
+                    "--max-new-tokens",
+                    "12",
+                    "--seed",
+                    "3",
+                    *flag,
+                ]
+            )
+            == 0
+        )
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and "--- sample" in outs[0]

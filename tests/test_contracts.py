@@ -20,8 +20,10 @@ def test_kv_cache_takes_the_models_dtype_and_device_unless_told():
     for layer in cache.layers:
         assert layer.k.dtype == layer.v.dtype == torch.float64
         assert layer.k.shape == (2, CFG.n_kv_heads, 8, CFG.head_dim)
-    assert KVCache(model.config, 1, 4, dtype=torch.float16,
-                   device="cpu").layers[0].k.dtype == torch.float16
+    assert (
+        KVCache(model.config, 1, 4, dtype=torch.float16, device="cpu").layers[0].k.dtype
+        == torch.float16
+    )
     with torch.device("meta"):
         meta = FreeTransformer(CFG)
     assert new_cache(meta, 1, 4).layers[0].v.device.type == "meta"
@@ -91,8 +93,9 @@ def test_generate_function_defaults_are_the_documented_ones(model, monkeypatch):
     out = generate(model, p, 6, generator=gen(4))
     assert isinstance(out, torch.Tensor)  # return_latents=False
     assert temps == [1.0] * 6  # temperature=1.0
-    explicit = generate(model, p, 6, temperature=1.0, prefill="encoder", generator=gen(4),
-                        return_latents=False)
+    explicit = generate(
+        model, p, 6, temperature=1.0, prefill="encoder", generator=gen(4), return_latents=False
+    )
     assert torch.equal(out, explicit)
     assert torch.equal(out, generate(model, p, 6, generator=gen(4)))
 
@@ -149,13 +152,42 @@ def test_mapper_backward_fills_its_preallocated_buffers_without_resizing():
 # default changes every run that relies on it, so changing one must be a deliberate edit
 # here too (and in the docs that quote it).
 TRAIN_DEFAULTS = dict(
-    max_steps=1000, batch_size=32, micro_batch_size=0, seq_len=256, lr=3e-4, min_lr_ratio=0.1,
-    warmup_steps=100, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=0,
-    log_every=10, eval_every=200, eval_batches=8, importance_samples=4, ckpt_every=500,
-    keep_last=3, dist="none", compile=False, activation_checkpointing=False, device="auto",
-    precision="auto", threads=0, tensorboard=False, wandb=False, wandb_project="freeformer",
-    progress=True, init_from="", trainable="all", latent_lr_scale=1.0, lora_rank=0,
-    lora_alpha=16.0, lora_targets="wq,wkv,wo,w_in,w_out", lora_injection="full")
+    max_steps=1000,
+    batch_size=32,
+    micro_batch_size=0,
+    seq_len=256,
+    lr=3e-4,
+    min_lr_ratio=0.1,
+    warmup_steps=100,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,
+    seed=0,
+    log_every=10,
+    eval_every=200,
+    eval_batches=8,
+    importance_samples=4,
+    ckpt_every=500,
+    keep_last=3,
+    dist="none",
+    compile=False,
+    activation_checkpointing=False,
+    device="auto",
+    precision="auto",
+    threads=0,
+    tensorboard=False,
+    wandb=False,
+    wandb_project="freeformer",
+    progress=True,
+    init_from="",
+    trainable="all",
+    latent_lr_scale=1.0,
+    lora_rank=0,
+    lora_alpha=16.0,
+    lora_targets="wq,wkv,wo,w_in,w_out",
+    lora_injection="full",
+)
 
 
 def test_run_config_defaults_are_the_documented_ones():
@@ -182,9 +214,15 @@ def test_run_config_sections_are_frozen():
     assert TrainConfig.__dataclass_params__.frozen and DataConfig.__dataclass_params__.frozen
 
 
-@pytest.mark.parametrize("key,values", [
-    ("dist", ["none", "ddp", "fsdp"]), ("device", ["auto", "cpu", "cuda"]),
-    ("precision", ["auto", "fp32", "bf16"]), ("trainable", ["all", "latent"])])
+@pytest.mark.parametrize(
+    "key,values",
+    [
+        ("dist", ["none", "ddp", "fsdp"]),
+        ("device", ["auto", "cpu", "cuda"]),
+        ("precision", ["auto", "fp32", "bf16"]),
+        ("trainable", ["all", "latent"]),
+    ],
+)
 def test_every_documented_choice_is_accepted(key, values):
     from freeformer.runconfig import TrainConfig
 
@@ -202,11 +240,14 @@ def test_every_documented_data_source_is_accepted_and_nothing_else():
     for source in ("synthetic", "files", "stdlib", "none"):
         assert DataConfig(source=source, path="d").source == source
     for kwargs, want in [
-            (dict(source="web"), "data.source = 'web' is invalid: expected one of synthetic, "
-                                 "files, stdlib, none"),
-            (dict(path=3), "data.path = 3 is invalid: expected a string"),
-            (dict(source="files"), "data.path = '' is invalid: expected a directory"),
-            (dict(source="stdlib"), "data.path = '' is invalid: expected a directory")]:
+        (
+            dict(source="web"),
+            "data.source = 'web' is invalid: expected one of synthetic, files, stdlib, none",
+        ),
+        (dict(path=3), "data.path = 3 is invalid: expected a string"),
+        (dict(source="files"), "data.path = '' is invalid: expected a directory"),
+        (dict(source="stdlib"), "data.path = '' is invalid: expected a directory"),
+    ]:
         with pytest.raises(ConfigError) as e:
             DataConfig(**kwargs)
         assert str(e.value).startswith(want), str(e.value)
@@ -217,11 +258,22 @@ def test_every_documented_data_source_is_accepted_and_nothing_else():
 POSITIVE_INT = "a positive integer"
 NONNEG_INT = "an integer ≥ 0"
 BOUNDS = {  # key: (accepted values, refused values, what the error expects)
-    **{k: ([1, 7], [0, -1, 1.5, True], POSITIVE_INT) for k in (
-        "max_steps", "batch_size", "seq_len", "eval_batches", "importance_samples",
-        "keep_last", "log_every")},
-    **{k: ([0, 3], [-1, 1.5, "2", False], NONNEG_INT) for k in (
-        "micro_batch_size", "warmup_steps", "eval_every", "ckpt_every", "seed", "threads")},
+    **{
+        k: ([1, 7], [0, -1, 1.5, True], POSITIVE_INT)
+        for k in (
+            "max_steps",
+            "batch_size",
+            "seq_len",
+            "eval_batches",
+            "importance_samples",
+            "keep_last",
+            "log_every",
+        )
+    },
+    **{
+        k: ([0, 3], [-1, 1.5, "2", False], NONNEG_INT)
+        for k in ("micro_batch_size", "warmup_steps", "eval_every", "ckpt_every", "seed", "threads")
+    },
     "lr": ([1e-9, 5], [0, -1e-9, float("inf"), float("nan"), True], "a positive number"),
     "latent_lr_scale": ([1e-9, 3], [0, float("inf"), "1"], "a positive number"),
     "min_lr_ratio": ([0, 0.5, 1], [-1e-9, 1.0001, 1.5, float("nan"), "0.5"], "a number in [0, 1]"),
@@ -230,8 +282,10 @@ BOUNDS = {  # key: (accepted values, refused values, what the error expects)
     "weight_decay": ([0, 2.5], [-1e-9, float("inf")], "a number ≥ 0"),
     "grad_clip": ([0, 2.5], [-1e-9, float("nan")], "a number ≥ 0"),
     "init_from": (["", "runs/a"], [3, None], "a run directory or checkpoint path"),
-    **{k: ([True, False], [1, "true", None], "true or false") for k in (
-        "compile", "activation_checkpointing", "tensorboard", "wandb", "progress")},
+    **{
+        k: ([True, False], [1, "true", None], "true or false")
+        for k in ("compile", "activation_checkpointing", "tensorboard", "wandb", "progress")
+    },
 }
 
 
@@ -256,15 +310,27 @@ def test_run_config_cross_section_rules_name_the_field_and_the_fix():
     debug = ModelConfig.preset("debug")
     files = DataConfig(source="none")
     for kwargs, want in [
-            (dict(train=TrainConfig(seq_len=64)), "train.seq_len = 64 is invalid: expected 65 "
-                                                  "for the synthetic task"),
-            (dict(model=ModelConfig.preset("debug", vocab_size=28), train=TrainConfig(seq_len=65)),
-             "model.vocab_size = 28 is invalid: expected ≥ 29 for the synthetic task"),
-            (dict(model=debug, train=TrainConfig(seq_len=129), data=files),
-             "train.seq_len = 129 is invalid: expected ≤ model.max_seq_len = 128"),
-            (dict(model=debug.replace(latent=False),
-                  train=TrainConfig(trainable="latent", seq_len=64), data=files), "train.trainable = 'latent' is invalid: expected 'all' for a "
-                               "baseline")]:
+        (
+            dict(train=TrainConfig(seq_len=64)),
+            "train.seq_len = 64 is invalid: expected 65 for the synthetic task",
+        ),
+        (
+            dict(model=ModelConfig.preset("debug", vocab_size=28), train=TrainConfig(seq_len=65)),
+            "model.vocab_size = 28 is invalid: expected ≥ 29 for the synthetic task",
+        ),
+        (
+            dict(model=debug, train=TrainConfig(seq_len=129), data=files),
+            "train.seq_len = 129 is invalid: expected ≤ model.max_seq_len = 128",
+        ),
+        (
+            dict(
+                model=debug.replace(latent=False),
+                train=TrainConfig(trainable="latent", seq_len=64),
+                data=files,
+            ),
+            "train.trainable = 'latent' is invalid: expected 'all' for a baseline",
+        ),
+    ]:
         with pytest.raises(ConfigError) as e:
             RunConfig(**kwargs)
         assert str(e.value).startswith(want), str(e.value)
@@ -339,10 +405,16 @@ def test_weights_that_do_not_match_the_model_are_refused_naming_the_first_mismat
     model = FreeTransformer(CFG, seed=0)
     own = model.state_dict()
     first = next(iter(own))
-    cases = [({k: v for k, v in own.items() if k != first},
-              f"missing {first!r}; 1 missing, 0 unexpected"),
-             ({**own, "extra.weight": torch.zeros(1)}, "unexpected 'extra.weight'; 0 missing, 1 "
-                                                      "unexpected")]
+    cases = [
+        (
+            {k: v for k, v in own.items() if k != first},
+            f"missing {first!r}; 1 missing, 0 unexpected",
+        ),
+        (
+            {**own, "extra.weight": torch.zeros(1)},
+            "unexpected 'extra.weight'; 0 missing, 1 unexpected",
+        ),
+    ]
     for tensors, want in cases:
         with pytest.raises(CheckpointError) as e:
             load_model_state(model, tensors)
@@ -358,9 +430,18 @@ def _token_dir(path, dtype, stream, vocab):
 
     path.mkdir()
     np.asarray(stream, dtype=dtype).tofile(path / "train_0.bin")
-    (path / "manifest.json").write_text(json.dumps({
-        "format": 1, "vocab_size": vocab, "eos_id": vocab - 1, "dtype": dtype,
-        "train": [{"file": "train_0.bin", "tokens": len(stream)}], "val": []}))
+    (path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "vocab_size": vocab,
+                "eos_id": vocab - 1,
+                "dtype": dtype,
+                "train": [{"file": "train_0.bin", "tokens": len(stream)}],
+                "val": [],
+            }
+        )
+    )
     return path
 
 
@@ -374,7 +455,7 @@ def test_windows_read_both_shard_dtypes_exactly(tmp_path, dtype, vocab):
     x, y = w.next_batch()
     for row_x, row_y in zip(x.tolist(), y.tolist()):  # real windows of the stream
         window = row_x + row_y[-1:]
-        assert any(stream[i:i + 17] == window for i in range(300 - 16)), window
+        assert any(stream[i : i + 17] == window for i in range(300 - 16)), window
 
 
 def test_a_manifest_of_another_format_is_refused_naming_both_formats(tmp_path):
@@ -399,8 +480,13 @@ def test_token_windows_arguments_at_their_edges(tmp_path):
     edge = dict(seq_len=1, batch_size=1, seed=0, rank=0, world_size=1)
     w = TokenWindows(d, "train", **edge)
     assert w.next_batch()[0].shape == (1, 1)
-    for name, low in (("seq_len", 1), ("batch_size", 1), ("seed", 0), ("world_size", 1),
-                      ("rank", 0)):
+    for name, low in (
+        ("seq_len", 1),
+        ("batch_size", 1),
+        ("seed", 0),
+        ("world_size", 1),
+        ("rank", 0),
+    ):
         for bad in (low - 1, True, 1.0):
             with pytest.raises(ConfigError) as e:
                 TokenWindows(d, "train", **{**edge, name: bad})
@@ -422,9 +508,18 @@ def _shards_dir(path, sizes, vocab=64, top=None):
         a = np.fromfile(path / f"t{len(sizes) - 1}.bin", dtype="uint16")
         a[-1] = top
         a.tofile(path / f"t{len(sizes) - 1}.bin")
-    (path / "manifest.json").write_text(json.dumps({
-        "format": 1, "vocab_size": vocab, "eos_id": vocab - 1, "dtype": "uint16",
-        "train": shards, "val": []}))
+    (path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "vocab_size": vocab,
+                "eos_id": vocab - 1,
+                "dtype": "uint16",
+                "train": shards,
+                "val": [],
+            }
+        )
+    )
     return path
 
 
@@ -481,7 +576,7 @@ def test_loader_state_and_fixed_batches_contracts(tmp_path):
     assert len(fixed) == 3 and rows[0, 0] == 0 and ys[-1, -1] == 39
     assert (rows[1:, 0] - rows[:-1, 0] >= 5).all()  # windows of 5 never overlap
     assert len(TokenWindows(d, "train", 4, 8, seed=0).fixed_batches(1)) == 1  # exactly fits
-    (_, y), = TokenWindows(d, "train", 4, 2, seed=0).fixed_batches(1)  # two windows: the ends
+    ((_, y),) = TokenWindows(d, "train", 4, 2, seed=0).fixed_batches(1)  # two windows: the ends
     assert y[-1, -1] == 39
     for bad in (0, True):
         with pytest.raises(ConfigError, match="n_batches"):

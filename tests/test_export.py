@@ -21,7 +21,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip(
-    "transformers", reason="transformers is what the exported directories are checked with")
+    "transformers", reason="transformers is what the exported directories are checked with"
+)
 pytest.importorskip("tokenizers", reason="the exported tokenizer needs tokenizers")
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -58,8 +59,10 @@ def runs(tmp_path_factory):
         _hf_model(kind).save_pretrained(src)
         _save_tokenizer(src, qwen2=kind == "qwen2")
         for j, (what, baseline) in enumerate((("base", True), ("ft", False))):
-            run = _perturb(convert(src, root / f"{kind}-{what}", baseline=baseline,
-                                   latent_bits=H), seed=10 * i + j)
+            run = _perturb(
+                convert(src, root / f"{kind}-{what}", baseline=baseline, latent_bits=H),
+                seed=10 * i + j,
+            )
             out[kind, what] = run, export(run, root / f"{kind}-{what}-hf")
     return out
 
@@ -105,8 +108,10 @@ def test_baseline_export_is_plain_transformers_with_our_logits(kind, runs, tmp_p
     assert scale > 1.0
     assert _max_abs(ref, got) < 1e-5 * max(1.0, scale)
     prompt = x[:1, :8]
-    assert hf.generate(prompt, max_new_tokens=30, do_sample=False).tolist() == \
-        generate(ours, prompt, 30, temperature=0).tolist()
+    assert (
+        hf.generate(prompt, max_new_tokens=30, do_sample=False).tolist()
+        == generate(ours, prompt, 30, temperature=0).tolist()
+    )
     # Back: bit-identical tensors and the same model config.
     _same_run(run, convert(d, tmp_path / "back", baseline=True))
 
@@ -122,8 +127,9 @@ def test_exported_tokenizer_gives_our_ids(runs):
         for text in ("Hello world! def f(x): return x*2", "<|im_start|>user\nhi<|im_end|>"):
             assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
         msgs = [{"role": "user", "content": "hi there"}]
-        assert theirs.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) \
-            == ours.apply_chat_template(msgs)
+        assert theirs.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True
+        ) == ours.apply_chat_template(msgs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,7 +151,7 @@ def test_free_transformer_under_pinned_codes_equals_ours(kind, runs):
     assert _max_abs(ref, other) > 1e-2  # the codes matter: the comparison is not vacuous
     # Greedy generation under the same pinned codes (prompt and new tokens).
     prompt, n = x[:, :8], 30
-    pinned = codes[:, :8 + n]
+    pinned = codes[:, : 8 + n]
     want = generate(ours, prompt, n, temperature=0, latents=pinned)
     have = hf.generate(prompt, max_new_tokens=n, do_sample=False, latents=pinned)
     assert have.tolist() == want.tolist()
@@ -175,8 +181,9 @@ def _cached_logits(model, tokens: torch.Tensor, codes: torch.Tensor, t0: int) ->
     cache = new_cache(model, tokens.shape[0], tokens.shape[1])
     out = [model(tokens[:, :t0], latents=codes[:, :t0], cache=cache).logits[:, -1]]
     for t in range(t0, tokens.shape[1] - 1):
-        out.append(model(tokens[:, t:t + 1], latents=codes[:, t:t + 1], cache=cache)
-                   .logits[:, -1])
+        out.append(
+            model(tokens[:, t : t + 1], latents=codes[:, t : t + 1], cache=cache).logits[:, -1]
+        )
     return torch.stack(out, dim=1)
 
 
@@ -189,8 +196,9 @@ def test_generate_returns_the_codes_that_reproduce_its_tokens(runs):
     hf, (ours, _) = _load_hf(d), load_model(run)
     prompt, n = _tokens(10, seed=4), 20
     g = torch.Generator().manual_seed(7)
-    seqs, codes = hf.generate(prompt, max_new_tokens=n, do_sample=False, latent_generator=g,
-                              return_latents=True)
+    seqs, codes = hf.generate(
+        prompt, max_new_tokens=n, do_sample=False, latent_generator=g, return_latents=True
+    )
     assert codes.shape == seqs.shape == (2, 10 + n)
     # Prompt codes: the encoder's, drawn from the generator exactly as our prefill draws them.
     with torch.no_grad():
@@ -201,10 +209,16 @@ def test_generate_returns_the_codes_that_reproduce_its_tokens(runs):
     assert generate(ours, prompt, n, temperature=0, latents=codes).tolist() == seqs.tolist()
 
     torch.manual_seed(11)
-    out, codes = hf.generate(prompt, max_new_tokens=n, do_sample=True, top_k=0,
-                             latent_generator=torch.Generator().manual_seed(8),
-                             return_latents=True, output_logits=True,
-                             return_dict_in_generate=True)
+    out, codes = hf.generate(
+        prompt,
+        max_new_tokens=n,
+        do_sample=True,
+        top_k=0,
+        latent_generator=torch.Generator().manual_seed(8),
+        return_latents=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     step_logits = torch.stack(out.logits, dim=1)
     with torch.no_grad():
         mine = _cached_logits(ours, out.sequences, codes, 10)
@@ -260,9 +274,11 @@ def test_cli_export_and_refusals(runs, tmp_path, capsys):
     assert "FreeformerForCausalLM (step 0)" in printed and "trust_remote_code=True" in printed
     assert "not empty" in _refused(capsys, ["export", str(run), "--out", str(out)])
     assert "holds no LoRA adapters" in _refused(
-        capsys, ["export", str(run), "--out", str(tmp_path / "u"), "--unmerged-lora"])
-    assert "does not exist" in _refused(capsys, ["export", str(tmp_path / "nope"),
-                                                 "--out", str(tmp_path / "o")])
+        capsys, ["export", str(run), "--out", str(tmp_path / "u"), "--unmerged-lora"]
+    )
+    assert "does not exist" in _refused(
+        capsys, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+    )
     # A baseline Qwen2ForCausalLM cannot claim Llama 3.1's RoPE scaling.
     base, _ = runs["llama31", "base"]
     model, ck = load_model(base)
@@ -279,10 +295,10 @@ def test_cli_export_and_refusals(runs, tmp_path, capsys):
     err = _refused(capsys, ["export", str(weird), "--out", str(tmp_path / "w")])
     assert "model.rope_scaling = 'llama3' with model.qkv_bias = true" in err
     # A stray tensor is named, never dropped.
-    for name, needle in (("blocks.0.attn.wq.scale", "blocks.0.attn.wq.scale has no Hugging "
-                                                    "Face name"),
-                         ("blocks.0.attn.wq.lora_A", "adapter blocks.0.attn.wq.lora_A has no "
-                                                     "lora_B")):
+    for name, needle in (
+        ("blocks.0.attn.wq.scale", "blocks.0.attn.wq.scale has no Hugging Face name"),
+        ("blocks.0.attn.wq.lora_A", "adapter blocks.0.attn.wq.lora_A has no lora_B"),
+    ):
         stray = tmp_path / name
         state = dict(ck.model_state, **{name: torch.zeros(2, 2)})
         save_checkpoint(stray, 0, model_state=state, state=ck.state)
@@ -319,8 +335,13 @@ def test_real_smollm2_export_generates_like_ours(tmp_path):
         ids = load_run_tokenizer(ck).encode_prompt(prompt)
         assert tok(prompt)["input_ids"] == ids
         x = torch.tensor([ids])
-        z = None if baseline else torch.randint(0, 1 << 16, (1, len(ids) + 24),
-                                                generator=torch.Generator().manual_seed(0))
+        z = (
+            None
+            if baseline
+            else torch.randint(
+                0, 1 << 16, (1, len(ids) + 24), generator=torch.Generator().manual_seed(0)
+            )
+        )
         kw = {} if baseline else {"latents": z}
         want = generate(ours, x, 24, temperature=0, **kw)
         have = hf.generate(x, max_new_tokens=24, do_sample=False, **kw)
@@ -338,13 +359,19 @@ def test_lm_eval_hf_model_scores_the_exported_free_transformer_under_prior_codes
     from lm_eval.models.huggingface import HFLM
 
     run, d = runs["llama", "ft"]
-    lm = HFLM(pretrained=str(d), trust_remote_code=True, prefill_latents="prior", batch_size=1,
-              device="cpu")
+    lm = HFLM(
+        pretrained=str(d),
+        trust_remote_code=True,
+        prefill_latents="prior",
+        batch_size=1,
+        device="cpu",
+    )
     assert lm.model.config.prefill_latents == "prior"
     seen = []
     lm.model.register_forward_hook(
         lambda m, args, kw, out: seen.append((args[0] if args else kw["input_ids"], out)),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     reqs = [("Hello world", " the quick brown"), ("def f(x):", " return x*2")]
     scores = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)])
     ours, ck = load_model(run)
@@ -378,8 +405,7 @@ def test_left_padded_batch_equals_each_prompt_alone(runs):
     g = torch.Generator().manual_seed(3)
     z1, z2 = (torch.randint(0, 1 << H, (1, t + n), generator=g) for t in (10, 7))
     codes = torch.cat([z1, torch.cat([torch.zeros(1, pad, dtype=torch.long), z2], 1)])
-    have = hf.generate(batch, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                       latents=codes)
+    have = hf.generate(batch, attention_mask=mask, max_new_tokens=n, do_sample=False, latents=codes)
     assert have[0].tolist() == generate(ours, p1, n, temperature=0, latents=z1)[0].tolist()
     assert have[1, pad:].tolist() == generate(ours, p2, n, temperature=0, latents=z2)[0].tolist()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -396,9 +422,16 @@ def test_trained_synthetic_run_with_bit_post_sampler(tmp_path):
     from freeformer.runconfig import load_run_config
     from freeformer.train import train
 
-    cfg = load_run_config(preset="debug", overrides=[
-        "model.latent_embedding=bits", "train.max_steps=3", "train.lr=0.01",
-        "train.progress=false", "train.eval_every=0"])
+    cfg = load_run_config(
+        preset="debug",
+        overrides=[
+            "model.latent_embedding=bits",
+            "train.max_steps=3",
+            "train.lr=0.01",
+            "train.progress=false",
+            "train.eval_every=0",
+        ],
+    )
     run = tmp_path / "run"
     train(cfg, run, quiet=True)
     d = export(run, tmp_path / "hf")

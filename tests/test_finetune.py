@@ -13,15 +13,9 @@ from freeformer.data.synthetic import SyntheticBatches
 from freeformer.distributed import DistInfo
 from freeformer.errors import CheckpointError, ConfigError
 from freeformer.finetune import NEW_LATENT_PREFIXES, latent_path_prefixes, load_init_checkpoint
+from freeformer.optim import build_optimizer, lr_at, param_groups
 from freeformer.runconfig import load_run_config
-from freeformer.train import (
-    build_model,
-    build_optimizer,
-    global_bit_noise,
-    lr_at,
-    param_groups,
-    train,
-)
+from freeformer.train import build_model, global_bit_noise, train
 
 
 def debug_cfg(**train_kv):
@@ -59,16 +53,16 @@ def test_init_from_loads_exactly_the_weights(source):
 
 def test_fine_tune_starts_at_the_source_function_with_fresh_state(source, tmp_path):
     steps = 3
-    cfg = debug_cfg(init_from=str(source), seed=7, max_steps=steps, log_every=1,
-                    ckpt_every=0)
+    cfg = debug_cfg(init_from=str(source), seed=7, max_steps=steps, log_every=1, ckpt_every=0)
     run = tmp_path / "ft"
     train(cfg, run, quiet=True)
     # Step 1's loss is computed before any update: it must be the source model's loss on the
     # run's first batch and latent draws.
     ref, _ = load_model(source)
     x, y = SyntheticBatches(cfg.train.batch_size, cfg.train.seed, 0, 1).next_batch()
-    noise = global_bit_noise(cfg, torch.Generator().manual_seed(cfg.train.seed + 1), DistInfo(),
-                             torch.device("cpu"))
+    noise = global_bit_noise(
+        cfg, torch.Generator().manual_seed(cfg.train.seed + 1), DistInfo(), torch.device("cpu")
+    )
     with torch.no_grad():
         out = ref.train()(x, y, bit_noise=noise)
     recs = records(run)
@@ -92,29 +86,51 @@ def test_mismatched_model_field_is_one_line(source, tmp_path, capsys):
     from test_cli import check_error
 
     out = tmp_path / "never"
-    err = check_error(capsys, ["train", "--preset", "debug", "--init-from", str(source),
-                               "--model.latent_bits=5", "--out", str(out)], "model.latent_bits")
+    err = check_error(
+        capsys,
+        [
+            "train",
+            "--preset",
+            "debug",
+            "--init-from",
+            str(source),
+            "--model.latent_bits=5",
+            "--out",
+            str(out),
+        ],
+        "model.latent_bits",
+    )
     assert "= 5" in err and "6" in err
     assert not out.exists()
-    check_error(capsys, ["train", "--preset", "debug", "--init-from", str(tmp_path / "nope"),
-                         "--out", str(out)], "does not exist")
-    check_error(capsys, ["train", "--preset", "debug", "--init-from", str(source),
-                         "--resume", str(source)], "give one of them")
+    check_error(
+        capsys,
+        ["train", "--preset", "debug", "--init-from", str(tmp_path / "nope"), "--out", str(out)],
+        "does not exist",
+    )
+    check_error(
+        capsys,
+        ["train", "--preset", "debug", "--init-from", str(source), "--resume", str(source)],
+        "give one of them",
+    )
     assert not out.exists()
     with pytest.raises(CheckpointError, match=r"model\.dim .* \(and \d+ more"):
-        load_init_checkpoint(load_run_config(preset="debug", overrides=[
-            "model.dim=64", f"train.init_from={source}"]))
+        load_init_checkpoint(
+            load_run_config(preset="debug", overrides=["model.dim=64", f"train.init_from={source}"])
+        )
 
 
 def test_trainable_latent_changes_only_the_latent_path(source, tmp_path):
-    cfg = debug_cfg(init_from=str(source), max_steps=3, lr=0.01, trainable="latent",
-                    warmup_steps=1)
+    cfg = debug_cfg(init_from=str(source), max_steps=3, lr=0.01, trainable="latent", warmup_steps=1)
     model = build_model(cfg, torch.device("cpu"), load_init_checkpoint(cfg))
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen and frozen == {n for n, _ in model.named_parameters()
-                                 if not in_latent_path(n, model)}
-    assert any(n.startswith(f"blocks.{cfg.model.inject_layer}.") for n, p in
-               model.named_parameters() if p.requires_grad)
+    assert frozen and frozen == {
+        n for n, _ in model.named_parameters() if not in_latent_path(n, model)
+    }
+    assert any(
+        n.startswith(f"blocks.{cfg.model.inject_layer}.")
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    )
     opt = build_optimizer(model, cfg.train)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
@@ -132,8 +148,14 @@ def test_trainable_latent_changes_only_the_latent_path(source, tmp_path):
 
 @pytest.mark.parametrize("trainable,scale", [("latent", 1.0), ("latent", 10.0), ("all", 10.0)])
 def test_trainable_latent_resume_is_bit_identical(source, tmp_path, trainable, scale):
-    cfg = debug_cfg(init_from=str(source), max_steps=6, ckpt_every=3, trainable=trainable,
-                    keep_last=5, latent_lr_scale=scale)
+    cfg = debug_cfg(
+        init_from=str(source),
+        max_steps=6,
+        ckpt_every=3,
+        trainable=trainable,
+        keep_last=5,
+        latent_lr_scale=scale,
+    )
     full, cut = tmp_path / "full", tmp_path / "cut"
     train(cfg, full, quiet=True)
     shutil.copytree(full, cut)
@@ -179,8 +201,13 @@ def test_latent_lr_scale_scales_the_first_adam_update(source, tmp_path):
     moved = {}
     for scale in (1.0, 7.0):
         run = tmp_path / f"s{scale}"
-        train(debug_cfg(init_from=str(source), max_steps=1, warmup_steps=1, lr=1e-3,
-                        latent_lr_scale=scale), run, quiet=True)
+        train(
+            debug_cfg(
+                init_from=str(source), max_steps=1, warmup_steps=1, lr=1e-3, latent_lr_scale=scale
+            ),
+            run,
+            quiet=True,
+        )
         got = load_checkpoint(run).model_state
         moved[scale] = {k: (got[k] - src[k]).double() for k in src}
     n_new = 0
@@ -189,8 +216,9 @@ def test_latent_lr_scale_scales_the_first_adam_update(source, tmp_path):
         if k.startswith(("encoder.", "post_sampler.")):
             assert d1.abs().max() > 0, k
             # atol: float32 rounding of weights ~1e-1 (one ulp ~1e-8); the steps are ~1e-3
-            torch.testing.assert_close(d7, 7.0 * d1, rtol=1e-3, atol=1e-6,
-                                       msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(
+                d7, 7.0 * d1, rtol=1e-3, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
+            )
             n_new += 1
         else:
             assert torch.equal(d7, d1), k
@@ -203,8 +231,18 @@ def test_latent_lr_scale_is_validated(source, tmp_path, capsys):
     for bad in ("0", "-1", "nan", "inf", "true", "big"):
         with pytest.raises(ConfigError, match="train.latent_lr_scale"):
             debug_cfg(latent_lr_scale=bad)
-    check_error(capsys, ["train", "--preset", "debug", "--train.latent_lr_scale=0",
-                         "--out", str(tmp_path / "never")], "train.latent_lr_scale")
+    check_error(
+        capsys,
+        [
+            "train",
+            "--preset",
+            "debug",
+            "--train.latent_lr_scale=0",
+            "--out",
+            str(tmp_path / "never"),
+        ],
+        "train.latent_lr_scale",
+    )
     assert not (tmp_path / "never").exists()
     # A resumed run must rebuild the same param groups and rates: another scale is refused.
     run = tmp_path / "run"
@@ -218,8 +256,7 @@ def test_trainable_is_validated():
     with pytest.raises(ConfigError, match="train.trainable"):
         debug_cfg(trainable="some")
     with pytest.raises(ConfigError, match="train.trainable"):
-        load_run_config(preset="debug", overrides=["train.trainable=latent",
-                                                   "model.latent=false"])
+        load_run_config(preset="debug", overrides=["train.trainable=latent", "model.latent=false"])
 
 
 def test_data_from_another_tokenizer_is_refused(tmp_path, capsys):
@@ -231,21 +268,48 @@ def test_data_from_another_tokenizer_is_refused(tmp_path, capsys):
         (corpus / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 30)
     byte, bpe = tmp_path / "byte", tmp_path / "bpe"
     assert main(["prepare", str(corpus), "--out", str(byte), "--val-fraction", "0.2"]) == 0
-    assert main(["prepare", str(corpus), "--out", str(bpe), "--val-fraction", "0.2",
-                 "--tokenizer", "bpe:300"]) == 0
-    common = ["--preset", "debug", "--data.source=files", "--model.vocab_size=300",
-              "--train.seq_len=32", "--train.max_steps=2", "--train.eval_every=0", "--quiet"]
+    assert (
+        main(
+            [
+                "prepare",
+                str(corpus),
+                "--out",
+                str(bpe),
+                "--val-fraction",
+                "0.2",
+                "--tokenizer",
+                "bpe:300",
+            ]
+        )
+        == 0
+    )
+    common = [
+        "--preset",
+        "debug",
+        "--data.source=files",
+        "--model.vocab_size=300",
+        "--train.seq_len=32",
+        "--train.max_steps=2",
+        "--train.eval_every=0",
+        "--quiet",
+    ]
     src = tmp_path / "src"
     assert main(["train", "--out", str(src), f"--data.path={bpe}", *common]) == 0
     out = tmp_path / "never"
-    check_error(capsys, ["train", "--out", str(out), "--init-from", str(src),
-                         f"--data.path={byte}", *common], "another tokenizer")
+    check_error(
+        capsys,
+        ["train", "--out", str(out), "--init-from", str(src), f"--data.path={byte}", *common],
+        "another tokenizer",
+    )
     assert not out.exists()
     ft = tmp_path / "ft"
-    assert main(["train", "--out", str(ft), "--init-from", str(src), f"--data.path={bpe}",
-                 *common]) == 0
-    assert (ft / "tokenizer" / "tokenizer.json").read_text() == \
-        (src / "tokenizer" / "tokenizer.json").read_text()
+    assert (
+        main(["train", "--out", str(ft), "--init-from", str(src), f"--data.path={bpe}", *common])
+        == 0
+    )
+    assert (ft / "tokenizer" / "tokenizer.json").read_text() == (
+        src / "tokenizer" / "tokenizer.json"
+    ).read_text()
 
 
 @pytest.mark.realmodel
@@ -263,14 +327,37 @@ def test_smollm2_fine_tune_config_matches_conversion(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(4):
-        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return [x * k for k in range({i})]\n" * 80)
+        (corpus / f"m{i}.py").write_text(
+            f"def f{i}(x):\n    return [x * k for k in range({i})]\n" * 80
+        )
     data = tmp_path / "data"
-    assert main(["prepare", str(corpus), "--out", str(data), "--val-fraction", "0.25",
-                 "--tokenizer", str(ft / "tokenizer" / "tokenizer.json")]) == 0
-    over = [f"data.path={data}", "train.max_steps=1", "train.eval_batches=1",
-            "train.importance_samples=1", "train.progress=false", "train.threads=1"]
-    cfg = load_run_config(preset="smollm2-135m-ft",
-                          overrides=[*over, f"train.init_from={ft}", "train.trainable=latent"])
+    assert (
+        main(
+            [
+                "prepare",
+                str(corpus),
+                "--out",
+                str(data),
+                "--val-fraction",
+                "0.25",
+                "--tokenizer",
+                str(ft / "tokenizer" / "tokenizer.json"),
+            ]
+        )
+        == 0
+    )
+    over = [
+        f"data.path={data}",
+        "train.max_steps=1",
+        "train.eval_batches=1",
+        "train.importance_samples=1",
+        "train.progress=false",
+        "train.threads=1",
+    ]
+    cfg = load_run_config(
+        preset="smollm2-135m-ft",
+        overrides=[*over, f"train.init_from={ft}", "train.trainable=latent"],
+    )
     assert load_init_checkpoint(cfg) is not None  # [model] equals the converted config
     run = tmp_path / "run"
     train(cfg, run, quiet=True)
@@ -279,8 +366,9 @@ def test_smollm2_fine_tune_config_matches_conversion(tmp_path):
     assert all(torch.equal(got[k], src[k]) for k in src if not k.startswith(prefixes))
     assert not torch.equal(got["post_sampler.weight"], src["post_sampler.weight"])
     base = convert(gguf, tmp_path / "base", baseline=True)
-    bcfg = load_run_config(preset="smollm2-135m-ft",
-                           overrides=[*over, f"train.init_from={base}", "model.latent=false"])
+    bcfg = load_run_config(
+        preset="smollm2-135m-ft", overrides=[*over, f"train.init_from={base}", "model.latent=false"]
+    )
     assert load_init_checkpoint(bcfg) is not None
 
 
@@ -295,7 +383,14 @@ def test_validate_batch_size_picks_the_fine_tune_windows(source, capsys):
     cfg = debug_cfg()
     model, ck = load_model(source)
     val = SyntheticBatches(3, cfg.train.seed, 0, 1).fixed_batches(2)
-    want = evaluate(model, val, latent=True, n_bits=cfg.model.latent_bits, k=2,
-                    seed=cfg.train.seed + 2, device=torch.device("cpu"))
+    want = evaluate(
+        model,
+        val,
+        latent=True,
+        n_bits=cfg.model.latent_bits,
+        k=2,
+        seed=cfg.train.seed + 2,
+        device=torch.device("cpu"),
+    )
     assert got == format_val(ck.step, want)
     assert val[0][0].shape[0] == 3

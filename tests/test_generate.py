@@ -54,8 +54,10 @@ def test_chunked_prefill_with_cache_equals_full_forward(model):
     codes = torch.randint(0, CFG.n_codes, (2, 14), generator=gen(1))
     full = model(x, latents=codes).logits
     cache = new_cache(model, 2, 14)
-    parts = [model(x[:, a:b], latents=codes[:, a:b], cache=cache).logits
-             for a, b in ((0, 6), (6, 7), (7, 14))]
+    parts = [
+        model(x[:, a:b], latents=codes[:, a:b], cache=cache).logits
+        for a, b in ((0, 6), (6, 7), (7, 14))
+    ]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -87,7 +89,7 @@ def check_group_follows_shared_codes(m):
     assert torch.equal(a, generate(m, p, 12, latents=z1, generator=gen(9)))
     g, seq = gen(9), p
     for _ in range(12):
-        logits = m(seq, latents=z1[0, :seq.shape[1]]).logits[:, -1]
+        logits = m(seq, latents=z1[0, : seq.shape[1]]).logits[:, -1]
         seq = torch.cat([seq, sample(logits, generator=g)[:, None]], 1)
     assert torch.equal(seq, a)
     b = generate(m, p, 12, latents=z2, generator=gen(9))
@@ -130,8 +132,9 @@ def test_eos_stops_and_pads(model):
     # Find the greedy continuation, then declare its 3rd new token the EOS.
     ref = generate(model, p, 10, temperature=0, latents=torch.zeros(15, dtype=torch.long))
     eos = int(ref[0, 7])
-    out = generate(model, p, 10, temperature=0, latents=torch.zeros(15, dtype=torch.long),
-                   eos_id=eos)
+    out = generate(
+        model, p, 10, temperature=0, latents=torch.zeros(15, dtype=torch.long), eos_id=eos
+    )
     first = (out[0, 5:] == eos).nonzero()[0].item() + 5
     assert (out[0, first:] == eos).all()
     assert torch.equal(out[0, :first], ref[0, :first])
@@ -149,8 +152,11 @@ def test_decode_stream_stops_per_row_and_when_every_row_is_done(model):
     steps = []
     hook = model.register_forward_hook(lambda *a: steps.append(1))
     try:
-        for t, nxt in enumerate(decode_stream(model, logits, cache, 8, lambda x: x.argmax(-1),
-                                              codes=codes, finished=finished)):
+        for t, nxt in enumerate(
+            decode_stream(
+                model, logits, cache, 8, lambda x: x.argmax(-1), codes=codes, finished=finished
+            )
+        ):
             assert torch.equal(nxt, ref[:, 5 + t])  # finished rows still follow the model
             finished[0] |= t == 1
             finished[1] |= t == 3
@@ -208,7 +214,8 @@ def test_static_decode_equals_eager_decode(latent):
     for static in (False, True):
         rows = []
         hook = model.register_forward_hook(
-            lambda mod, a, o, rows=rows: rows.append(o.logits[:, -1].clone()))
+            lambda mod, a, o, rows=rows: rows.append(o.logits[:, -1].clone())
+        )
         toks = generate(model, p, 12, temperature=0, latents=z, static=static)
         hook.remove()
         outs.append((toks, torch.stack(rows, 1)))

@@ -79,9 +79,9 @@ def test_kl_matches_enumeration():
     logits = 2 * torch.randn(6, H, generator=g, dtype=torch.float64)
     bits = bit_matrix(H, torch.float64)
     logQ = F.logsigmoid(logits) @ bits.T + F.logsigmoid(-logits) @ (1 - bits).T  # (6, 32)
-    brute = (logQ.exp() * (logQ - math.log(2 ** -H))).sum(-1)  # Σ_z Q log(Q / P)
+    brute = (logQ.exp() * (logQ - math.log(2**-H))).sum(-1)  # Σ_z Q log(Q / P)
     torch.testing.assert_close(kl_per_token(logits).double(), brute, rtol=1e-5, atol=1e-6)
-    assert kl_per_token(torch.zeros(3, H)).abs().max() < 1e-6      # uniform posterior
+    assert kl_per_token(torch.zeros(3, H)).abs().max() < 1e-6  # uniform posterior
     assert kl_per_token(torch.full((1, H), 50.0)).item() == pytest.approx(H * math.log(2), rel=1e-4)
 
 

@@ -155,8 +155,9 @@ def test_padding_changes_no_importance_weight():
     assert out.bit_logits.abs().min() > 0.5  # Q ≠ prior: the P/Q factors are not all 1
     for i, s in enumerate(seqs):
         n = len(s) - 1
-        ref, _, _ = posterior_log_weights(model, s[None, :-1], s[None, 1:],
-                                          bit_noise=noise[i : i + 1, :n])
+        ref, _, _ = posterior_log_weights(
+            model, s[None, :-1], s[None, 1:], bit_noise=noise[i : i + 1, :n]
+        )
         assert lw[i].item() == pytest.approx(ref.item(), abs=1e-4)
     assert (lp[1, 3:] == 0).all()
 
@@ -219,8 +220,9 @@ def test_prior_log_weights_are_log_p_of_s_under_uniform_codes(tiny):
     model, x, y = tiny
     x, y = x.expand(4, -1), y.expand(4, -1)
     lw, lp = prior_log_weights(model, x, y, generator=torch.Generator().manual_seed(5))
-    z = uniform_codes(tuple(x.shape), model.config.latent_bits,
-                      generator=torch.Generator().manual_seed(5))
+    z = uniform_codes(
+        tuple(x.shape), model.config.latent_bits, generator=torch.Generator().manual_seed(5)
+    )
     with torch.no_grad():
         want = token_log_probs(model(x, latents=z).logits, y)
     assert torch.equal(lp, want) and torch.equal(lw, want.double().sum(-1))

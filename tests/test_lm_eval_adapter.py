@@ -133,8 +133,7 @@ def test_baseline_loglikelihood_is_sum_of_log_softmax(runs):
 def test_prior_mode_weights_draws_by_the_context(runs):
     """log P(cont | ctx) ≈ log Σ_j P(ctx | Z_j) P(cont | ctx, Z_j) − log Σ_j P(ctx | Z_j)."""
     k = 3
-    lm = loud(FreeformerLM(runs["ft"], device="cpu", latent_mode="prior", latent_samples=k,
-                           seed=7))
+    lm = loud(FreeformerLM(runs["ft"], device="cpu", latent_mode="prior", latent_samples=k, seed=7))
     H, L = lm.model.config.latent_bits, lm.max_length
     got = lm.loglikelihood([req("loglikelihood", c, x) for c, x in PAIRS], disable_tqdm=True)
     with torch.no_grad():
@@ -157,15 +156,17 @@ def test_prior_mode_weights_draws_by_the_context(runs):
 
 
 def test_encoder_mode_never_shows_the_continuation_to_the_encoder(runs):
-    lm = loud(FreeformerLM(runs["ft"], device="cpu", latent_mode="encoder", latent_samples=2,
-                           seed=1))
+    lm = loud(
+        FreeformerLM(runs["ft"], device="cpu", latent_mode="encoder", latent_samples=2, seed=1)
+    )
     model, H, L = lm.model, lm.model.config.latent_bits, lm.max_length
     ctx, conts = "def f5(x, y):\n    return", [" x * 5 + y", " 0", " x * 5 + y  # ffff"]
     ctx_ids = lm.tok_encode(ctx)
 
     encoder_lengths, pinned = [], []
     hook = model.encoder.register_forward_hook(
-        lambda mod, args, out: encoder_lengths.extend([args[0].shape[1]] * args[0].shape[0]))
+        lambda mod, args, out: encoder_lengths.extend([args[0].shape[1]] * args[0].shape[0])
+    )
     embed = model.post_sampler.embed
     model.post_sampler.embed = lambda codes: (pinned.append(codes.clone()), embed(codes))[1]
     try:
@@ -189,8 +190,11 @@ def test_encoder_mode_never_shows_the_continuation_to_the_encoder(runs):
                 assert any(torch.equal(p[: len(inp)], want) for b in pinned for p in b)
                 # importance weight of the context's codes: P(ctx | Z) P(Z) / Q(Z | ctx)
                 bits = (enc[:, None] >> torch.arange(H)) & 1
-                logq = torch.where(bits.bool(), torch.nn.functional.logsigmoid(out.bit_logits[0]),
-                                   torch.nn.functional.logsigmoid(-out.bit_logits[0])).sum()
+                logq = torch.where(
+                    bits.bool(),
+                    torch.nn.functional.logsigmoid(out.bit_logits[0]),
+                    torch.nn.functional.logsigmoid(-out.bit_logits[0]),
+                ).sum()
                 logits = model(torch.tensor([inp]), latents=want[None]).logits[0]
                 tgt = torch.tensor((ctx_ids + lm.tok_encode(cont))[1:])
                 logp = logits.log_softmax(-1).gather(-1, tgt[:, None])[:, 0]
@@ -229,7 +233,7 @@ def test_rolling_scores_disjoint_windows(runs):
         [req("loglikelihood_rolling", short), req("loglikelihood_rolling", long)],
         disable_tqdm=True)  # fmt: skip
     # a document within one window is the continuation of the EOS prefix
-    (ll_short, _), = lm.loglikelihood([req("loglikelihood", "", short)], disable_tqdm=True)
+    ((ll_short, _),) = lm.loglikelihood([req("loglikelihood", "", short)], disable_tqdm=True)
     assert got[0] == pytest.approx(ll_short, rel=1e-5)
     # a long one: chunks of L tokens, each conditioned on the token before it (or EOS)
     ids = lm.tok_encode(long)
@@ -275,8 +279,10 @@ def test_generation_latents_and_sampling_are_per_request(runs):
     # sampling: the same text alone or batched with another prompt of the same length
     kw = {"do_sample": True, "temperature": 1.0, "max_gen_toks": 16, "until": []}
     alone = lm.generate_until([req("generate_until", prompt, kw)], disable_tqdm=True)
-    both = lm.generate_until([req("generate_until", "def f9(y", kw),
-                              req("generate_until", prompt, kw)], disable_tqdm=True)
+    both = lm.generate_until(
+        [req("generate_until", "def f9(y", kw), req("generate_until", prompt, kw)],
+        disable_tqdm=True,
+    )
     assert alone[0] == both[1]
 
 
@@ -393,11 +399,15 @@ def enumerated(model, inp, targets, n_ctx):
     T = len(inp)
     Z = torch.tensor(list(itertools.product([0, 1], repeat=T)))
     with torch.no_grad():
-        lp = token_log_probs(model(torch.tensor([inp]).expand(len(Z), -1), latents=Z).logits,
-                             torch.tensor([targets]).expand(len(Z), -1)).double()
+        lp = token_log_probs(
+            model(torch.tensor([inp]).expand(len(Z), -1), latents=Z).logits,
+            torch.tensor([targets]).expand(len(Z), -1),
+        ).double()
     a, b = lp[:, : n_ctx - 1].sum(1), lp[:, n_ctx - 1 :].sum(1)
-    return ((torch.logsumexp(a + b, 0) - torch.logsumexp(a, 0)).item(),
-            (torch.logsumexp(b, 0) - math.log(len(Z))).item())
+    return (
+        (torch.logsumexp(a + b, 0) - torch.logsumexp(a, 0)).item(),
+        (torch.logsumexp(b, 0) - math.log(len(Z))).item(),
+    )
 
 
 @pytest.mark.parametrize("mode", ["prior", "encoder"])

@@ -55,14 +55,26 @@ def test_lora_at_init_is_the_base_model_and_freezes_the_rest(source, injection):
     assert len(adapters) == 2 * 5 * blocks
     assert not any(n.startswith("encoder.") for n in adapters)
     full = trainable - adapters
-    want = {n for n, _ in model.named_parameters() if ".lora_" not in n and n.startswith(
-        ("encoder.", "post_sampler.") + ((inject,) if injection == "full" else ()))}
+    want = {
+        n
+        for n, _ in model.named_parameters()
+        if ".lora_" not in n
+        and n.startswith(("encoder.", "post_sampler.") + ((inject,) if injection == "full" else ()))
+    }
     assert full == want and want
 
 
 def test_lora_trains_merges_resumes_and_exports(source, tmp_path):
-    cfg = debug_cfg(init_from=str(source), lora_rank=4, lora_alpha=8, max_steps=6,
-                    ckpt_every=3, keep_last=5, lr=0.02, warmup_steps=1)
+    cfg = debug_cfg(
+        init_from=str(source),
+        lora_rank=4,
+        lora_alpha=8,
+        max_steps=6,
+        ckpt_every=3,
+        keep_last=5,
+        lr=0.02,
+        warmup_steps=1,
+    )
     full, cut = tmp_path / "full", tmp_path / "cut"
     train(cfg, full, quiet=True)
     ck, src = load_checkpoint(full), load_checkpoint(source).model_state
@@ -72,12 +84,15 @@ def test_lora_trains_merges_resumes_and_exports(source, tmp_path):
     assert not any("base_layer" in k or ".default." in k for k in st)
     for k, t in lora.base_state(st).items():
         moved = not torch.equal(t, src[k])
-        assert moved == k.startswith(("encoder.", "post_sampler.",
-                                      f"blocks.{cfg.model.inject_layer}.")), k
+        assert moved == k.startswith(
+            ("encoder.", "post_sampler.", f"blocks.{cfg.model.inject_layer}.")
+        ), k
     assert float(st["blocks.0.mlp.w_out.lora_B"].abs().max()) > 0  # the adapters learned
     # Optimizer state only for what trains (adapters under PEFT's names).
-    assert all(".lora_" in k or k.startswith(("encoder.", "post_sampler.", "blocks.2."))
-               for k in ck.optimizer_tensors())
+    assert all(
+        ".lora_" in k or k.startswith(("encoder.", "post_sampler.", "blocks.2."))
+        for k in ck.optimizer_tensors()
+    )
 
     # Merged (load_model folds W + (α/r)·B·A) = unmerged (the PEFT-wrapped model).
     merged, _ = load_model(full)
@@ -94,8 +109,11 @@ def test_lora_trains_merges_resumes_and_exports(source, tmp_path):
     assert float((a - base).abs().max()) > 1e-3  # the comparison is not vacuous
 
     # Fine-tuning from a LoRA run starts from its merged weights.
-    again = build_model(debug_cfg(init_from=str(full)), torch.device("cpu"),
-                        load_init_checkpoint(debug_cfg(init_from=str(full))))
+    again = build_model(
+        debug_cfg(init_from=str(full)),
+        torch.device("cpu"),
+        load_init_checkpoint(debug_cfg(init_from=str(full))),
+    )
     assert all(torch.equal(t, merged.state_dict()[k]) for k, t in again.state_dict().items())
 
     # Exact resume from step 3.
@@ -112,8 +130,9 @@ def test_lora_trains_merges_resumes_and_exports(source, tmp_path):
     from safetensors.torch import load_file
 
     t = load_file(str(out / "model.safetensors"))
-    assert torch.equal(t["model.layers.0.self_attn.q_proj.weight"],
-                       merged.state_dict()["blocks.0.attn.wq.weight"])
+    assert torch.equal(
+        t["model.layers.0.self_attn.q_proj.weight"], merged.state_dict()["blocks.0.attn.wq.weight"]
+    )
 
     # Unmerged: the base weights + PEFT's adapter files; PeftModel computes the merged model.
     transformers = pytest.importorskip("transformers")
@@ -132,10 +151,12 @@ def test_lora_trains_merges_resumes_and_exports(source, tmp_path):
 
 
 def test_lora_config_is_validated(capsys):
-    for kv, needle in ((dict(lora_rank=-1), "train.lora_rank = -1"),
-                       (dict(lora_rank=4, lora_targets="wq,foo"), "train.lora_targets = 'wq,foo'"),
-                       (dict(lora_rank=4, trainable="latent"), "with train.lora_rank > 0"),
-                       (dict(lora_injection="half"), "train.lora_injection = 'half'")):
+    for kv, needle in (
+        (dict(lora_rank=-1), "train.lora_rank = -1"),
+        (dict(lora_rank=4, lora_targets="wq,foo"), "train.lora_targets = 'wq,foo'"),
+        (dict(lora_rank=4, trainable="latent"), "with train.lora_rank > 0"),
+        (dict(lora_injection="half"), "train.lora_injection = 'half'"),
+    ):
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
             debug_cfg(**kv)
     assert main(["train", "--preset", "debug", "--train.lora_targets=wx"]) == 2

@@ -58,7 +58,7 @@ def encoder_logits(m, x):
     T = x.shape[1]
     cos, sin = m.rope_cos[:T], m.rope_sin[:T]
     h = m.tok_emb(x)
-    for b in m.blocks[:c.inject_layer]:
+    for b in m.blocks[: c.inject_layer]:
         h = b(h, cos, sin)
     return m.encoder(h, cos, sin)
 
@@ -80,7 +80,7 @@ def test_encoder_is_non_causal_and_position_dependent():
     a = encoder_logits(m, x)
     T = x.shape[1]
     h = m.tok_emb(x)
-    for blk in m.blocks[:CFG.inject_layer]:
+    for blk in m.blocks[: CFG.inject_layer]:
         h = blk(h, m.rope_cos[:T], m.rope_sin[:T])
     flat = m.encoder(h, torch.ones_like(m.rope_cos[:T]), torch.zeros_like(m.rope_sin[:T]))[0]
     assert (flat - flat[0]).abs().max() < 1e-5
@@ -93,6 +93,7 @@ def test_training_forward_reports_kl_of_encoder_posterior():
     x = tokens()
     out = m(x, x, generator=torch.Generator().manual_seed(0))
     from freeformer.latent import kl_per_token
+
     torch.testing.assert_close(out.kl_tokens, kl_per_token(encoder_logits(m, x)))
     prior = m(x, x, latents="prior", generator=torch.Generator().manual_seed(0))
     assert prior.kl.item() == 0 and prior.kl_loss.item() == 0
@@ -133,9 +134,15 @@ def test_free_bits_loss_uses_kappa_in_nats():
     assert cfg.free_bits_nats == math.log(2)
 
 
-@pytest.mark.parametrize("preset", ["debug", "synthetic",
-                                    pytest.param("paper-1.5b", marks=pytest.mark.slow),
-                                    pytest.param("paper-8b", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "debug",
+        "synthetic",
+        pytest.param("paper-1.5b", marks=pytest.mark.slow),
+        pytest.param("paper-8b", marks=pytest.mark.slow),
+    ],
+)
 def test_kl_at_init_is_far_below_kappa_at_every_width(preset):
     """A fixed-std readout on the RMS-normed encoder output gives bit logits of std ∝ √D and a
     KL at init above κ at the paper's widths (≈ 1.2 bits at D 1536, 3 bits at D 4096).
@@ -160,9 +167,13 @@ def test_encoder_gets_gradient_from_the_first_step():
     x = tokens()
     m(x, x, generator=torch.Generator().manual_seed(0)).loss.backward()
     enc = m.encoder
-    for name, p in [("readout", enc.readout.weight), ("zeta", enc.zeta),
-                    ("wq", enc.blocks[0].attn.wq.weight), ("wkv", enc.blocks[0].attn.wkv.weight),
-                    ("blocks before the injection", m.blocks[0].attn.wkv.weight)]:
+    for name, p in [
+        ("readout", enc.readout.weight),
+        ("zeta", enc.zeta),
+        ("wq", enc.blocks[0].attn.wq.weight),
+        ("wkv", enc.blocks[0].attn.wkv.weight),
+        ("blocks before the injection", m.blocks[0].attn.wkv.weight),
+    ]:
         assert p.grad is not None and p.grad.abs().max() > 0, name
 
 
@@ -173,10 +184,10 @@ def scored_means(out, y, kappa_nats):
     reach = torch.zeros_like(keep)
     for b in range(y.shape[0]):
         last = int(keep[b].nonzero().max())
-        reach[b, :last + 1] = True
-    nll = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(),
-                                            y.clamp(min=0).flatten(),
-                                            reduction="none").view_as(y)
+        reach[b, : last + 1] = True
+    nll = torch.nn.functional.cross_entropy(
+        out.logits.flatten(0, 1).float(), y.clamp(min=0).flatten(), reduction="none"
+    ).view_as(y)
     kl, n = out.kl_tokens, keep.sum()
     return nll[keep].mean(), kl[reach].sum() / n, (kl[reach] - kappa_nats).clamp(min=0).sum() / n
 
@@ -189,8 +200,8 @@ def test_ignored_targets_leave_kl_and_hinge_like_the_cross_entropy():
         spread_posteriors(m)
     x = tokens(B=3, T=12)
     y = tokens(B=3, T=12, seed=1)
-    y[0, 7:] = IGNORE_INDEX   # a right-padded row
-    y[1, :4] = IGNORE_INDEX   # a masked prompt
+    y[0, 7:] = IGNORE_INDEX  # a right-padded row
+    y[1, :4] = IGNORE_INDEX  # a masked prompt
     y[2, 5] = IGNORE_INDEX
     noise = torch.rand(3, 12, CFG.latent_bits, generator=torch.Generator().manual_seed(2))
     out = m(x, y, bit_noise=noise)
@@ -233,8 +244,9 @@ def test_right_padding_with_ignored_targets_changes_nothing_for_the_decoder(late
         m.zero_grad()
         out = m(xi, yi, **kw(xi.shape[1]))
         out.loss.backward()
-        results.append((out, {n: p.grad.clone() for n, p in m.named_parameters()
-                              if p.grad is not None}))
+        results.append(
+            (out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        )
     (a, ga), (b, gb) = results
     for k in ("loss", "ce", "kl", "kl_loss"):
         torch.testing.assert_close(getattr(a, k), getattr(b, k), rtol=1e-6, atol=1e-7)
@@ -262,8 +274,9 @@ def test_baseline_is_plain_decoder_with_matched_init():
     fts = ft.state_dict()
     for name, p in base.state_dict().items():
         assert torch.equal(p, fts[name]), name  # shared parameters identical at init
-    assert set(fts) - set(base.state_dict()) == {n for n in fts if n.startswith(
-        ("encoder.", "post_sampler."))}
+    assert set(fts) - set(base.state_dict()) == {
+        n for n in fts if n.startswith(("encoder.", "post_sampler."))
+    }
     # The baseline is embed → blocks (q = kv) → norm → readout, nothing else.
     x = tokens()
     T = x.shape[1]
@@ -281,8 +294,7 @@ def test_zero_post_sampler_gives_baseline_logits():
         ft.post_sampler.weight.zero_()
     x = tokens()
     for latents in (None, "prior"):
-        torch.testing.assert_close(ft(x, latents=latents).logits, base(x).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(ft(x, latents=latents).logits, base(x).logits, rtol=0, atol=0)
 
 
 def rms(v, w, eps):
@@ -331,18 +343,22 @@ def test_latent_enters_only_the_injection_blocks_keys_and_values(latents):
         blk.attn.wq.weight.mul_(30)  # at init the pattern is near uniform whatever the
         blk.attn.wo.weight.mul_(30)  # queries, and a query leak would hide under atol
     hook = blk.register_forward_pre_hook(
-        lambda mod, args: seen.update(x=args[0].detach().clone()))  # returns None: args kept
+        lambda mod, args: seen.update(x=args[0].detach().clone())
+    )  # returns None: args kept
     codes = torch.randint(0, CFG.n_codes, (B, T), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        out = (m(x, latents=codes) if latents == "pinned"
-               else m(x, generator=torch.Generator().manual_seed(0)))
+        out = (
+            m(x, latents=codes)
+            if latents == "pinned"
+            else m(x, generator=torch.Generator().manual_seed(0))
+        )
     hook.remove()
     with torch.no_grad():
         cos, sin = m.rope_cos[:T], m.rope_sin[:T]
         r = m.post_sampler.weight[out.codes]
         assert r.abs().mean() > 0.5  # r at the residual's scale: a leak would show
         h = hand_block(blk, seen["x"], seen["x"] + r, cos, sin)
-        for b in m.blocks[m.config.inject_layer + 1:]:
+        for b in m.blocks[m.config.inject_layer + 1 :]:
             h = b(h, cos, sin)
         ref = m.head(m.norm(h))
     torch.testing.assert_close(out.logits, ref, rtol=1e-4, atol=1e-5)
@@ -365,7 +381,7 @@ def test_encoder_is_zeta_queries_over_x_written_out(n_blocks):
     with torch.no_grad():
         out = m(x, generator=torch.Generator().manual_seed(0))
         h_dec = m.tok_emb(x)
-        for b in m.blocks[:CFG.inject_layer]:
+        for b in m.blocks[: CFG.inject_layer]:
             h_dec = b(h_dec, cos, sin)
         h = m.encoder.zeta.expand_as(h_dec)
         for b in m.encoder.blocks:
@@ -383,7 +399,11 @@ def test_tied_embeddings_share_the_matrix():
 
 
 def test_init_is_deterministic_and_seed_dependent():
-    a, b, c = FreeTransformer(CFG, seed=1), FreeTransformer(CFG, seed=1), FreeTransformer(CFG, seed=2)
+    a, b, c = (
+        FreeTransformer(CFG, seed=1),
+        FreeTransformer(CFG, seed=1),
+        FreeTransformer(CFG, seed=2),
+    )
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), n
     assert not torch.equal(a.tok_emb.weight, c.tok_emb.weight)
@@ -405,21 +425,24 @@ def test_bits_embedding_model_trains_a_step():
     assert m.encoder.readout.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(dim=30, n_heads=4), "n_heads"),
-    (dict(n_kv_heads=3), "n_kv_heads"),
-    (dict(vocab_size=0), "vocab_size"),
-    (dict(n_layers=-2), "n_layers"),
-    (dict(latent_bits=30), "latent_bits"),
-    (dict(free_bits=-1), "free_bits"),
-    (dict(free_bits=20), "free_bits"),
-    (dict(inject_layer=0), "inject_layer"),
-    (dict(inject_layer=4), "inject_layer"),
-    (dict(latent_embedding="onehot"), "latent_embedding"),
-    (dict(dim="64"), "dim"),
-    (dict(latent="yes"), "latent"),
-    (dict(bogus=1), "bogus"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(dim=30, n_heads=4), "n_heads"),
+        (dict(n_kv_heads=3), "n_kv_heads"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(n_layers=-2), "n_layers"),
+        (dict(latent_bits=30), "latent_bits"),
+        (dict(free_bits=-1), "free_bits"),
+        (dict(free_bits=20), "free_bits"),
+        (dict(inject_layer=0), "inject_layer"),
+        (dict(inject_layer=4), "inject_layer"),
+        (dict(latent_embedding="onehot"), "latent_embedding"),
+        (dict(dim="64"), "dim"),
+        (dict(latent="yes"), "latent"),
+        (dict(bogus=1), "bogus"),
+    ],
+)
 def test_config_errors_name_the_field(bad, match):
     with pytest.raises(ConfigError, match=match):
         CFG.replace(**bad)
@@ -429,9 +452,16 @@ def test_config_presets_and_derived_fields():
     with pytest.raises(ConfigError, match="unknown model preset"):
         ModelConfig.preset("nope")
     p15 = ModelConfig.preset("paper-1.5b")
-    assert (p15.n_layers, p15.dim, p15.n_heads, p15.n_kv_heads, p15.tie_embeddings,
-            p15.vocab_size, p15.latent_bits, p15.inject_layer) == (28, 1536, 12, 2, True,
-                                                                   2**17, 16, 14)
+    assert (
+        p15.n_layers,
+        p15.dim,
+        p15.n_heads,
+        p15.n_kv_heads,
+        p15.tie_embeddings,
+        p15.vocab_size,
+        p15.latent_bits,
+        p15.inject_layer,
+    ) == (28, 1536, 12, 2, True, 2**17, 16, 14)
     p8 = ModelConfig.preset("paper-8b")
     assert (p8.n_layers, p8.dim, p8.n_heads, p8.n_kv_heads) == (32, 4096, 32, 8)
     assert ModelConfig(n_layers=6).inject_layer == 3
@@ -454,8 +484,9 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(DataError, match="shape"):
         m(torch.zeros(1, 4, dtype=torch.long), latents=torch.zeros(5, dtype=torch.long))
     with pytest.raises(DataError, match="baseline"):
-        FreeTransformer(CFG.replace(latent=False))(torch.zeros(1, 4, dtype=torch.long),
-                                                   latents=torch.zeros(4, dtype=torch.long))
+        FreeTransformer(CFG.replace(latent=False))(
+            torch.zeros(1, 4, dtype=torch.long), latents=torch.zeros(4, dtype=torch.long)
+        )
 
 
 def test_empty_construction_draws_no_init_and_loads_exactly(monkeypatch):
@@ -474,5 +505,6 @@ def test_empty_construction_draws_no_init_and_loads_exactly(monkeypatch):
     m = FreeTransformer.empty(CFG)
     assert torch.equal(m.rope_cos, ref.rope_cos) and torch.equal(m.rope_sin, ref.rope_sin)
     loaded = model_from_state(CFG, ref.state_dict()).eval()
-    assert torch.equal(loaded(x, latents="prior",
-                              generator=torch.Generator().manual_seed(1)).logits, want)
+    assert torch.equal(
+        loaded(x, latents="prior", generator=torch.Generator().manual_seed(1)).logits, want
+    )

@@ -30,8 +30,13 @@ else:  # pragma: no cover
 
 # derandomize: the same examples on every run (CI never turns red by chance; a new failure
 # shows up when the code changes, not when the dice do); no example database on disk.
-FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 # ---------------------------------------------------------------------------------------
 # Config: overrides land where they say, and `freeformer config` prints a TOML that
@@ -45,8 +50,9 @@ prob = st.floats(0, 1, exclude_max=True)
 
 
 def _bool_text(b):
-    return st.sampled_from(["true", "1", "yes", "on", "True", "ON"] if b else
-                           ["false", "0", "no", "off", "False"])
+    return st.sampled_from(
+        ["true", "1", "yes", "on", "True", "ON"] if b else ["false", "0", "no", "off", "False"]
+    )
 
 
 def _float_text(x):
@@ -139,8 +145,9 @@ def test_overrides_apply_and_config_round_trips_through_toml(tmp_path_factory, o
         assert getattr(getattr(cfg, section), key) == value, (section, key)
 
     path = tmp_path_factory.mktemp("cfg") / "base.toml"
-    path.write_text('[model]\npreset = "debug"\n' + ("[train]\n[data]\n" if in_file else ""),
-                    encoding="utf-8")
+    path.write_text(
+        '[model]\npreset = "debug"\n' + ("[train]\n[data]\n" if in_file else ""), encoding="utf-8"
+    )
     text = _config_toml(["--config", str(path), *argv])  # what `freeformer config` prints
     again = build_run_config(tomllib.loads(text))
     assert again == cfg
@@ -191,8 +198,14 @@ def bpe():
 
 
 @settings(FAST, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(any_text, st.lists(st.sampled_from(
-    ["def", " ", EOS_TOKEN, "<|", "é", "\n", "🙂", "x"]), max_size=20).map("".join)))
+@given(
+    st.one_of(
+        any_text,
+        st.lists(
+            st.sampled_from(["def", " ", EOS_TOKEN, "<|", "é", "\n", "🙂", "x"]), max_size=20
+        ).map("".join),
+    )
+)
 def test_bpe_round_trips_any_text_and_never_forges_eos(bpe, text):
     ids = bpe.encode(text)
     assert all(0 <= i < bpe.vocab_size for i in ids)
@@ -298,7 +311,9 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p(logits, top_p, temperature):
         before += float(full[i])
     probs = _probs_sampled_from(logits, top_p=top_p, temperature=temperature)
     assert {i for i, p in enumerate(probs.tolist()) if p > 0} == keep
-    assert math.isclose(float(full[sorted(keep)].sum()), 1.0) or \
-        float(full[sorted(keep)].sum()) >= top_p - 1e-5
+    assert (
+        math.isclose(float(full[sorted(keep)].sum()), 1.0)
+        or float(full[sorted(keep)].sum()) >= top_p - 1e-5
+    )
     idx = sorted(keep)
     torch.testing.assert_close(probs[idx], full[idx] / full[idx].sum(), rtol=1e-5, atol=1e-7)

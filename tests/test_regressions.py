@@ -55,7 +55,7 @@ def test_eos_pads_each_row_from_its_own_first_eos_and_only_then():
     expected = ref.clone()
     for r, f in enumerate(firsts):
         if f is not None:
-            expected[r, T0 + f:] = eos
+            expected[r, T0 + f :] = eos
     out = generate(model, p, n, temperature=0, latents=z, eos_id=eos)
     assert out.shape == expected.shape, (out.shape, firsts)  # stops only when all rows ended
     assert torch.equal(out, expected), (out.tolist(), expected.tolist())
@@ -123,8 +123,15 @@ def test_kl_bits_is_the_exact_kl_per_token_in_bits_and_elbo_adds_it():
     cfg, model = tiny_latent_model(30.0)
     x = torch.randint(0, cfg.vocab_size, (3, 7), generator=gen(2))
     y = torch.randint(0, cfg.vocab_size, (3, 7), generator=gen(3))
-    v = evaluate(model, [(x, y)], latent=True, n_bits=cfg.latent_bits, k=2, seed=0,
-                 device=torch.device("cpu"))
+    v = evaluate(
+        model,
+        [(x, y)],
+        latent=True,
+        n_bits=cfg.latent_bits,
+        k=2,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     with torch.no_grad():
         bit_logits = model(x).bit_logits
     kl_nats = float(enumerated_kl_nats(bit_logits).mean())
@@ -145,8 +152,15 @@ def test_elbo_is_ce_under_the_encoder_codes_plus_kl_on_a_deterministic_posterior
         codes = ((L > 0).long() << torch.arange(cfg.latent_bits)).sum(-1)
         ce = float(model(x, y, latents=codes).ce)
     kl = float(enumerated_kl_nats(L).mean())
-    v = evaluate(model, [(x, y)], latent=True, n_bits=cfg.latent_bits, k=3, seed=7,
-                 device=torch.device("cpu"))
+    v = evaluate(
+        model,
+        [(x, y)],
+        latent=True,
+        n_bits=cfg.latent_bits,
+        k=3,
+        seed=7,
+        device=torch.device("cpu"),
+    )
     assert v["ce_encoder"] == pytest.approx(ce, rel=1e-5)
     assert v["kl_bits"] == pytest.approx(kl / LOG2, rel=1e-5)
     assert v["elbo"] == pytest.approx(ce + kl, rel=1e-5)
@@ -179,8 +193,19 @@ def test_cli_override_of_a_section_missing_from_the_file(tmp_path):
     path.write_text('[model]\npreset = "debug"\n')
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["config", "--config", str(path), "--train.max_steps=7",
-                     "--train.seq_len=65", "--data.path=elsewhere"]) == 0
+        assert (
+            main(
+                [
+                    "config",
+                    "--config",
+                    str(path),
+                    "--train.max_steps=7",
+                    "--train.seq_len=65",
+                    "--data.path=elsewhere",
+                ]
+            )
+            == 0
+        )
     text = buf.getvalue()
     assert "max_steps = 7\n" in text and 'path = "elsewhere"\n' in text
 
@@ -196,8 +221,9 @@ def _gradient(model, x, y, noise):
 
 @pytest.mark.parametrize("clip", [0.0, 1e-3, 1e6])
 def test_clipping_scales_the_update_when_the_norm_exceeds_the_clip(clip):
-    cfg = load_run_config(preset="debug", overrides=[f"train.grad_clip={clip}",
-                                                      "train.batch_size=2"])
+    cfg = load_run_config(
+        preset="debug", overrides=[f"train.grad_clip={clip}", "train.batch_size=2"]
+    )
     # float64, so that the float32 rounding of parameters near 1 (norm weights) does not
     # hide a 1000-times smaller update.
     model = FreeTransformer(cfg.model, seed=0).double()
@@ -217,8 +243,13 @@ def test_clipping_scales_the_update_when_the_norm_exceeds_the_clip(clip):
     if clip > 0:
         assert float(m["grad_norm"]) == pytest.approx(norm, rel=1e-4)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach() - before[n], -lr * factor * g[n],
-                                   rtol=1e-6, atol=1e-12, msg=lambda s, n=n: f"{n}: {s}")
+        torch.testing.assert_close(
+            p.detach() - before[n],
+            -lr * factor * g[n],
+            rtol=1e-6,
+            atol=1e-12,
+            msg=lambda s, n=n: f"{n}: {s}",
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,18 +270,37 @@ def check_error(capsys, argv, match):
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume") / "run"
-    assert main(["train", "--preset", "debug", "--out", str(d), "--train.max_steps=2",
-                 "--train.eval_every=0", "--train.batch_size=4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "debug",
+                "--out",
+                str(d),
+                "--train.max_steps=2",
+                "--train.eval_every=0",
+                "--train.batch_size=4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return d
 
 
-@pytest.mark.parametrize("flag,want", [("--train.seed=5", "train.seed = 5"),
-                                       ("--train.batch_size=8", "train.batch_size = 8")])
+@pytest.mark.parametrize(
+    "flag,want",
+    [("--train.seed=5", "train.seed = 5"), ("--train.batch_size=8", "train.batch_size = 8")],
+)
 def test_resume_refuses_a_changed_seed_or_batch_size(synthetic_run, capsys, flag, want):
     before = sorted(p.name for p in (synthetic_run / "checkpoints").iterdir())
     log = (synthetic_run / "metrics.jsonl").read_text()
-    err = check_error(capsys, ["train", "--resume", str(synthetic_run), flag,
-                               "--train.max_steps=4", "--quiet"], want)
+    err = check_error(
+        capsys,
+        ["train", "--resume", str(synthetic_run), flag, "--train.max_steps=4", "--quiet"],
+        want,
+    )
     assert "cannot resume" in err
     # Nothing was trained or written.
     assert sorted(p.name for p in (synthetic_run / "checkpoints").iterdir()) == before
@@ -264,12 +314,32 @@ def test_resume_refuses_a_changed_sequence_length(tmp_path, capsys):
     data = tmp_path / "data"
     prepare([src], data, val_fraction=0.0, seed=0, show_progress=False)
     run = tmp_path / "run"
-    assert main(["train", "--preset", "debug", "--out", str(run), "--data.source=files",
-                 f"--data.path={data}", "--model.vocab_size=257", "--train.seq_len=32",
-                 "--train.batch_size=2", "--train.max_steps=1", "--train.eval_every=0",
-                 "--train.eval_batches=1", "--quiet"]) == 0
-    check_error(capsys, ["train", "--resume", str(run), "--train.seq_len=16",
-                         "--train.max_steps=2", "--quiet"], "train.seq_len = 16")
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "debug",
+                "--out",
+                str(run),
+                "--data.source=files",
+                f"--data.path={data}",
+                "--model.vocab_size=257",
+                "--train.seq_len=32",
+                "--train.batch_size=2",
+                "--train.max_steps=1",
+                "--train.eval_every=0",
+                "--train.eval_batches=1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    check_error(
+        capsys,
+        ["train", "--resume", str(run), "--train.seq_len=16", "--train.max_steps=2", "--quiet"],
+        "train.seq_len = 16",
+    )
     assert [c.name for c in list_checkpoints(run)] == ["step_00000001"]
 
 
@@ -343,10 +413,19 @@ def test_checkpoint_interrupted_mid_write_is_never_chosen(tmp_path, monkeypatch)
 
 
 def test_resume_after_a_crash_mid_checkpoint_continues_from_the_last_complete_one(
-        tmp_path, monkeypatch):
-    cfg = load_run_config(preset="debug", overrides=[
-        "train.max_steps=4", "train.ckpt_every=2", "train.eval_every=0", "train.batch_size=2",
-        "train.progress=false", "train.log_every=1"])
+    tmp_path, monkeypatch
+):
+    cfg = load_run_config(
+        preset="debug",
+        overrides=[
+            "train.max_steps=4",
+            "train.ckpt_every=2",
+            "train.eval_every=0",
+            "train.batch_size=2",
+            "train.progress=false",
+            "train.log_every=1",
+        ],
+    )
     from freeformer.train import train
 
     real = ckpt_mod._save_tensors
@@ -370,4 +449,3 @@ def test_resume_after_a_crash_mid_checkpoint_continues_from_the_last_complete_on
     assert res.step == 4 and load_checkpoint(run).step == 4
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 4]  # steps 3-4 re-done once, then the final validation
-

@@ -43,7 +43,11 @@ def test_every_caller_resolves_devices_here():
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             # torch.cuda.is_available() outside runtime.py is a second resolver in the making
-            if (isinstance(node, ast.Attribute) and node.attr == "is_available"
-                    and isinstance(node.value, ast.Attribute) and node.value.attr == "cuda"):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "is_available"
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "cuda"
+            ):
                 offenders.append(f"{path.relative_to(src)}:{node.lineno}")
     assert not offenders, offenders

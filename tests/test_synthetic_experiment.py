@@ -17,8 +17,23 @@ from freeformer.experiments.synthetic import (
 
 def test_runner_writes_every_output_and_reuses_finished_runs(tmp_path, capsys):
     out = tmp_path / "syn"
-    argv = ["synthetic", "--kappa-bits", "1/64,8", "--steps", "3", "--groups", "2",
-            "--jobs", "1", "--threads", "1", "--reconstruction", "8", "--out", str(out)]
+    argv = [
+        "synthetic",
+        "--kappa-bits",
+        "1/64,8",
+        "--steps",
+        "3",
+        "--groups",
+        "2",
+        "--jobs",
+        "1",
+        "--threads",
+        "1",
+        "--reconstruction",
+        "8",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "shared latent #2" in printed and "total runtime" in printed
@@ -43,11 +58,32 @@ def test_parallel_models_give_the_sequential_results(tmp_path, capsys):
     outs = {}
     for jobs in ("1", "2"):
         out = tmp_path / f"jobs{jobs}"
-        assert main(["synthetic", "--kappa-bits", "1", "--steps", "4", "--groups", "2",
-                     "--reconstruction", "8", "--jobs", jobs, "--threads", "1",
-                     "--out", str(out)]) == 0
-        outs[jobs] = (json.loads((out / "samples.json").read_text()),
-                      json.loads((out / "scores.json").read_text()))
+        assert (
+            main(
+                [
+                    "synthetic",
+                    "--kappa-bits",
+                    "1",
+                    "--steps",
+                    "4",
+                    "--groups",
+                    "2",
+                    "--reconstruction",
+                    "8",
+                    "--jobs",
+                    jobs,
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        outs[jobs] = (
+            json.loads((out / "samples.json").read_text()),
+            json.loads((out / "scores.json").read_text()),
+        )
     printed = capsys.readouterr().out
     assert "trained in" in printed and "What you are looking at" in printed
     assert outs["1"][0] == outs["2"][0]
@@ -61,8 +97,27 @@ def test_quick_trains_the_quick_config(tmp_path, capsys):
 
     shipped = load_run_config(preset="synthetic").to_dict()
     out = tmp_path / "q"
-    assert main(["synthetic", "--quick", "--steps", "2", "--groups", "1", "--jobs", "1",
-                 "--threads", "1", "--reconstruction", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "synthetic",
+                "--quick",
+                "--steps",
+                "2",
+                "--groups",
+                "1",
+                "--jobs",
+                "1",
+                "--threads",
+                "1",
+                "--reconstruction",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert set(json.loads((out / "samples.json").read_text())) == {"2", "baseline"}
     for run in ("kappa_2", "baseline"):
         cfg = json.loads((out / "runs" / run / "config.json").read_text())
@@ -96,18 +151,21 @@ def test_kappa_parsing_and_keys():
 def scores(validity, pos_ind, pos_sha, jac_ind, jac_sha):
     def agg(pos, jac):
         return {"validity": validity, "position_agreement": pos, "noise_jaccard": jac}
+
     return {"ind": agg(pos_ind, jac_ind), "sha": agg(pos_sha, jac_sha)}
 
 
 def test_regime_checks_apply_the_issue_thresholds():
-    results = {"0.015625": scores(0.9, 0.03, 0.05, 0.03, 0.03),
-               "0.125": scores(0.95, 0.03, 0.85, 0.03, 0.10),
-               "1": scores(0.95, 0.03, 0.9, 0.03, 0.40),
-               "8": scores(0.70, 0.03, 0.3, 0.5, 0.8)}
+    results = {
+        "0.015625": scores(0.9, 0.03, 0.05, 0.03, 0.03),
+        "0.125": scores(0.95, 0.03, 0.85, 0.03, 0.10),
+        "1": scores(0.95, 0.03, 0.9, 0.03, 0.40),
+        "8": scores(0.70, 0.03, 0.3, 0.5, 0.8),
+    }
     assert [ok for _, _, ok in regime_checks(results)] == [True, True, True, True, True]
-    results["0.125"] = scores(0.95, 0.03, 0.79, 0.03, 0.10)   # position agreement < 0.8
-    results["1"] = scores(0.95, 0.03, 0.9, 0.03, 0.30)        # Jaccard only +0.27
-    results["8"] = scores(0.80, 0.31, 0.3, 0.5, 0.8)          # 15 points below; ind. agree
+    results["0.125"] = scores(0.95, 0.03, 0.79, 0.03, 0.10)  # position agreement < 0.8
+    results["1"] = scores(0.95, 0.03, 0.9, 0.03, 0.30)  # Jaccard only +0.27
+    results["8"] = scores(0.80, 0.31, 0.3, 0.5, 0.8)  # 15 points below; ind. agree
     checks = regime_checks(results)
     assert [ok for _, _, ok in checks] == [True, False, False, False, False]
     assert "0.310, κ = 8 bits" in checks[-1][1]
@@ -119,18 +177,26 @@ def test_plain_summary_names_what_sharing_z_did():
         r["val"] = {"kl_bits": kl}
         return r
 
-    lines = plain_summary({"1": res(0.9, 0.05, 0.45, 0.09, 0.29),
-                           "0.015625": res(0.95, 0.03, 0.05, 0.03, 0.04, kl=0.01),
-                           "8": res(0.3, 0.1, 0.9, 0.1, 0.9, kl=7.9),
-                           "baseline": {**scores(0.96, 0.03, 0.03, 0.03, 0.03), "val": {}}})
+    lines = plain_summary(
+        {
+            "1": res(0.9, 0.05, 0.45, 0.09, 0.29),
+            "0.015625": res(0.95, 0.03, 0.05, 0.03, 0.04, kl=0.01),
+            "8": res(0.3, 0.1, 0.9, 0.1, 0.9, kl=7.9),
+            "baseline": {**scores(0.96, 0.03, 0.03, 0.03, 0.03), "val": {}},
+        }
+    )
     assert "steers generation: it decides where the target goes (" in lines[0]
     assert "45 % of pairs" in lines[0] and "5 %" in lines[0]
     assert "changes little" in lines[1]
     assert "generation breaks" in lines[2] and "7.9 bits/token" in lines[2]
     assert "96 % well formed for the baseline" in lines[2]
     # 20 points below the baseline is a breakdown even above 50 % validity.
-    mild = plain_summary({"8": res(0.7, 0.1, 0.2, 0.1, 0.2, kl=7.9),
-                          "baseline": {**scores(0.95, 0.03, 0.03, 0.03, 0.03), "val": {}}})
+    mild = plain_summary(
+        {
+            "8": res(0.7, 0.1, 0.2, 0.1, 0.2, kl=7.9),
+            "baseline": {**scores(0.95, 0.03, 0.03, 0.03, 0.03), "val": {}},
+        }
+    )
     assert "generation breaks" in mild[0]
     assert lines[3].startswith("baseline")
     weak = plain_summary({"1": res(0.93, 0.04, 0.21, 0.03, 0.03)})[0]

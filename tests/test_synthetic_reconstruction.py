@@ -24,8 +24,9 @@ assert len(SOURCE) == SEQ_LEN
 
 
 def small_model(**kw):
-    cfg = ModelConfig.preset("synthetic", dim=32, n_layers=2, n_heads=2, n_kv_heads=2,
-                             latent_bits=4, free_bits=1.0, **kw)
+    cfg = ModelConfig.preset(
+        "synthetic", dim=32, n_layers=2, n_heads=2, n_kv_heads=2, latent_bits=4, free_bits=1.0, **kw
+    )
     return FreeTransformer(cfg, seed=0).eval()
 
 
@@ -34,28 +35,31 @@ def test_token_kinds_class_each_position_by_the_token_it_first_predicts():
     kinds = token_kinds(tokens, torch.tensor([6]))[0].tolist()
     name = [KINDS[k] for k in kinds]
     # Position t is classed by token t+1 = body index t-1.
-    assert name[0] == "prompt"                                   # predicts '>'
-    assert name[1:4] == ["blank before target"] * 3              # body 0..2
-    assert name[4] == "noise"                                    # body 3 = '!'
-    assert name[5:7] == ["blank before target"] * 2              # body 4..5
-    assert name[7] == "target start"                             # body 6
-    assert name[8] == "target rest" and name[9] == "noise"       # body 7, body 8 = '!'
-    assert name[10:15] == ["target rest"] * 5                    # body 9..13
+    assert name[0] == "prompt"  # predicts '>'
+    assert name[1:4] == ["blank before target"] * 3  # body 0..2
+    assert name[4] == "noise"  # body 3 = '!'
+    assert name[5:7] == ["blank before target"] * 2  # body 4..5
+    assert name[7] == "target start"  # body 6
+    assert name[8] == "target rest" and name[9] == "noise"  # body 7, body 8 = '!'
+    assert name[10:15] == ["target rest"] * 5  # body 9..13
     assert name[15:63] == ["blank after target"] * 48
     assert name[63] == "noise" and name[64] == "blank after target"
     assert len(name) == SEQ_LEN - 1
 
 
 def test_score_reconstruction_compares_regenerations_with_their_sources():
-    moved = "K>" + "___!___" + "K" * 8 + "_" * 49                # target one to the right
+    moved = "K>" + "___!___" + "K" * 8 + "_" * 49  # target one to the right
     other_noise = "K>" + "______" + "K" * 8 + "_" * 45 + "!!" + "___"
     broken = "K>" + "KK" + "_" * 62
     r = score_reconstruction([SOURCE] * 4, [SOURCE, moved, other_noise, broken])
     assert r["validity"] == 0.75
-    assert r["position_match"] == 0.5   # SOURCE and other_noise; moved and broken miss
+    assert r["position_match"] == 0.5  # SOURCE and other_noise; moved and broken miss
     noise_src = {3, 8, 62}
-    expected = (1.0 + len({3} & noise_src) / len({3} | noise_src)
-                + len({59, 60} & noise_src) / len({59, 60} | noise_src)) / 3
+    expected = (
+        1.0
+        + len({3} & noise_src) / len({3} | noise_src)
+        + len({59, 60} & noise_src) / len({59, 60} | noise_src)
+    ) / 3
     assert r["noise_jaccard"] == pytest.approx(expected)
     with pytest.raises(DataError):
         score_reconstruction([broken], [SOURCE])
@@ -85,8 +89,11 @@ def test_reconstruction_regenerates_from_the_posterior_codes(monkeypatch):
     assert torch.equal(seen["latents"][:, :-1], out.codes)
     kinds = token_kinds(src.tokens, src.start)
     kl = out.kl_tokens / 0.6931471805599453
-    weighted = sum(r["kl_bits_by_kind"][k] * int((kinds == i).sum())
-                   for i, k in enumerate(KINDS) if r["kl_bits_by_kind"][k] is not None)
+    weighted = sum(
+        r["kl_bits_by_kind"][k] * int((kinds == i).sum())
+        for i, k in enumerate(KINDS)
+        if r["kl_bits_by_kind"][k] is not None
+    )
     assert weighted / kl.numel() == pytest.approx(float(kl.mean()), rel=1e-5)
     assert r["kl_bits"] == pytest.approx(float(kl.mean()), rel=1e-6)
     with pytest.raises(DataError):
@@ -110,9 +117,9 @@ def _enumerated_split(L):
     """KL, mismatch and information (bits, per position) by brute force over every code."""
     n, T, H = L.shape
     codes = torch.arange(1 << H)
-    bits = ((codes[:, None] >> torch.arange(H)) & 1).double()          # (C, H)
-    p = torch.sigmoid(L.double())[:, :, None, :]                        # (n, T, 1, H)
-    q = torch.where(bits.bool(), p, 1 - p).prod(-1)                     # (n, T, C)
+    bits = ((codes[:, None] >> torch.arange(H)) & 1).double()  # (C, H)
+    p = torch.sigmoid(L.double())[:, :, None, :]  # (n, T, 1, H)
+    q = torch.where(bits.bool(), p, 1 - p).prod(-1)  # (n, T, C)
     u = 1.0 / (1 << H)
     kl = (q * (q / u).log2()).sum(-1).mean(0)
     agg = q.mean(0)
@@ -123,6 +130,7 @@ def _enumerated_split(L):
 @pytest.mark.parametrize("chunk", [1024, 2])
 def test_kl_splits_into_information_and_prior_mismatch(monkeypatch, chunk):
     import freeformer.experiments.reconstruction as rec
+
     monkeypatch.setattr(rec, "_CODE_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     # Posteriors that depend on the sequence *and* share a bias: both terms are non-zero.

@@ -11,9 +11,10 @@ import freeformer.runtime as runtime_mod
 from freeformer import FreeTransformer, ModelConfig
 from freeformer.checkpoint import list_checkpoints, load_checkpoint
 from freeformer.metrics import LatentMonitor
+from freeformer.optim import lr_at, param_groups
 from freeformer.runconfig import TrainConfig, available_presets, load_run_config
 from freeformer.runtime import autocast, resolve_precision
-from freeformer.train import lr_at, param_groups, train
+from freeformer.train import train
 from freeformer.validation import evaluate
 
 
@@ -29,12 +30,14 @@ def records(run_dir):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_is_bit_identical_to_uninterrupted(tmp_path, precision):
     # bf16: CPU autocast, what precision=auto picks on CPUs with native bf16 matmuls.
-    cfg = debug_cfg(max_steps=12, ckpt_every=6, eval_every=6, log_every=1, keep_last=5,
-                    precision=precision)
+    cfg = debug_cfg(
+        max_steps=12, ckpt_every=6, eval_every=6, log_every=1, keep_last=5, precision=precision
+    )
     full = tmp_path / "full"
     train(cfg, full, quiet=True)
     # Simulate a crash right after the step-6 checkpoint: drop later checkpoints and logs.
     import shutil
+
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
     for ck in list_checkpoints(cut):
@@ -66,8 +69,7 @@ def test_training_reduces_loss_and_writes_run(tmp_path):
 def test_keep_last_prunes_old_checkpoints(tmp_path):
     cfg = debug_cfg(max_steps=8, ckpt_every=2, keep_last=2, eval_every=0)
     train(cfg, tmp_path / "r", quiet=True)
-    assert [p.name for p in list_checkpoints(tmp_path / "r")] == ["step_00000006",
-                                                                   "step_00000008"]
+    assert [p.name for p in list_checkpoints(tmp_path / "r")] == ["step_00000006", "step_00000008"]
 
 
 def exact_nll(model, x, y, n_bits):
@@ -92,8 +94,7 @@ def test_importance_sampled_nll_matches_enumeration():
     x = torch.randint(0, cfg.vocab_size, (2, 4), generator=g)
     y = torch.randint(0, cfg.vocab_size, (2, 4), generator=g)
     exact = exact_nll(model, x, y, 1)
-    v = evaluate(model, [(x, y)], latent=True, n_bits=1, k=400, seed=0,
-                 device=torch.device("cpu"))
+    v = evaluate(model, [(x, y)], latent=True, n_bits=1, k=400, seed=0, device=torch.device("cpu"))
     assert v["nll_is"] == pytest.approx(exact, abs=0.01)
     assert v["nll_is_prior"] == pytest.approx(exact, abs=0.01)
     assert v["elbo"] >= exact - 1e-4  # the ELBO is an upper bound on −log P(S)/T
@@ -107,8 +108,15 @@ def test_validation_of_an_unused_latent_is_exact():
         model.encoder.readout.weight.zero_()
         model.post_sampler.weight.zero_()
     x = torch.randint(0, cfg.vocab_size, (3, 10), generator=torch.Generator().manual_seed(1))
-    v = evaluate(model, [(x[:, :-1], x[:, 1:])], latent=True, n_bits=cfg.latent_bits, k=3,
-                 seed=0, device=torch.device("cpu"))
+    v = evaluate(
+        model,
+        [(x[:, :-1], x[:, 1:])],
+        latent=True,
+        n_bits=cfg.latent_bits,
+        k=3,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     assert v["kl_bits"] == pytest.approx(0, abs=1e-6)
     for key in ("ce_encoder", "elbo", "nll_is", "nll_is_prior"):
         assert v[key] == pytest.approx(v["ce_prior"], abs=1e-5)
@@ -148,14 +156,23 @@ def test_latent_monitor_warns_once_per_condition():
 def test_every_shipped_config_parses(name):
     cfg = load_run_config(preset=name)
     assert cfg.train.seq_len <= cfg.model.max_seq_len
-    assert set(available_presets()) >= {"debug", "synthetic", "stdlib-code", "paper-1.5b",
-                                        "paper-8b", "paper-8b-1t"}
+    assert set(available_presets()) >= {
+        "debug",
+        "synthetic",
+        "stdlib-code",
+        "paper-1.5b",
+        "paper-8b",
+        "paper-8b-1t",
+    }
 
 
 # The paper's token budgets (Section 4.2): 1.5B on 47B tokens; 8B on 200B, and on 1T tokens
 # with κ = 1/2 bit for the long run.
-PAPER_BUDGETS = {"paper-1.5b": ("paper-1.5b", 47e9), "paper-8b": ("paper-8b", 200e9),
-                 "paper-8b-1t": ("paper-8b", 1e12)}
+PAPER_BUDGETS = {
+    "paper-1.5b": ("paper-1.5b", 47e9),
+    "paper-8b": ("paper-8b", 200e9),
+    "paper-8b-1t": ("paper-8b", 1e12),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_BUDGETS))
@@ -164,17 +181,19 @@ def test_paper_configs_train_the_papers_token_budget(name):
     cfg = load_run_config(preset=name)
     tc = cfg.train
     tokens = tc.max_steps * tc.batch_size * tc.seq_len  # optimizer steps × global batch tokens
-    assert abs(tokens / budget - 1) < 0.01, f"{name}: {tokens / 1e9:.1f}B tokens, paper {budget / 1e9:g}B"
+    assert abs(tokens / budget - 1) < 0.01, (
+        f"{name}: {tokens / 1e9:.1f}B tokens, paper {budget / 1e9:g}B"
+    )
     assert cfg.model == ModelConfig.preset(shape)  # the paper's shape, κ = 1/2 bit
     assert cfg.model.free_bits == 0.5
 
 
 def test_activation_checkpointing_gives_identical_gradients():
-    from freeformer.train import _enable_activation_checkpointing
+    from freeformer.distributed import checkpoint_activations
 
     cfg = ModelConfig.preset("debug")
     a, b = FreeTransformer(cfg, seed=0), FreeTransformer(cfg, seed=0)
-    _enable_activation_checkpointing(b)
+    checkpoint_activations(b)
     x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     noise = torch.rand(2, 16, cfg.latent_bits, generator=torch.Generator().manual_seed(1))
     for m in (a, b):
@@ -214,8 +233,9 @@ def test_ce_and_kl_stay_float32_under_cpu_bf16_autocast():
     ce64 = F.cross_entropy(out.logits.double().flatten(0, 1), x.flatten())
     torch.testing.assert_close(out.ce.double(), ce64, rtol=1e-6, atol=1e-6)
     L = out.bit_logits.double()  # KL_t = Σ_h (log 2 − h_b(σ(L_h))) in float64
-    kl64 = (math.log(2) + torch.sigmoid(L) * F.logsigmoid(L)
-            + torch.sigmoid(-L) * F.logsigmoid(-L)).sum(-1)
+    kl64 = (
+        math.log(2) + torch.sigmoid(L) * F.logsigmoid(L) + torch.sigmoid(-L) * F.logsigmoid(-L)
+    ).sum(-1)
     torch.testing.assert_close(out.kl_tokens.double(), kl64, rtol=1e-5, atol=1e-6)
 
 
@@ -238,8 +258,9 @@ def test_micro_batches_give_the_same_step_and_losses():
         m = FreeTransformer(cfg, seed=0)
         with torch.no_grad():  # KL per token over κ for part of the batch: the hinge is live
             m.encoder.readout.weight.mul_(60)
-        metrics = train_step(m, torch.optim.SGD(m.parameters(), lr=1.0), x, y, noise, n, tc,
-                             contextlib.nullcontext())
+        metrics = train_step(
+            m, torch.optim.SGD(m.parameters(), lr=1.0), x, y, noise, n, tc, contextlib.nullcontext()
+        )
         results[n] = ({k: float(v) for k, v in metrics.items()}, m.state_dict())
     m1, s1 = results[1]
     assert m1["kl_loss"] > 0

@@ -102,8 +102,9 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # Optimizer state <-> flat tensors (names instead of pickled objects)
 # ---------------------------------------------------------------------------------------
-def flatten_optimizer_state(osd: dict[str, Any]
-                            ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def flatten_optimizer_state(
+    osd: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Name-keyed optimizer state (torch.distributed.checkpoint's "full" format, which every
     mode — plain, DDP, FSDP2 — produces) → ({"param/key": tensor}, param groups)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -113,14 +114,17 @@ def flatten_optimizer_state(osd: dict[str, Any]
     return tensors, [dict(g) for g in osd["param_groups"]]
 
 
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]],
-                              param_names: set[str]) -> dict[str, Any]:
+def unflatten_optimizer_state(
+    tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]], param_names: set[str]
+) -> dict[str, Any]:
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         name, _, field = key.rpartition("/")
         if name not in param_names:
-            raise CheckpointError(f"optimizer state names parameter {name!r}, which the model "
-                                  "does not have; the checkpoint belongs to another model")
+            raise CheckpointError(
+                f"optimizer state names parameter {name!r}, which the model "
+                "does not have; the checkpoint belongs to another model"
+            )
         state.setdefault(name, {})[field] = t
     for g in groups:
         unknown = [n for n in g["params"] if n not in param_names]
@@ -132,9 +136,15 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dic
 # ---------------------------------------------------------------------------------------
 # Save
 # ---------------------------------------------------------------------------------------
-def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict[str, torch.Tensor],
-                    optimizer_tensors: dict[str, torch.Tensor] | None = None,
-                    state: dict[str, Any], keep_last: int = 3) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_tensors: dict[str, torch.Tensor] | None = None,
+    state: dict[str, Any],
+    keep_last: int = 3,
+) -> Path:
     """Write ``RUN_DIR/checkpoints/step_{step}`` atomically; prune to the newest ``keep_last``."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -151,8 +161,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict[str, to
         for name, tensors in files.items():
             _save_tensors(tensors, tmp / name)
             manifest[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-        _write_json(tmp / "state.json", {**state, "format": FORMAT_VERSION, "step": step,
-                                         "files": manifest})
+        _write_json(
+            tmp / "state.json", {**state, "format": FORMAT_VERSION, "step": step, "files": manifest}
+        )
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. end of run == last periodic)
             shutil.rmtree(final)
@@ -206,8 +217,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or the newest one of a run directory."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"{str(p)!r} does not exist; pass a run directory or a "
-                              "checkpoints/step_* directory")
+        raise CheckpointError(
+            f"{str(p)!r} does not exist; pass a run directory or a checkpoints/step_* directory"
+        )
     if (p / "state.json").is_file():
         return p
     found = list_checkpoints(p)
@@ -223,15 +235,21 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
         state = json.loads((ck / "state.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{ck / 'state.json'} is unreadable or corrupted ({e})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "config" not in state:
+    if (
+        not isinstance(state, dict)
+        or state.get("format") != FORMAT_VERSION
+        or "config" not in state
+    ):
         raise CheckpointError(f"{ck} is not a freeformer checkpoint of format {FORMAT_VERSION}")
     for name, meta in state.get("files", {}).items():
         f = ck / name
         if not f.is_file():
             raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
         if f.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{f} has {f.stat().st_size} bytes, expected {meta['bytes']}: "
-                                  "truncated or overwritten")
+            raise CheckpointError(
+                f"{f} has {f.stat().st_size} bytes, expected {meta['bytes']}: "
+                "truncated or overwritten"
+            )
         if verify and _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"{f} fails its sha256 check: the file is corrupted")
     try:
@@ -248,8 +266,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     return model_from_state(ck.model_config, tensors, device).eval(), ck
 
 
-def model_from_state(config: ModelConfig, tensors: dict[str, torch.Tensor],
-                     device: str | torch.device = "cpu"):
+def model_from_state(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+):
     """A ``FreeTransformer`` of ``config`` holding exactly ``tensors`` (no random init is
     drawn: ``FreeTransformer.empty``), in training mode: for loading, resuming and
     fine-tuning from a checkpoint."""
@@ -267,12 +286,16 @@ def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -
     extra = [k for k in tensors if k not in own]
     if missing or extra:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-        raise CheckpointError(f"checkpoint does not match the model ({what}; "
-                              f"{len(missing)} missing, {len(extra)} unexpected)")
+        raise CheckpointError(
+            f"checkpoint does not match the model ({what}; "
+            f"{len(missing)} missing, {len(extra)} unexpected)"
+        )
     for k, t in tensors.items():
         if tuple(own[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"checkpoint tensor {k!r} has shape {tuple(t.shape)}, the model "
-                                  f"expects {tuple(own[k].shape)}")
+            raise CheckpointError(
+                f"checkpoint tensor {k!r} has shape {tuple(t.shape)}, the model "
+                f"expects {tuple(own[k].shape)}"
+            )
     model.load_state_dict(tensors, strict=True, assign=False)
     # Non-persistent buffers (RoPE tables) are rebuilt, not loaded: recompute after to_empty.
     if hasattr(model, "reset_buffers"):
@@ -289,6 +312,7 @@ def load_run_tokenizer(ck: Checkpoint):
 
     run_dir = ck.path.parent.parent
     if not (run_dir / "tokenizer").is_dir():
-        raise CheckpointError(f"{run_dir} has no tokenizer/ directory; copy the data's "
-                              "tokenizer there")
+        raise CheckpointError(
+            f"{run_dir} has no tokenizer/ directory; copy the data's tokenizer there"
+        )
     return load_tokenizer(run_dir / "tokenizer")

@@ -16,45 +16,66 @@ from freeformer.errors import UserError
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train a Free Transformer or a baseline",
+        "train",
+        help="train a Free Transformer or a baseline",
         description="Train from a shipped preset or a TOML config, with --section.key=value "
-                    "overrides (e.g. --train.max_steps=200 --model.free_bits=1/8). Sections: "
-                    "model, train, data; `freeformer config --preset NAME` prints every key.",
+        "overrides (e.g. --train.max_steps=200 --model.free_bits=1/8). Sections: "
+        "model, train, data; `freeformer config --preset NAME` prints every key.",
         epilog="Distributed: torchrun --nproc_per_node=N -m freeformer train ... "
-               "--train.dist=ddp|fsdp")
+        "--train.dist=ddp|fsdp",
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="shipped config name (debug, synthetic, stdlib-code, "
-                                      "paper-1.5b, paper-8b, paper-8b-1t, smollm2-135m-ft)")
+    src.add_argument(
+        "--preset",
+        help="shipped config name (debug, synthetic, stdlib-code, "
+        "paper-1.5b, paper-8b, paper-8b-1t, smollm2-135m-ft)",
+    )
     src.add_argument("--config", help="path to a TOML config")
     p.add_argument("--out", help="run directory (default: runs/<preset or config name>)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its newest checkpoint")
-    p.add_argument("--init-from", metavar="RUN_DIR",
-                   help="fine-tune: start from the weights of RUN_DIR (or a checkpoint), e.g. "
-                        "one made by `freeformer convert`; fresh optimizer, schedule and step "
-                        "count; [model] must equal its config (same as --train.init_from); "
-                        "--train.trainable=latent trains only the latent path")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint"
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="RUN_DIR",
+        help="fine-tune: start from the weights of RUN_DIR (or a checkpoint), e.g. "
+        "one made by `freeformer convert`; fresh optimizer, schedule and step "
+        "count; [model] must equal its config (same as --train.init_from); "
+        "--train.trainable=latent trains only the latent path",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_train, overrides=[])  # overrides: --section.key=value (main)
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="honest validation metrics of a run or checkpoint",
-                       description="Prints the model's −log P(S) per token estimated by "
-                                   "importance sampling with k samples (encoder and prior "
-                                   "proposals; upper bounds in expectation, consistent as k "
-                                   "grows), the ELBO, KL bits, CE with prior codes (what "
-                                   "generation does) and CE with encoder codes (sees the "
-                                   "future); CE for a baseline.")
+    p = sub.add_parser(
+        "validate",
+        help="honest validation metrics of a run or checkpoint",
+        description="Prints the model's −log P(S) per token estimated by "
+        "importance sampling with k samples (encoder and prior "
+        "proposals; upper bounds in expectation, consistent as k "
+        "grows), the ELBO, KL bits, CE with prior codes (what "
+        "generation does) and CE with encoder codes (sees the "
+        "future); CE for a baseline.",
+    )
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: config)")
     p.add_argument("--k", type=int, default=None, help="importance samples (default: config)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="sequences per validation batch (default: config's train.batch_size); "
-                        "with the same --batches, N and data, two runs see the same windows")
-    p.add_argument("--data", default=None, metavar="DIR",
-                   help="prepared data directory to validate on (default: the run's data; "
-                        "needed for a converted model)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sequences per validation batch (default: config's train.batch_size); "
+        "with the same --batches, N and data, two runs see the same windows",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="prepared data directory to validate on (default: the run's data; "
+        "needed for a converted model)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_validate)
 
@@ -63,42 +84,68 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a run or checkpoint")
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt as a user message in the model's chat template "
-                        "(converted instruct models)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt as a user message in the model's chat template "
+        "(converted instruct models)",
+    )
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--shared-latent", action="store_true",
-                   help="the N samples share one latent sequence, drawn from the uniform prior "
-                        "for every position, prompt included (paper Fig. 4, green groups)")
-    p.add_argument("--prefill", choices=["encoder", "prior"], default="encoder",
-                   help="prompt codes from the encoder (paper) or the prior; unused with "
-                        "--shared-latent")
+    p.add_argument(
+        "--shared-latent",
+        action="store_true",
+        help="the N samples share one latent sequence, drawn from the uniform prior "
+        "for every position, prompt included (paper Fig. 4, green groups)",
+    )
+    p.add_argument(
+        "--prefill",
+        choices=["encoder", "prior"],
+        default="encoder",
+        help="prompt codes from the encoder (paper) or the prior; unused with --shared-latent",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--static", action="store_true",
-                   help="decode at fixed shapes, one CUDA-graph replay per token on a GPU "
-                        "(fastest at small batches; same tokens up to rounding)")
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="decode at fixed shapes, one CUDA-graph replay per token on a GPU "
+        "(fastest at small batches; same tokens up to rounding)",
+    )
     p.set_defaults(func=cmd_generate)
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare", help="tokenize text/JSONL into memmap shards",
-                       description="Text files, directories and JSONL → uint16/uint32 token "
-                                   "shards with a train/val split and manifest.json.")
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize text/JSONL into memmap shards",
+        description="Text files, directories and JSONL → uint16/uint32 token "
+        "shards with a train/val split and manifest.json.",
+    )
     p.add_argument("sources", nargs="+", metavar="SRC")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizer", default="byte",
-                   help="byte | bpe:VOCAB (trained here) | path/to/tokenizer.json | a "
-                        "tokenizer directory freeformer wrote (e.g. RUN_DIR/tokenizer of a "
-                        "converted model: its ids, EOS and specials)")
-    p.add_argument("--include", action="append", default=None,
-                   help="glob of files to take from directories (repeatable; default *)")
-    p.add_argument("--exclude", action="append", default=None,
-                   help="glob to skip (repeatable; default: hidden files and directories)")
+    p.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="byte | bpe:VOCAB (trained here) | path/to/tokenizer.json | a "
+        "tokenizer directory freeformer wrote (e.g. RUN_DIR/tokenizer of a "
+        "converted model: its ids, EOS and specials)",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=None,
+        help="glob of files to take from directories (repeatable; default *)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        help="glob to skip (repeatable; default: hidden files and directories)",
+    )
     p.add_argument("--jsonl-field", default="text")
     p.add_argument("--val-fraction", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)
@@ -107,9 +154,12 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_config(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("config", help="print a resolved run config (every key) as TOML",
-                       description="Resolve a preset or TOML file plus overrides and print "
-                                   "every [model]/[train]/[data] key with its value.")
+    p = sub.add_parser(
+        "config",
+        help="print a resolved run config (every key) as TOML",
+        description="Resolve a preset or TOML file plus overrides and print "
+        "every [model]/[train]/[data] key with its value.",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="shipped config name")
     src.add_argument("--config", help="path to a TOML config")
@@ -130,26 +180,46 @@ def _fraction(text: str) -> float:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "convert", help="a pretrained Llama / Mistral / Qwen2 / SmolLM model → a run directory",
+        "convert",
+        help="a pretrained Llama / Mistral / Qwen2 / SmolLM model → a run directory",
         description="Convert a Hugging Face model directory (config.json, *.safetensors, "
-                    "tokenizer.json) or a .gguf file into a run directory that generate, "
-                    "validate, eval and train --init-from accept. Without --baseline the "
-                    "latent path is added, initialised so that the model computes exactly the "
-                    "source's function until it is trained (docs/design.md).",
-        epilog="GGUF files need the pretrained-gguf extra: pip install 'freeformer[pretrained-gguf]'")
+        "tokenizer.json) or a .gguf file into a run directory that generate, "
+        "validate, eval and train --init-from accept. Without --baseline the "
+        "latent path is added, initialised so that the model computes exactly the "
+        "source's function until it is trained (docs/design.md).",
+        epilog="GGUF files need the pretrained-gguf extra: pip install 'freeformer[pretrained-gguf]'",
+    )
     p.add_argument("src", metavar="SRC", help="Hugging Face model directory or .gguf file")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
-    p.add_argument("--baseline", action="store_true",
-                   help="the plain decoder (no latent path): logits equal the source's")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="the plain decoder (no latent path): logits equal the source's",
+    )
     p.add_argument("--latent-bits", type=int, default=16, metavar="H", help="H (default 16)")
-    p.add_argument("--free-bits", type=_fraction, default=0.5, metavar="K",
-                   help="κ in bits per token (default 1/2)")
-    p.add_argument("--inject-layer", type=int, default=None, metavar="I",
-                   help="0-based block whose keys/values read x + r (default L/2)")
+    p.add_argument(
+        "--free-bits",
+        type=_fraction,
+        default=0.5,
+        metavar="K",
+        help="κ in bits per token (default 1/2)",
+    )
+    p.add_argument(
+        "--inject-layer",
+        type=int,
+        default=None,
+        metavar="I",
+        help="0-based block whose keys/values read x + r (default L/2)",
+    )
     p.add_argument("--encoder-layers", type=int, default=1, metavar="N", help="default 1")
-    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
-                   help="longest sequence (default: the source's context, at most 8192, and "
-                        "at most its sliding window)")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="longest sequence (default: the source's context, at most 8192, and "
+        "at most its sliding window)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the latent path's init")
     p.set_defaults(func=cmd_convert)
 
@@ -157,34 +227,53 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from freeformer.pretrained.convert import convert
 
-    out = convert(args.src, args.out, baseline=args.baseline, latent_bits=args.latent_bits,
-                  free_bits=args.free_bits, inject_layer=args.inject_layer,
-                  encoder_layers=args.encoder_layers, max_seq_len=args.max_seq_len,
-                  seed=args.seed)
+    out = convert(
+        args.src,
+        args.out,
+        baseline=args.baseline,
+        latent_bits=args.latent_bits,
+        free_bits=args.free_bits,
+        inject_layer=args.inject_layer,
+        encoder_layers=args.encoder_layers,
+        max_seq_len=args.max_seq_len,
+        seed=args.seed,
+    )
     from freeformer.checkpoint import load_checkpoint
 
     mc = load_checkpoint(out, verify=False).model_config
-    kind = "baseline" if not mc.latent else (
-        f"Free Transformer (H={mc.latent_bits}, κ={mc.free_bits:g} bit, "
-        f"injection at block {mc.inject_layer}, {mc.encoder_layers} encoder block(s))")
-    print(f"wrote {out}: {mc.n_layers} layers, D {mc.dim}, vocab {mc.vocab_size}, "
-          f"max_seq_len {mc.max_seq_len}; {kind}")
+    kind = (
+        "baseline"
+        if not mc.latent
+        else (
+            f"Free Transformer (H={mc.latent_bits}, κ={mc.free_bits:g} bit, "
+            f"injection at block {mc.inject_layer}, {mc.encoder_layers} encoder block(s))"
+        )
+    )
+    print(
+        f"wrote {out}: {mc.n_layers} layers, D {mc.dim}, vocab {mc.vocab_size}, "
+        f"max_seq_len {mc.max_seq_len}; {kind}"
+    )
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "export", help="a run → a Hugging Face model directory (transformers, the Hub)",
+        "export",
+        help="a run → a Hugging Face model directory (transformers, the Hub)",
         description="Write the model of RUN_DIR (its newest checkpoint, or the checkpoints/"
-                    "step_* directory given) as a Hugging Face directory: a baseline as a "
-                    "plain LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases), a Free "
-                    "Transformer with its own configuration and modeling files, loaded with "
-                    "trust_remote_code=True. `freeformer convert HF_DIR` reads either back "
-                    "(docs/export.md).")
+        "step_* directory given) as a Hugging Face directory: a baseline as a "
+        "plain LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases), a Free "
+        "Transformer with its own configuration and modeling files, loaded with "
+        "trust_remote_code=True. `freeformer convert HF_DIR` reads either back "
+        "(docs/export.md).",
+    )
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--out", required=True, metavar="HF_DIR", help="directory to create")
-    p.add_argument("--unmerged-lora", action="store_true",
-                   help="a LoRA run: write the weights without the adapters and the adapters "
-                        "in PEFT's format to HF_DIR/lora (default: adapters merged)")
+    p.add_argument(
+        "--unmerged-lora",
+        action="store_true",
+        help="a LoRA run: write the weights without the adapters and the adapters "
+        "in PEFT's format to HF_DIR/lora (default: adapters merged)",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -196,8 +285,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
     remote = ", trust_remote_code=True" if cfg["model_type"] == "freeformer" else ""
-    print(f"wrote {out}: {cfg['architectures'][0]} (step {cfg['freeformer_export']['step']}); "
-          f"load with AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})")
+    print(
+        f"wrote {out}: {cfg['architectures'][0]} (step {cfg['freeformer_export']['step']}); "
+        f"load with AutoModelForCausalLM.from_pretrained({str(out)!r}{remote})"
+    )
     if not (out / "tokenizer.json").is_file():
         print("no tokenizer files: the run's byte / synthetic vocabulary has no tokenizer.json")
 
@@ -236,11 +327,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="freeformer",
         description="The Free Transformer (Fleuret, arXiv 2510.17558): train, generate, "
-                    "evaluate, reproduce the synthetic experiment.")
+        "evaluate, reproduce the synthetic experiment.",
+    )
     parser.add_argument("--version", action="version", version=f"freeformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_train, _add_config, _add_validate, _add_generate, _add_prepare, _add_convert,
-                _add_export, _add_plot):
+    for add in (
+        _add_train,
+        _add_config,
+        _add_validate,
+        _add_generate,
+        _add_prepare,
+        _add_convert,
+        _add_export,
+        _add_plot,
+    ):
         add(sub)
     for optional in (_add_synthetic, _add_eval, _add_compare):
         try:
@@ -258,8 +358,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = args.overrides
     if args.init_from:
         if args.resume:
-            raise UserError("--init-from starts a new run from weights and --resume continues "
-                            "a run: give one of them")
+            raise UserError(
+                "--init-from starts a new run from weights and --resume continues "
+                "a run: give one of them"
+            )
         overrides = [*overrides, f"train.init_from={args.init_from}"]
     if args.resume:
         if args.preset or args.config:
@@ -303,8 +405,15 @@ def cmd_config(args: argparse.Namespace) -> None:
         print()
 
 
-_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
-                 "\f": "\\f", "\r": "\\r"}
+_TOML_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
 
 
 def _toml_char(c: str) -> str:
@@ -348,8 +457,15 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
         cfg = dataclasses.replace(cfg, data=DataConfig(source="files", path=args.data))
     _, val = build_data(cfg, DistInfo())
-    vals = evaluate(model, val, latent=cfg.model.latent, n_bits=cfg.model.latent_bits,
-                    k=args.k or tc.importance_samples, seed=tc.seed + 2, device=device)
+    vals = evaluate(
+        model,
+        val,
+        latent=cfg.model.latent,
+        n_bits=cfg.model.latent_bits,
+        k=args.k or tc.importance_samples,
+        seed=tc.seed + 2,
+        device=device,
+    )
     print(format_val(ck.step, vals))
 
 
@@ -378,27 +494,44 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.shared_latent:
         if not c.latent:
             raise UserError("--shared-latent needs a Free Transformer; this run is a baseline")
-        latents = torch.randint(0, c.n_codes, (1, prompt.shape[1] + args.max_new_tokens),
-                                generator=gen, device=device)
-    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, latents=latents,
-                   prefill=args.prefill, generator=gen, eos_id=tok.eos_id, static=args.static)
+        latents = torch.randint(
+            0, c.n_codes, (1, prompt.shape[1] + args.max_new_tokens), generator=gen, device=device
+        )
+    out = generate(
+        model,
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        latents=latents,
+        prefill=args.prefill,
+        generator=gen,
+        eos_id=tok.eos_id,
+        static=args.static,
+    )
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        if tok.eos_id is not None and tok.eos_id in row[len(ids):]:
-            row = row[:len(ids) + row[len(ids):].index(tok.eos_id)]
+        if tok.eos_id is not None and tok.eos_id in row[len(ids) :]:
+            row = row[: len(ids) + row[len(ids) :].index(tok.eos_id)]
         print(tok.decode(row))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from freeformer.data.prepare import prepare
 
-    m = prepare(args.sources, args.out, tokenizer=args.tokenizer,
-                include=tuple(args.include or ("*",)),
-                exclude=tuple(args.exclude if args.exclude is not None else (".*",)),
-                jsonl_field=args.jsonl_field, val_fraction=args.val_fraction, seed=args.seed,
-                overwrite=args.overwrite)
+    m = prepare(
+        args.sources,
+        args.out,
+        tokenizer=args.tokenizer,
+        include=tuple(args.include or ("*",)),
+        exclude=tuple(args.exclude if args.exclude is not None else (".*",)),
+        jsonl_field=args.jsonl_field,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     n_train = sum(s["tokens"] for s in m["train"])
     n_val = sum(s["tokens"] for s in m["val"])
     print(f"wrote {args.out}: {n_train:,} train + {n_val:,} val tokens, vocab {m['vocab_size']}")
@@ -421,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
             while i < len(rest):  # --section.key=value or --section.key value
                 a = rest[i]
                 if not a.startswith("--") or "." not in a.split("=", 1)[0]:
-                    parser.error(f"unrecognized argument {a!r} (overrides look like "
-                                 "--section.key=value)")
+                    parser.error(
+                        f"unrecognized argument {a!r} (overrides look like --section.key=value)"
+                    )
                 if "=" not in a:
                     if i + 1 >= len(rest):
                         raise UserError(f"override {a} needs a value: {a}=VALUE")

@@ -18,8 +18,9 @@ LATENT_EMBEDDINGS = ("table", "bits")
 ROPE_SCALINGS = ("none", "llama3")
 # Defaults of the llama3 RoPE-scaling fields; with rope_scaling = "none" they must stay so
 # (a factor that silently does nothing would be a wrong result, not a setting).
-_ROPE_SCALING_DEFAULTS = dict(rope_factor=1.0, rope_low_freq_factor=1.0,
-                              rope_high_freq_factor=4.0, rope_original_max_len=8192)
+_ROPE_SCALING_DEFAULTS = dict(
+    rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192
+)
 
 
 def _require(ok: bool, name: str, value: Any, expect: str) -> None:
@@ -89,72 +90,154 @@ class ModelConfig:
     """Fields left at None and derived here; ``replace`` derives them again."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_derived", frozenset(
-            n for n in ("n_kv_heads", "mlp_hidden", "inject_layer") if getattr(self, n) is None))
+        object.__setattr__(
+            self,
+            "_derived",
+            frozenset(
+                n for n in ("n_kv_heads", "mlp_hidden", "inject_layer") if getattr(self, n) is None
+            ),
+        )
 
         def positive_int(name: str) -> None:
             v = getattr(self, name)
-            _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, v,
-                     "a positive integer")
+            _require(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                name,
+                v,
+                "a positive integer",
+            )
 
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len",
-                     "latent_bits", "encoder_layers"):
+        for name in (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "max_seq_len",
+            "latent_bits",
+            "encoder_layers",
+        ):
             positive_int(name)
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         positive_int("n_kv_heads")
-        _require(self.dim % self.n_heads == 0, "n_heads", self.n_heads,
-                 f"a divisor of dim={self.dim}")
-        _require(self.head_dim % 2 == 0, "n_heads", self.n_heads,
-                 f"a value giving an even head_dim for RoPE (dim/n_heads = {self.head_dim})")
-        _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
-                 f"a divisor of n_heads={self.n_heads}")
+        _require(
+            self.dim % self.n_heads == 0, "n_heads", self.n_heads, f"a divisor of dim={self.dim}"
+        )
+        _require(
+            self.head_dim % 2 == 0,
+            "n_heads",
+            self.n_heads,
+            f"a value giving an even head_dim for RoPE (dim/n_heads = {self.head_dim})",
+        )
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            "n_kv_heads",
+            self.n_kv_heads,
+            f"a divisor of n_heads={self.n_heads}",
+        )
         if self.mlp_hidden is None:
             object.__setattr__(self, "mlp_hidden", 64 * math.ceil(8 * self.dim / 3 / 64))
         positive_int("mlp_hidden")
         for name in ("tie_embeddings", "latent", "qkv_bias"):
-            _require(isinstance(getattr(self, name), bool), name, getattr(self, name),
-                     "true or false")
+            _require(
+                isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false"
+            )
         for name in ("rope_theta", "norm_eps"):
             v = getattr(self, name)
-            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                     and math.isfinite(v), name, v, "a positive number")
-        _require(self.rope_scaling in ROPE_SCALINGS, "rope_scaling", self.rope_scaling,
-                 f"one of {', '.join(ROPE_SCALINGS)}")
+            _require(
+                isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and v > 0
+                and math.isfinite(v),
+                name,
+                v,
+                "a positive number",
+            )
+        _require(
+            self.rope_scaling in ROPE_SCALINGS,
+            "rope_scaling",
+            self.rope_scaling,
+            f"one of {', '.join(ROPE_SCALINGS)}",
+        )
         if self.rope_scaling == "none":
             for name, default in _ROPE_SCALING_DEFAULTS.items():
-                _require(getattr(self, name) == default, name, getattr(self, name),
-                         f"{default} (the default) unless rope_scaling = 'llama3'")
+                _require(
+                    getattr(self, name) == default,
+                    name,
+                    getattr(self, name),
+                    f"{default} (the default) unless rope_scaling = 'llama3'",
+                )
         else:
             for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
                 v = getattr(self, name)
-                _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                         and math.isfinite(v), name, v, "a positive number")
+                _require(
+                    isinstance(v, (int, float))
+                    and not isinstance(v, bool)
+                    and v > 0
+                    and math.isfinite(v),
+                    name,
+                    v,
+                    "a positive number",
+                )
             _require(self.rope_factor >= 1, "rope_factor", self.rope_factor, "a number ≥ 1")
-            _require(self.rope_high_freq_factor > self.rope_low_freq_factor,
-                     "rope_high_freq_factor", self.rope_high_freq_factor,
-                     f"a number > rope_low_freq_factor = {self.rope_low_freq_factor}")
+            _require(
+                self.rope_high_freq_factor > self.rope_low_freq_factor,
+                "rope_high_freq_factor",
+                self.rope_high_freq_factor,
+                f"a number > rope_low_freq_factor = {self.rope_low_freq_factor}",
+            )
             positive_int("rope_original_max_len")
         # 2^30 codes would need a 2^30 × D table: far beyond any sensible memory.
-        _require(self.latent_bits <= 24, "latent_bits", self.latent_bits,
-                 "at most 24 (the table has 2^H rows)")
+        _require(
+            self.latent_bits <= 24,
+            "latent_bits",
+            self.latent_bits,
+            "at most 24 (the table has 2^H rows)",
+        )
         fb = self.free_bits
-        _require(isinstance(fb, (int, float)) and not isinstance(fb, bool) and fb >= 0
-                 and math.isfinite(fb), "free_bits", fb, "a number of bits ≥ 0")
-        _require(fb <= self.latent_bits, "free_bits", fb,
-                 f"at most latent_bits={self.latent_bits} (KL per token cannot exceed H bits)")
+        _require(
+            isinstance(fb, (int, float))
+            and not isinstance(fb, bool)
+            and fb >= 0
+            and math.isfinite(fb),
+            "free_bits",
+            fb,
+            "a number of bits ≥ 0",
+        )
+        _require(
+            fb <= self.latent_bits,
+            "free_bits",
+            fb,
+            f"at most latent_bits={self.latent_bits} (KL per token cannot exceed H bits)",
+        )
         if self.inject_layer is None:
             object.__setattr__(self, "inject_layer", self.n_layers // 2)
         il = self.inject_layer
-        _require(isinstance(il, int) and not isinstance(il, bool) and 1 <= il < self.n_layers,
-                 "inject_layer", il,
-                 f"an integer in [1, {self.n_layers - 1}] (blocks before it feed the encoder)")
-        _require(self.latent_embedding in LATENT_EMBEDDINGS, "latent_embedding",
-                 self.latent_embedding, f"one of {', '.join(LATENT_EMBEDDINGS)}")
+        _require(
+            isinstance(il, int) and not isinstance(il, bool) and 1 <= il < self.n_layers,
+            "inject_layer",
+            il,
+            f"an integer in [1, {self.n_layers - 1}] (blocks before it feed the encoder)",
+        )
+        _require(
+            self.latent_embedding in LATENT_EMBEDDINGS,
+            "latent_embedding",
+            self.latent_embedding,
+            f"one of {', '.join(LATENT_EMBEDDINGS)}",
+        )
         lis = self.latent_init_std
-        _require(lis is None or (isinstance(lis, (int, float)) and not isinstance(lis, bool)
-                                 and lis > 0 and math.isfinite(lis)),
-                 "latent_init_std", lis, "a positive number or null")
+        _require(
+            lis is None
+            or (
+                isinstance(lis, (int, float))
+                and not isinstance(lis, bool)
+                and lis > 0
+                and math.isfinite(lis)
+            ),
+            "latent_init_std",
+            lis,
+            "a positive number or null",
+        )
 
     # Derived values ----------------------------------------------------------------------
     @property
@@ -186,8 +269,12 @@ class ModelConfig:
         """(factor, low_freq_factor, high_freq_factor, original_max_len), or None."""
         if self.rope_scaling != "llama3":
             return None
-        return (float(self.rope_factor), float(self.rope_low_freq_factor),
-                float(self.rope_high_freq_factor), self.rope_original_max_len)
+        return (
+            float(self.rope_factor),
+            float(self.rope_low_freq_factor),
+            float(self.rope_high_freq_factor),
+            self.rope_original_max_len,
+        )
 
     # Construction helpers ----------------------------------------------------------------
     @classmethod
@@ -198,8 +285,10 @@ class ModelConfig:
         """A copy with ``changes``; fields that were derived (None) are derived again."""
         unknown = set(changes) - set(self.field_names())
         if unknown:
-            raise ConfigError(f"unknown model field(s): {', '.join(sorted(unknown))}; "
-                              f"valid fields: {', '.join(self.field_names())}")
+            raise ConfigError(
+                f"unknown model field(s): {', '.join(sorted(unknown))}; "
+                f"valid fields: {', '.join(self.field_names())}"
+            )
         return dataclasses.replace(self, **{**{n: None for n in self._derived}, **changes})
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,8 +301,10 @@ class ModelConfig:
             raise ConfigError(f"model config must be a table/object, got {type(d).__name__}")
         unknown = set(d) - set(cls.field_names())
         if unknown:
-            raise ConfigError(f"unknown model field(s): {', '.join(sorted(unknown))}; "
-                              f"valid fields: {', '.join(cls.field_names())}")
+            raise ConfigError(
+                f"unknown model field(s): {', '.join(sorted(unknown))}; "
+                f"valid fields: {', '.join(cls.field_names())}"
+            )
         return cls(**d)
 
     @classmethod
@@ -226,24 +317,60 @@ class ModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Tiny, for tests: every code path, milliseconds per step.
-    "debug": dict(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128,
-                  latent_bits=6, free_bits=0.5),
+    "debug": dict(
+        vocab_size=64,
+        dim=32,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=128,
+        latent_bits=6,
+        free_bits=0.5,
+    ),
     # The synthetic experiment (paper Section 4.1; its model size is not given in the paper).
     # One setup for every κ, as in the paper. Measured in docs/synthetic/results.md: H = 8
     # (κ = 8 bits needs H ≥ 8) with RoPE base 10^4 gives a κ = 1 bit latent that spreads its
     # KL over every token and carries the target position (the earlier base 100 / H = 6
     # made a local noise code win; see the search log there).
-    "synthetic": dict(vocab_size=29, dim=64, n_layers=4, n_heads=4, n_kv_heads=4,
-                      max_seq_len=66, rope_theta=10000.0, latent_bits=8, free_bits=1.0),
+    "synthetic": dict(
+        vocab_size=29,
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        max_seq_len=66,
+        rope_theta=10000.0,
+        latent_bits=8,
+        free_bits=1.0,
+    ),
     # Paper Section 4.2: 28 layers, D = 1536, 12 query heads, 2 KV heads, tied embeddings,
     # vocabulary 2^17, H = 16 (the shape of Qwen2-1.5B, whose SwiGLU width is 8960).
-    "paper-1.5b": dict(vocab_size=1 << 17, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
-                       mlp_hidden=8960, max_seq_len=4096, tie_embeddings=True,
-                       rope_theta=1e6, latent_bits=16, free_bits=0.5),
+    "paper-1.5b": dict(
+        vocab_size=1 << 17,
+        dim=1536,
+        n_layers=28,
+        n_heads=12,
+        n_kv_heads=2,
+        mlp_hidden=8960,
+        max_seq_len=4096,
+        tie_embeddings=True,
+        rope_theta=1e6,
+        latent_bits=16,
+        free_bits=0.5,
+    ),
     # Paper Section 4.2: the Llama-3 8B shape (32 layers, D = 4096, 32/8 heads, SwiGLU 14336).
-    "paper-8b": dict(vocab_size=1 << 17, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                     mlp_hidden=14336, max_seq_len=4096, rope_theta=5e5, latent_bits=16,
-                     free_bits=0.5),
+    "paper-8b": dict(
+        vocab_size=1 << 17,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        mlp_hidden=14336,
+        max_seq_len=4096,
+        rope_theta=5e5,
+        latent_bits=16,
+        free_bits=0.5,
+    ),
 }
 
 

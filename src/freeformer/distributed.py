@@ -39,12 +39,16 @@ def init_distributed(mode: str, device_type: str) -> DistInfo:
     """Join the torchrun process group for ``mode`` in {"ddp", "fsdp"}; "none" is a no-op."""
     if mode == "none":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("launched by torchrun with several processes but train.dist = "
-                              "'none'; pass --train.dist=ddp or --train.dist=fsdp")
+            raise ConfigError(
+                "launched by torchrun with several processes but train.dist = "
+                "'none'; pass --train.dist=ddp or --train.dist=fsdp"
+            )
         return DistInfo()
     if "RANK" not in os.environ:
-        raise ConfigError(f"train.dist = {mode!r} needs a torchrun launch: torchrun "
-                          "--nproc_per_node=N -m freeformer train ...")
+        raise ConfigError(
+            f"train.dist = {mode!r} needs a torchrun launch: torchrun "
+            "--nproc_per_node=N -m freeformer train ..."
+        )
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
@@ -75,6 +79,23 @@ def compile_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
+def checkpoint_activations(model: nn.Module) -> None:
+    """Activation checkpointing: each decoder block's forward is recomputed in the backward
+    (training only: cached or gradient-free calls run it plainly). Applied from outside the
+    model, like compilation and sharding."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        fwd = block.forward
+
+        def wrapped(*args, _fwd=fwd, **kwargs):
+            if kwargs.get("cache") is not None or not torch.is_grad_enabled():
+                return _fwd(*args, **kwargs)
+            return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+
+        block.forward = wrapped
+
+
 def _blocks(model: nn.Module) -> list[nn.Module]:
     blocks = list(model.blocks)
     if getattr(model, "encoder", None) is not None:
@@ -82,8 +103,9 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def wrap_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None = None
-               ) -> nn.Module:
+def wrap_model(
+    model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None = None
+) -> nn.Module:
     """DDP, or FSDP2 (``fully_shard`` per block — decoder and encoder — then the root).
 
     ``param_dtype`` (FSDP2 only): the dtype parameters are all-gathered and computed in
@@ -138,8 +160,9 @@ def accumulating(model: nn.Module, sync: bool) -> Iterator[None]:
         yield
 
 
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None
-                     ) -> tuple[dict[str, torch.Tensor], dict | None]:
+def full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Unsharded, CPU model and name-keyed optimizer state dicts (collective under FSDP)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -160,8 +183,9 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, osd
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
 
 
-def mean_across_ranks(values: dict[str, float], info: DistInfo, device: torch.device
-                      ) -> dict[str, float]:
+def mean_across_ranks(
+    values: dict[str, float], info: DistInfo, device: torch.device
+) -> dict[str, float]:
     if not info.enabled or not values:
         return values
     keys = sorted(values)

@@ -49,7 +49,8 @@ def load_init_checkpoint(cfg: RunConfig) -> Checkpoint | None:
         raise CheckpointError(
             f"--init-from {src}: model.{k} = {own[k]!r} in this run's config but "
             f"{saved.get(k)!r} in the checkpoint{more}; set --model.{k}={saved.get(k)} or make "
-            "[model] equal the checkpoint's config.json")
+            "[model] equal the checkpoint's config.json"
+        )
     return ck
 
 
@@ -67,12 +68,15 @@ def check_same_tokenizer(init: Checkpoint, data_dir: Path) -> None:
     # source's own EOS), both are ids the model knows.
     same = type(a) is type(b) and a.vocab_size == b.vocab_size
     if same and hasattr(a, "hf"):
-        same = (a.hf.get_vocab(with_added_tokens=True) == b.hf.get_vocab(with_added_tokens=True)
-                and a.encode(_PROBE) == b.encode(_PROBE))
+        same = a.hf.get_vocab(with_added_tokens=True) == b.hf.get_vocab(
+            with_added_tokens=True
+        ) and a.encode(_PROBE) == b.encode(_PROBE)
     if not same:
-        raise ConfigError(f"the data in {data_dir} was prepared with another tokenizer than "
-                          f"the --init-from run's; prepare it with --tokenizer "
-                          f"{run_dir / 'tokenizer'}")
+        raise ConfigError(
+            f"the data in {data_dir} was prepared with another tokenizer than "
+            f"the --init-from run's; prepare it with --tokenizer "
+            f"{run_dir / 'tokenizer'}"
+        )
 
 
 _PROBE = "def f(x):\n    return x  # Ünïcödé, 中文, emoji 🙂\n\tThe end. 12345"

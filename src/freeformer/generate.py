@@ -31,8 +31,13 @@ EOS_CHECK_EVERY = 16
 """Decode steps between the host syncs that ask whether every row has emitted EOS."""
 
 
-def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+def sample(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Draw one token per row of ``logits`` (B, V). ``temperature == 0`` is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -51,15 +56,24 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _validate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, temperature: float,
-              top_k: int | None, top_p: float | None, latents: Tensor | None,
-              prefill: str) -> None:
+def _validate(
+    model: FreeTransformer,
+    prompt: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    latents: Tensor | None,
+    prefill: str,
+) -> None:
     c = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise DataError(f"max_new_tokens = {max_new_tokens!r}: expected an integer ≥ 0")
     if prompt.shape[1] + max_new_tokens > c.max_seq_len:
-        raise DataError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
-                        f"max_seq_len={c.max_seq_len}")
+        raise DataError(
+            f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"max_seq_len={c.max_seq_len}"
+        )
     if temperature < 0:
         raise DataError(f"temperature = {temperature}: expected ≥ 0 (0 is greedy)")
     if top_k is not None and top_k < 1:
@@ -73,8 +87,10 @@ def _validate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, tempe
             raise DataError("latents given to a baseline model (latent=false), which has none")
         want = prompt.shape[1] + max_new_tokens
         if latents.shape[-1] != want:
-            raise DataError(f"latents cover {latents.shape[-1]} positions; expected prompt + "
-                            f"max_new_tokens = {want}")
+            raise DataError(
+                f"latents cover {latents.shape[-1]} positions; expected prompt + "
+                f"max_new_tokens = {want}"
+            )
 
 
 def new_cache(model: FreeTransformer, batch_size: int, max_len: int) -> KVCache:
@@ -83,34 +99,55 @@ def new_cache(model: FreeTransformer, batch_size: int, max_len: int) -> KVCache:
     return KVCache(model.config, batch_size, max_len, dtype=p.dtype, device=p.device)
 
 
-def prefill_prompt(model: FreeTransformer, prompt: Tensor, cache: KVCache,
-                   latents: Tensor | str | None = None, *,
-                   generator: torch.Generator | None = None,
-                   bit_noise: Tensor | None = None) -> ModelOutput:
+def prefill_prompt(
+    model: FreeTransformer,
+    prompt: Tensor,
+    cache: KVCache,
+    latents: Tensor | str | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    bit_noise: Tensor | None = None,
+) -> ModelOutput:
     """Run ``prompt`` (B, T0) into an empty ``cache``; the output holds the last position's
     logits and the prompt's codes. ``latents``: None (encoder over the prompt), "prior" or
     the prompt's codes, as in ``FreeTransformer.forward``."""
-    return model(prompt, latents=latents, generator=generator, bit_noise=bit_noise,
-                 cache=cache, last_logits_only=True)
+    return model(
+        prompt,
+        latents=latents,
+        generator=generator,
+        bit_noise=bit_noise,
+        cache=cache,
+        last_logits_only=True,
+    )
 
 
-def decode_one(model: FreeTransformer, tokens: Tensor, cache: KVCache,
-               codes: Tensor | None = None) -> Tensor:
+def decode_one(
+    model: FreeTransformer, tokens: Tensor, cache: KVCache, codes: Tensor | None = None
+) -> Tensor:
     """One decode step: feed ``tokens`` (B,) at ``cache.pos`` with their ``codes`` (B, 1)
     (None for a baseline) and return the next logits (B, V).
 
     No id-range checks (each costs a host sync): sampled ids are in range by construction
     and callers check pinned codes once, up front.
     """
-    out = model(tokens[:, None], latents=codes, cache=cache, last_logits_only=True,
-                check_inputs=False)
+    out = model(
+        tokens[:, None], latents=codes, cache=cache, last_logits_only=True, check_inputs=False
+    )
     return out.logits[:, -1]
 
 
-def decode_stream(model: FreeTransformer, logits: Tensor, cache: KVCache, max_new_tokens: int,
-                  pick: Callable[[Tensor], Tensor], *, codes: Tensor | None = None,
-                  finished: Tensor | None = None, check_every: int = 1,
-                  static: bool = False) -> Iterator[Tensor]:
+def decode_stream(
+    model: FreeTransformer,
+    logits: Tensor,
+    cache: KVCache,
+    max_new_tokens: int,
+    pick: Callable[[Tensor], Tensor],
+    *,
+    codes: Tensor | None = None,
+    finished: Tensor | None = None,
+    check_every: int = 1,
+    static: bool = False,
+) -> Iterator[Tensor]:
     """The decode loop: yield the next tokens (B,), up to ``max_new_tokens`` times.
 
     ``logits`` (B, V) are the prefill's last; ``pick`` turns logits into tokens (sampling
@@ -128,8 +165,7 @@ def decode_stream(model: FreeTransformer, logits: Tensor, cache: KVCache, max_ne
     start = int(cache.pos)
     step = None
     if static and max_new_tokens > 1:
-        step = StaticDecodeStep(model, cache, logits.shape[0],
-                                graph=logits.device.type == "cuda")
+        step = StaticDecodeStep(model, cache, logits.shape[0], graph=logits.device.type == "cuda")
     for t in range(max_new_tokens):
         nxt = pick(logits)
         yield nxt
@@ -138,17 +174,30 @@ def decode_stream(model: FreeTransformer, logits: Tensor, cache: KVCache, max_ne
         if finished is not None and (t + 1) % check_every == 0 and bool(finished.all()):
             return
         pos = start + t
-        step_codes = codes[:, pos:pos + 1] if codes is not None else None
-        logits = (step(nxt[:, None], step_codes) if step is not None
-                  else decode_one(model, nxt, cache, step_codes))
+        step_codes = codes[:, pos : pos + 1] if codes is not None else None
+        logits = (
+            step(nxt[:, None], step_codes)
+            if step is not None
+            else decode_one(model, nxt, cache, step_codes)
+        )
 
 
 @torch.no_grad()
-def generate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, *,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             latents: Tensor | None = None, prefill: str = "encoder",
-             generator: torch.Generator | None = None, eos_id: int | None = None,
-             return_latents: bool = False, static: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def generate(
+    model: FreeTransformer,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    latents: Tensor | None = None,
+    prefill: str = "encoder",
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    return_latents: bool = False,
+    static: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Continue ``prompt`` (B, T0) or (T0,) by up to ``max_new_tokens`` tokens.
 
     ``latents`` (B or 1, T0 + max_new_tokens) pins every position's code, prompt included.
@@ -174,23 +223,36 @@ def generate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, *,
         latents = check_codes(latents, c.latent_bits, B, T0 + max_new_tokens, device)
 
     cache = new_cache(model, B, T0 + max_new_tokens)
-    prompt_latents = latents[:, :T0] if latents is not None else (
-        None if prefill == "encoder" else "prior")
+    prompt_latents = (
+        latents[:, :T0] if latents is not None else (None if prefill == "encoder" else "prior")
+    )
     out = prefill_prompt(model, prompt, cache, prompt_latents, generator=generator)
     all_codes = None
     if c.latent:
         # Codes for every position: the prompt's (encoder, prior or pinned), then a fresh
         # uniform draw per new token (paper Section 3.4), unless pinned by the caller.
-        all_codes = latents if latents is not None else torch.cat(
-            [out.codes, uniform_codes((B, max_new_tokens), c.latent_bits, device, generator)],
-            dim=1)
+        all_codes = (
+            latents
+            if latents is not None
+            else torch.cat(
+                [out.codes, uniform_codes((B, max_new_tokens), c.latent_bits, device, generator)],
+                dim=1,
+            )
+        )
     tokens = [prompt]
     # Only an EOS can finish a row early.
     finished = torch.zeros(B, dtype=torch.bool, device=device) if eos_id is not None else None
-    for nxt in decode_stream(model, out.logits[:, -1], cache, max_new_tokens,
-                             lambda logits: sample(logits, temperature, top_k, top_p, generator),
-                             codes=all_codes, finished=finished, check_every=EOS_CHECK_EVERY,
-                             static=static):
+    for nxt in decode_stream(
+        model,
+        out.logits[:, -1],
+        cache,
+        max_new_tokens,
+        lambda logits: sample(logits, temperature, top_k, top_p, generator),
+        codes=all_codes,
+        finished=finished,
+        check_every=EOS_CHECK_EVERY,
+        static=static,
+    ):
         if finished is not None:  # finished rows are padded with eos_id
             nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
             finished |= nxt == eos_id
@@ -201,13 +263,13 @@ def generate(model: FreeTransformer, prompt: Tensor, max_new_tokens: int, *,
         # every EOS_CHECK_EVERY steps) only padded finished rows.
         done = (result[:, T0:] == eos_id).cummax(dim=1).values.all(dim=0)
         if bool(done.any()):
-            result = result[:, :T0 + 1 + int(done.int().argmax())]
+            result = result[:, : T0 + 1 + int(done.int().argmax())]
     if squeeze:
         result = result[0]
     if not return_latents:
         return result
     if all_codes is not None:
-        all_codes = all_codes[:, :result.shape[-1]]
+        all_codes = all_codes[:, : result.shape[-1]]
         if squeeze:
             all_codes = all_codes[0]
     return result, all_codes

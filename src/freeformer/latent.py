@@ -43,8 +43,9 @@ def mapper_chunks(n_tokens: int, n_bits: int, device: torch.device) -> tuple[int
 # ---------------------------------------------------------------------------------------
 # Codes and bits
 # ---------------------------------------------------------------------------------------
-def bit_matrix(n_bits: int, dtype: torch.dtype = torch.float32,
-               device: torch.device | str | None = None) -> Tensor:
+def bit_matrix(
+    n_bits: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> Tensor:
     """(2^n_bits, n_bits) matrix whose row d holds the bits of d (bit h has weight 2^h)."""
     d = torch.arange(1 << n_bits, device=device)
     return ((d[:, None] >> torch.arange(n_bits, device=device)) & 1).to(dtype)
@@ -55,8 +56,9 @@ def codes_to_bits(codes: Tensor, n_bits: int) -> Tensor:
     return ((codes[..., None] >> torch.arange(n_bits, device=codes.device)) & 1).float()
 
 
-def sample_codes(bit_logits: Tensor, generator: torch.Generator | None = None,
-                 noise: Tensor | None = None) -> Tensor:
+def sample_codes(
+    bit_logits: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+) -> Tensor:
     """Draw B_h ~ Bernoulli(σ(L_h)) independently and return d = Σ_h 2^h B_h (int64).
 
     ``noise``: optional uniforms in [0, 1) of the logits' shape to use instead of fresh draws.
@@ -68,14 +70,24 @@ def sample_codes(bit_logits: Tensor, generator: torch.Generator | None = None,
     return (bits * weights).sum(-1)
 
 
-def uniform_codes(shape: tuple[int, ...], n_bits: int, device: torch.device | str | None = None,
-                  generator: torch.Generator | None = None) -> Tensor:
+def uniform_codes(
+    shape: tuple[int, ...],
+    n_bits: int,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Codes from the uniform prior P(Z_t) = 2^-H, independently per position."""
     return torch.randint(0, 1 << n_bits, shape, device=device, generator=generator)
 
 
-def check_codes(codes: Tensor, n_bits: int, batch_size: int, length: int,
-                device: torch.device | str | None = None, values: bool = True) -> Tensor:
+def check_codes(
+    codes: Tensor,
+    n_bits: int,
+    batch_size: int,
+    length: int,
+    device: torch.device | str | None = None,
+    values: bool = True,
+) -> Tensor:
     """Caller-given codes (B, T) or (T,) as int64 (B, T) on ``device``; a wrong dtype, shape
     or a code outside [0, 2^H) is a :class:`~freeformer.errors.DataError`.
 
@@ -87,22 +99,26 @@ def check_codes(codes: Tensor, n_bits: int, batch_size: int, length: int,
     if codes.dim() == 1:
         codes = codes.expand(batch_size, -1)
     if tuple(codes.shape) != (batch_size, length):
-        raise DataError(f"latent codes have shape {tuple(codes.shape)}; expected "
-                        f"({batch_size}, {length}) or ({length},)")
+        raise DataError(
+            f"latent codes have shape {tuple(codes.shape)}; expected "
+            f"({batch_size}, {length}) or ({length},)"
+        )
     if values and not torch.compiler.is_compiling():
         n_codes = 1 << n_bits
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= n_codes:
-            raise DataError(f"latent code {hi if hi >= n_codes else lo} is outside "
-                            f"[0, 2^H={n_codes})")
+            raise DataError(
+                f"latent code {hi if hi >= n_codes else lo} is outside [0, 2^H={n_codes})"
+            )
     return codes.to(device=device, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------
 # Binary mapper with the exact Eq. 8 gradient, never materialising tokens × 2^H
 # ---------------------------------------------------------------------------------------
-def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor,
-                       matmul_dtype: torch.dtype | None = None) -> Tensor:
+def _mapper_logit_grad(
+    bit_logits: Tensor, table: Tensor, grad_r: Tensor, matmul_dtype: torch.dtype | None = None
+) -> Tensor:
     """d loss / d L for r = W^T (Y + G − sg(G)), computed in chunks.
 
     For one token, with s_d = <W_d, dr> and u_d = s_d G_d, the exact gradient is
@@ -128,11 +144,11 @@ def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor,
     L = bit_logits.to(f)
     log_p, log_q = F.logsigmoid(L), F.logsigmoid(-L)  # log σ(L), log σ(−L)
     p = torch.sigmoid(L)
-    bl = bit_matrix(k, f, dev)                          # (C, k)
-    bl_sel = torch.cat([bl, 1 - bl], dim=1)             # (C, 2k): picks log p or log q
+    bl = bit_matrix(k, f, dev)  # (C, k)
+    bl_sel = torch.cat([bl, 1 - bl], dim=1)  # (C, 2k): picks log p or log q
     bl_sum = torch.cat([bl, torch.ones(C, 1, dtype=f, device=dev)], dim=1)  # (C, k+1)
-    bh = bit_matrix(H - k, f, dev)                      # (J, H−k)
-    bh_sel = torch.cat([bh, 1 - bh], dim=1)             # (J, 2(H−k))
+    bh = bit_matrix(H - k, f, dev)  # (J, H−k)
+    bh_sel = torch.cat([bh, 1 - bh], dim=1)  # (J, 2(H−k))
     low = matmul_dtype is not None and matmul_dtype != f
     W = table if low else table.to(f)
     dr = grad_r.to(matmul_dtype if low else f)
@@ -145,10 +161,10 @@ def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor,
     for t0 in range(0, N, nt):
         t1 = min(N, t0 + nt)
         n = t1 - t0
-        lo = torch.cat([log_p[t0:t1, :k], log_q[t0:t1, :k]], dim=1)       # (n, 2k)
-        hi = torch.cat([log_p[t0:t1, k:], log_q[t0:t1, k:]], dim=1)       # (n, 2(H−k))
-        G_low = (lo @ bl_sel.T).exp_()                                     # (n, C)
-        g_high = (hi @ bh_sel.T).exp_()                                    # (n, J)
+        lo = torch.cat([log_p[t0:t1, :k], log_q[t0:t1, :k]], dim=1)  # (n, 2k)
+        hi = torch.cat([log_p[t0:t1, k:], log_q[t0:t1, k:]], dim=1)  # (n, 2(H−k))
+        G_low = (lo @ bl_sel.T).exp_()  # (n, C)
+        g_high = (hi @ bh_sel.T).exp_()  # (n, J)
         g = dr[t0:t1]
         S, R = S_buf[:n], R_buf[:n]
         S16 = S16_buf[:n] if low else None
@@ -156,18 +172,18 @@ def _mapper_logit_grad(bit_logits: Tensor, table: Tensor, grad_r: Tensor,
         totals = torch.empty(n, J, dtype=f, device=dev)
         for j in range(J):
             if low:  # (CPU matmuls cannot return float32 from bf16 operands)
-                torch.mm(g, W[j * C:(j + 1) * C].to(matmul_dtype).T, out=S16)
+                torch.mm(g, W[j * C : (j + 1) * C].to(matmul_dtype).T, out=S16)
                 S.copy_(S16)
             else:
-                torch.mm(g, W[j * C:(j + 1) * C].T, out=S)                  # s_d, d in chunk j
-            torch.mm(S.mul_(G_low), bl_sum, out=R)                          # Σ_c s_d G_low [b | 1]
+                torch.mm(g, W[j * C : (j + 1) * C].T, out=S)  # s_d, d in chunk j
+            torch.mm(S.mul_(G_low), bl_sum, out=R)  # Σ_c s_d G_low [b | 1]
             # g_high(j) is one scalar per token for the whole chunk: apply it to the
             # (n, k+1) reduction rather than to the (n, D) rows before the GEMM.
-            low_sums.addcmul_(R, g_high[:, j:j + 1])
+            low_sums.addcmul_(R, g_high[:, j : j + 1])
             totals[:, j] = R[:, k]
-        totals.mul_(g_high)                                                # Σ_{d in chunk j} u_d
-        high_sums = totals @ bh                                            # (n, H−k)
-        total = low_sums[:, k:]                                            # Σ_d u_d
+        totals.mul_(g_high)  # Σ_{d in chunk j} u_d
+        high_sums = totals @ bh  # (n, H−k)
+        total = low_sums[:, k:]  # Σ_d u_d
         out[t0:t1] = torch.cat([low_sums[:, :k], high_sums], dim=1) - p[t0:t1] * total
     return out
 
@@ -181,8 +197,7 @@ class _BinaryMapper(torch.autograd.Function):
         # Under low-precision autocast the rest of the model's matmuls are bf16: so are the
         # mapper backward's S products (the autocast state is gone by backward time).
         dev = table.device.type
-        ctx.matmul_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-                            else None)
+        ctx.matmul_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         return F.embedding(codes, table)
 
     @staticmethod
@@ -192,18 +207,20 @@ class _BinaryMapper(torch.autograd.Function):
         g = grad_r.reshape(-1, D)
         grad_logits = grad_table = None
         if ctx.needs_input_grad[0]:
-            grad_logits = _mapper_logit_grad(bit_logits.reshape(-1, H), table, g,
-                                             ctx.matmul_dtype)
+            grad_logits = _mapper_logit_grad(bit_logits.reshape(-1, H), table, g, ctx.matmul_dtype)
             grad_logits = grad_logits.to(bit_logits.dtype).view_as(bit_logits)
         if ctx.needs_input_grad[1]:
             # G − sg(G) is exactly 0 in the forward value, so only the one-hot reaches W.
-            grad_table = torch.zeros_like(table).index_add_(0, codes.reshape(-1),
-                                                            g.to(table.dtype))
+            grad_table = torch.zeros_like(table).index_add_(0, codes.reshape(-1), g.to(table.dtype))
         return grad_logits, grad_table, None
 
 
-def binary_mapper(bit_logits: Tensor, table: Tensor, generator: torch.Generator | None = None,
-                  noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def binary_mapper(
+    bit_logits: Tensor,
+    table: Tensor,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Sample codes from the bit logits and embed them with the paper's Eq. 8 gradient.
 
     bit_logits: (..., H); table: (2^H, D). Returns ``(r, codes)`` with r: (..., D) equal to
@@ -274,12 +291,22 @@ class LatentEncoder(nn.Module):
     would give every token the same Q). Output: H bit logits per position.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float,
-                 n_blocks: int, n_bits: int, qkv_bias: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        hidden: int,
+        eps: float,
+        n_blocks: int,
+        n_bits: int,
+        qkv_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.zeta = nn.Parameter(torch.zeros(dim))
         self.blocks = nn.ModuleList(
-            Block(dim, n_heads, n_kv_heads, hidden, eps, qkv_bias) for _ in range(n_blocks))
+            Block(dim, n_heads, n_kv_heads, hidden, eps, qkv_bias) for _ in range(n_blocks)
+        )
         self.norm = RMSNorm(dim, eps)
         self.readout = nn.Linear(dim, n_bits, bias=False)
 
@@ -301,16 +328,19 @@ class PostSampler(nn.Module):
         shape = (1 << n_bits, dim) if kind == "table" else (dim, n_bits)
         self.weight = nn.Parameter(torch.zeros(shape))
 
-    def sample(self, bit_logits: Tensor, generator: torch.Generator | None,
-               noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, bit_logits: Tensor, generator: torch.Generator | None, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Posterior sample with the Eq. 8 gradient to the bit logits; returns (r, codes)."""
         if self.kind == "table":
             return binary_mapper(bit_logits, self.weight, generator, noise)
         codes = sample_codes(bit_logits, generator, noise)
         # For r linear in the bits, Σ_d G_d r(d) = W_b (2p − 1): Eq. 8's G − sg(G) term then
         # contributes exactly the gradient of the mean, so this is the same estimator.
-        mean = 2 * torch.sigmoid(bit_logits.to(torch.promote_types(bit_logits.dtype,
-                                                                   torch.float32))) - 1
+        mean = (
+            2 * torch.sigmoid(bit_logits.to(torch.promote_types(bit_logits.dtype, torch.float32)))
+            - 1
+        )
         s = 2 * codes_to_bits(codes, self.n_bits) - 1 + mean - mean.detach()
         return F.linear(s.to(self.weight.dtype), self.weight), codes
 
@@ -318,5 +348,6 @@ class PostSampler(nn.Module):
         """r for given codes (prior draws or pinned codes); no gradient path to any encoder."""
         if self.kind == "table":
             return F.embedding(codes, self.weight)
-        return F.linear(2 * codes_to_bits(codes, self.n_bits).to(self.weight.dtype) - 1,
-                        self.weight)
+        return F.linear(
+            2 * codes_to_bits(codes, self.n_bits).to(self.weight.dtype) - 1, self.weight
+        )

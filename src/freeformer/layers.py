@@ -39,8 +39,13 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).type_as(x)
 
 
-def llama3_inv_freq(inv_freq: Tensor, factor: float, low_freq_factor: float,
-                    high_freq_factor: float, original_max_len: int) -> Tensor:
+def llama3_inv_freq(
+    inv_freq: Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_len: int,
+) -> Tensor:
     """Llama 3.1's RoPE rescaling: long wavelengths (beyond the original context / low) are
     slowed by ``factor``, short ones (below original / high) kept, the band between
     interpolated linearly in original_max_len / wavelength."""
@@ -50,8 +55,9 @@ def llama3_inv_freq(inv_freq: Tensor, factor: float, low_freq_factor: float,
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float,
-                llama3: tuple[float, float, float, int] | None = None) -> tuple[Tensor, Tensor]:
+def rope_tables(
+    head_dim: int, max_len: int, theta: float, llama3: tuple[float, float, float, int] | None = None
+) -> tuple[Tensor, Tensor]:
     """cos/sin tables of shape (max_len, head_dim // 2) for rotary embeddings.
 
     ``llama3``: (factor, low_freq_factor, high_freq_factor, original_max_len) of Llama 3.1's
@@ -97,9 +103,9 @@ class LayerKV:
             self.k.index_copy_(2, idx, k.to(self.k.dtype))
             self.v.index_copy_(2, idx, v.to(self.v.dtype))
             return self.k, self.v
-        self.k[:, :, pos:pos + t] = k
-        self.v[:, :, pos:pos + t] = v
-        return self.k[:, :, :pos + t], self.v[:, :, :pos + t]
+        self.k[:, :, pos : pos + t] = k
+        self.v[:, :, pos : pos + t] = v
+        return self.k[:, :, : pos + t], self.v[:, :, : pos + t]
 
 
 class KVCache:
@@ -109,12 +115,23 @@ class KVCache:
     values at ``pos`` and advances ``pos`` by the number of tokens it ran.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.layers = [LayerKV(torch.empty(shape, dtype=dtype, device=device),
-                               torch.empty(shape, dtype=dtype, device=device))
-                       for _ in range(config.n_layers)]
+        self.layers = [
+            LayerKV(
+                torch.empty(shape, dtype=dtype, device=device),
+                torch.empty(shape, dtype=dtype, device=device),
+            )
+            for _ in range(config.n_layers)
+        ]
         self.pos = 0
 
 
@@ -129,8 +146,16 @@ class Attention(nn.Module):
         self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, xq: Tensor, xkv: Tensor, cos: Tensor, sin: Tensor, causal: bool,
-                cache: LayerKV | None = None, pos: int | Tensor = 0) -> Tensor:
+    def forward(
+        self,
+        xq: Tensor,
+        xkv: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        causal: bool,
+        cache: LayerKV | None = None,
+        pos: int | Tensor = 0,
+    ) -> Tensor:
         B, T, _ = xq.shape
         q = self.wq(xq).view(B, T, self.n_heads, self.head_dim)
         k, v = self.wkv(xkv).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
@@ -155,8 +180,7 @@ class Attention(nn.Module):
             y = self._attend(q, k, v, mask, causal)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                causal: bool) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         B, _, T, _ = q.shape
         g = self.n_heads // self.n_kv_heads
         if T == 1 and g > 1 and not causal:
@@ -164,13 +188,19 @@ class Attention(nn.Module):
             # axis, (B, h, 1, hd) → (B, h_kv, g, hd) (head i reads KV head i // g, as
             # enable_gqa does), so attention reads each cached K/V once and no backend needs
             # GQA support. A (1, S) mask broadcasts over the g rows.
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, g, self.head_dim),
-                                               k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(
+                q.reshape(B, self.n_kv_heads, g, self.head_dim), k, v, attn_mask=mask
+            )
             y = y.reshape(B, self.n_heads, 1, self.head_dim)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal,
-                enable_gqa=self.n_kv_heads != self.n_heads)
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=causal,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         return y
 
 
@@ -192,17 +222,31 @@ class Block(nn.Module):
     and with r = 0 the Free Transformer's injection block equals the baseline's.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, eps: float,
-                 qkv_bias: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        hidden: int,
+        eps: float,
+        qkv_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps)
         self.attn = Attention(dim, n_heads, n_kv_heads, qkv_bias)
         self.mlp_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor | None = None,
-                causal: bool = True, cache: LayerKV | None = None,
-                pos: int | Tensor = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv: Tensor | None = None,
+        causal: bool = True,
+        cache: LayerKV | None = None,
+        pos: int | Tensor = 0,
+    ) -> Tensor:
         h = self.attn_norm(x)
         hkv = h if kv is None else self.attn_norm(kv)
         x = x + self.attn(h, hkv, cos, sin, causal, cache, pos)
@@ -232,8 +276,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
         dev = h.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else (
-            torch.promote_types(h.dtype, weight.dtype))
+        dt = (
+            torch.get_autocast_dtype(dev)
+            if torch.is_autocast_enabled(dev)
+            else (torch.promote_types(h.dtype, weight.dtype))
+        )
         with torch.autocast(dev, enabled=False):
             hc, W = h.to(dt), weight.to(dt)
             N, V = hc.shape[0], W.shape[0]
@@ -254,7 +301,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 loss += torch.where(v, lse - logits.gather(1, t[:, None]).squeeze(1), 0).sum()
                 p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 p[torch.arange(b - a, device=h.device), t] -= 1
-                p = p.mul_(v[:, None]).to(dt)         # ignored targets: no gradient
+                p = p.mul_(v[:, None]).to(dt)  # ignored targets: no gradient
                 torch.mm(p, W, out=grad_h[a:b])
                 grad_w += (p.T @ hc[a:b]).to(f)
         ctx.save_for_backward(grad_h, grad_w, n)
@@ -265,14 +312,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grad_h, grad_w, n = ctx.saved_tensors
         scale = grad_out / n
-        return ((grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]),
-                None, None)
+        return ((grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None, None)
 
 
-def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor,
-                         ignore_index: int = -100) -> Tensor:
+def linear_cross_entropy(
+    h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100
+) -> Tensor:
     """``F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=...)`` (mean over
     the targets not ignored; NaN when there are none), computed in chunks of tokens so the
     full logits are never stored. h: (..., D), weight: (V, D), targets: (...)."""
-    return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
-                                     ignore_index)
+    return _LinearCrossEntropy.apply(
+        h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), ignore_index
+    )

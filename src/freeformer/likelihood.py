@@ -65,8 +65,9 @@ def log_prior_ratio(bit_logits: Tensor, codes: Tensor) -> Tensor:
 def token_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
     """(B, T) log P(targets_t | ·) in float32; 0 where the target is ``IGNORE_INDEX``."""
     B, T = targets.shape
-    return -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                            ignore_index=IGNORE_INDEX, reduction="none").view(B, T)
+    return -F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(B, T)
 
 
 def scored(targets: Tensor) -> Tensor:
@@ -92,9 +93,14 @@ def self_normalised(log_w: Tensor, log_f: Tensor, dim: int = 0) -> Tensor:
 # One forward per batch of draws
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def posterior_log_weights(model: nn.Module, tokens: Tensor, targets: Tensor, *,
-                          generator: torch.Generator | None = None,
-                          bit_noise: Tensor | None = None):
+def posterior_log_weights(
+    model: nn.Module,
+    tokens: Tensor,
+    targets: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    bit_noise: Tensor | None = None,
+):
     """One draw Z ~ Q(· | tokens) per row (the encoder over the row) and its log weight
     log P(targets | tokens, Z) + log P(Z) − log Q(Z | tokens), shape (B,) float32.
 
@@ -110,8 +116,9 @@ def posterior_log_weights(model: nn.Module, tokens: Tensor, targets: Tensor, *,
 
 
 @torch.no_grad()
-def prior_log_weights(model: nn.Module, tokens: Tensor, targets: Tensor, *,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def prior_log_weights(
+    model: nn.Module, tokens: Tensor, targets: Tensor, *, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """One draw Z ~ P(Z) (uniform codes) per row and its log weight log P(targets | tokens, Z),
     shape (B,) float64: the prior proposal's document estimate is log (1/k) Σ_j of these
     weights' exponentials. Returns (log_w, token_log_probs (B, T))."""
@@ -132,8 +139,14 @@ class DrawScores:
 
 
 @torch.no_grad()
-def conditional_scores(model: nn.Module, tokens: Tensor, targets: Tensor, n_ctx: Tensor,
-                       codes: Tensor | None, ctx_log_ratio: Tensor | None = None) -> DrawScores:
+def conditional_scores(
+    model: nn.Module,
+    tokens: Tensor,
+    targets: Tensor,
+    n_ctx: Tensor,
+    codes: Tensor | None,
+    ctx_log_ratio: Tensor | None = None,
+) -> DrawScores:
     """Score rows whose first ``n_ctx`` tokens are the context, with pinned ``codes``.
 
     ``tokens`` (B, T) = context + continuation[:-1] (right-padded), ``targets`` the tokens
@@ -155,12 +168,15 @@ def conditional_scores(model: nn.Module, tokens: Tensor, targets: Tensor, n_ctx:
 
 
 @torch.no_grad()
-def encoder_proposal(model: nn.Module, ctx: Tensor, bit_noise: Tensor | None = None,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def encoder_proposal(
+    model: nn.Module,
+    ctx: Tensor,
+    bit_noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """Codes (B, Tc) drawn from the encoder over ``ctx`` alone (never a continuation token;
     rows of equal length, unpadded) and their log P(Z_t) − log Q(Z_t | ctx)."""
-    out = model(ctx, latents=None, bit_noise=bit_noise, generator=generator,
-                last_logits_only=True)
+    out = model(ctx, latents=None, bit_noise=bit_noise, generator=generator, last_logits_only=True)
     return out.codes, log_prior_ratio(out.bit_logits, out.codes)
 
 
@@ -173,23 +189,40 @@ def _chunks(n: int, rows: int | None):
 
 
 @torch.no_grad()
-def log_likelihood(model: nn.Module, tokens: Tensor, targets: Tensor, k: int, *,
-                   generator: torch.Generator | None = None,
-                   max_rows: int | None = None) -> Tensor:
+def log_likelihood(
+    model: nn.Module,
+    tokens: Tensor,
+    targets: Tensor,
+    k: int,
+    *,
+    generator: torch.Generator | None = None,
+    max_rows: int | None = None,
+) -> Tensor:
     """(B,) float64 estimate of log P(targets | tokens[:, :1]) with the encoder over each row
     as the proposal: log (1/k) Σ_j P(S | Z_j) P(Z_j) / Q(Z_j | S)."""
     B = tokens.shape[0]
     x, y = tokens.repeat(k, 1), targets.repeat(k, 1)  # row j·B + b: draw j of sequence b
-    lw = torch.cat([posterior_log_weights(model, x[s:e], y[s:e], generator=generator)[0]
-                    for s, e in _chunks(k * B, max_rows)])
+    lw = torch.cat(
+        [
+            posterior_log_weights(model, x[s:e], y[s:e], generator=generator)[0]
+            for s, e in _chunks(k * B, max_rows)
+        ]
+    )
     return log_mean_exp(lw.double().view(k, B), 0)
 
 
 @torch.no_grad()
-def conditional_log_likelihood(model: nn.Module, tokens: Tensor, targets: Tensor, n_ctx: int,
-                               k: int, *, proposal: str = "encoder",
-                               generator: torch.Generator | None = None,
-                               max_rows: int | None = None) -> Tensor:
+def conditional_log_likelihood(
+    model: nn.Module,
+    tokens: Tensor,
+    targets: Tensor,
+    n_ctx: int,
+    k: int,
+    *,
+    proposal: str = "encoder",
+    generator: torch.Generator | None = None,
+    max_rows: int | None = None,
+) -> Tensor:
     """(B,) float64 estimate of log P(cont | ctx) for rows ``tokens`` = ctx + cont[:-1] of
     equal length whose first ``n_ctx`` tokens are the context (module docstring)."""
     if proposal not in PROPOSALS:
@@ -205,15 +238,30 @@ def conditional_log_likelihood(model: nn.Module, tokens: Tensor, targets: Tensor
             enc, r = encoder_proposal(model, x[s:e, :n_ctx], generator=generator)
             codes[s:e, :n_ctx], ratio[s:e, :n_ctx] = enc, r
     n = torch.full((k * B,), n_ctx, device=tokens.device)
-    parts = [conditional_scores(model, x[s:e], y[s:e], n[s:e], codes[s:e],
-                                None if ratio is None else ratio[s:e])
-             for s, e in _chunks(k * B, max_rows)]
+    parts = [
+        conditional_scores(
+            model, x[s:e], y[s:e], n[s:e], codes[s:e], None if ratio is None else ratio[s:e]
+        )
+        for s, e in _chunks(k * B, max_rows)
+    ]
     a = torch.cat([p.log_w for p in parts]).view(k, B)
     b = torch.cat([p.log_cont for p in parts]).view(k, B)
     return self_normalised(a, b, 0)
 
 
-__all__ = ["PROPOSALS", "log_q", "log_prior_ratio", "token_log_probs", "code_mask",
-           "log_mean_exp", "self_normalised", "posterior_log_weights", "prior_log_weights",
-           "conditional_scores", "encoder_proposal", "log_likelihood",
-           "conditional_log_likelihood", "DrawScores"]
+__all__ = [
+    "PROPOSALS",
+    "log_q",
+    "log_prior_ratio",
+    "token_log_probs",
+    "code_mask",
+    "log_mean_exp",
+    "self_normalised",
+    "posterior_log_weights",
+    "prior_log_weights",
+    "conditional_scores",
+    "encoder_proposal",
+    "log_likelihood",
+    "conditional_log_likelihood",
+    "DrawScores",
+]

@@ -84,9 +84,13 @@ def attach(model: nn.Module, tc: Any, state: dict[str, torch.Tensor] | None = No
         return
     peft = _import_peft()
     targets = parse_targets(tc.lora_targets)
-    cfg = peft.LoraConfig(r=tc.lora_rank, lora_alpha=tc.lora_alpha, lora_dropout=0.0,
-                          bias="none",
-                          target_modules=target_regex(model, targets, tc.lora_injection))
+    cfg = peft.LoraConfig(
+        r=tc.lora_rank,
+        lora_alpha=tc.lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=target_regex(model, targets, tc.lora_injection),
+    )
     peft.inject_adapter_in_model(cfg, model)
     full = full_prefixes(model, tc.lora_injection)
     for name, p in model.named_parameters():
@@ -104,8 +108,9 @@ def attach(model: nn.Module, tc: Any, state: dict[str, torch.Tensor] | None = No
 
 
 def _lora_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules()
-            if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    return {
+        n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+    }
 
 
 def _load_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -114,16 +119,20 @@ def _load_adapters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     want = {f"{n}.lora_{ab}" for n in mods for ab in "AB"}
     if have != want:
         odd = sorted(have ^ want)[0]
-        raise CheckpointError(f"checkpoint adapters do not match train.lora_* ({odd!r} is "
-                              f"{'missing' if odd in want else 'unexpected'})")
+        raise CheckpointError(
+            f"checkpoint adapters do not match train.lora_* ({odd!r} is "
+            f"{'missing' if odd in want else 'unexpected'})"
+        )
     with torch.no_grad():
         for n, m in mods.items():
             for ab, mod in (("A", m.lora_A[_ADAPTER]), ("B", m.lora_B[_ADAPTER])):
                 t = state[f"{n}.lora_{ab}"]
                 if t.shape != mod.weight.shape:
-                    raise CheckpointError(f"checkpoint tensor {n}.lora_{ab} has shape "
-                                          f"{tuple(t.shape)}, train.lora_rank implies "
-                                          f"{tuple(mod.weight.shape)}")
+                    raise CheckpointError(
+                        f"checkpoint tensor {n}.lora_{ab} has shape "
+                        f"{tuple(t.shape)}, train.lora_rank implies "
+                        f"{tuple(mod.weight.shape)}"
+                    )
                 mod.weight.copy_(t)
 
 
@@ -143,16 +152,18 @@ def base_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: t for k, t in state.items() if not _CKPT_KEY.match(k)}
 
 
-def merged_state(state: dict[str, torch.Tensor], run_config: dict[str, Any]
-                 ) -> dict[str, torch.Tensor]:
+def merged_state(
+    state: dict[str, torch.Tensor], run_config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
     """Plain model tensors with every adapter folded in: W + (α/r)·B·A (torch only)."""
     adapters = {k for k in state if _CKPT_KEY.match(k)}
     if not adapters:
         return state
     alpha = run_config.get("train", {}).get("lora_alpha")
     if alpha is None:
-        raise CheckpointError("the checkpoint holds LoRA adapters but its config has no "
-                              "train.lora_alpha")
+        raise CheckpointError(
+            "the checkpoint holds LoRA adapters but its config has no train.lora_alpha"
+        )
     out = base_state(state)
     for k in sorted(adapters):
         module, ab = _CKPT_KEY.match(k).groups()

@@ -26,12 +26,16 @@ class LatentMonitor:
         self.high = self.high + 1 if kl_bits > 0.5 * self.n_bits else 0
         if self.low >= self.patience and "low" not in self.warned:
             self.warned.add("low")
-            return (f"step {step}: KL has stayed at {kl_bits:.4f} bits/token, far below "
-                    f"κ = {self.kappa:g} bits, for {self.low} logs: the decoder is not using Z")
+            return (
+                f"step {step}: KL has stayed at {kl_bits:.4f} bits/token, far below "
+                f"κ = {self.kappa:g} bits, for {self.low} logs: the decoder is not using Z"
+            )
         if self.high >= self.patience and "high" not in self.warned:
             self.warned.add("high")
-            return (f"step {step}: KL is {kl_bits:.2f} bits/token, near H = {self.n_bits} bits: "
-                    "the latent may be copying the sequence (generation will break)")
+            return (
+                f"step {step}: KL is {kl_bits:.2f} bits/token, near H = {self.n_bits} bits: "
+                "the latent may be copying the sequence (generation will break)"
+            )
         return None
 
 
@@ -47,7 +51,9 @@ class MetricsLog:
         if resume_step and self.path.exists():
             # Drop lines logged after the checkpoint we resume from: they will be re-made.
             lines = self.path.read_text().splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [
+                ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif not resume_step:
             self.path.write_text("")
@@ -56,17 +62,20 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("train.tensorboard needs TensorBoard: "
-                                "pip install 'freeformer[logging]'") from None
+                raise UserError(
+                    "train.tensorboard needs TensorBoard: pip install 'freeformer[logging]'"
+                ) from None
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         if tc.wandb:
             try:
                 import wandb
             except ImportError:
-                raise UserError("train.wandb needs Weights & Biases: "
-                                "pip install 'freeformer[logging]'") from None
-            self.wandb = wandb.init(project=tc.wandb_project, config=cfg.to_dict(),
-                                    dir=str(run_dir), resume="allow")
+                raise UserError(
+                    "train.wandb needs Weights & Biases: pip install 'freeformer[logging]'"
+                ) from None
+            self.wandb = wandb.init(
+                project=tc.wandb_project, config=cfg.to_dict(), dir=str(run_dir), resume="allow"
+            )
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -75,8 +84,11 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         step = record["step"]
         prefix = "val/" if record.get("kind") == "val" else "train/"
-        scalars = {prefix + k: v for k, v in record.items()
-                   if isinstance(v, (int, float)) and k not in ("step", "kind")}
+        scalars = {
+            prefix + k: v
+            for k, v in record.items()
+            if isinstance(v, (int, float)) and k not in ("step", "kind")
+        }
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)

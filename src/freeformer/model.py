@@ -92,14 +92,22 @@ class FreeTransformer(nn.Module):
         self.tok_emb = nn.Embedding(c.vocab_size, c.dim)
         self.blocks = nn.ModuleList(
             Block(c.dim, c.n_heads, c.n_kv_heads, c.mlp_hidden, c.norm_eps, c.qkv_bias)
-            for _ in range(c.n_layers))
+            for _ in range(c.n_layers)
+        )
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.head = None if c.tie_embeddings else nn.Linear(c.dim, c.vocab_size, bias=False)
         self.encoder = self.post_sampler = None
         if c.latent:
-            self.encoder = LatentEncoder(c.dim, c.n_heads, c.n_kv_heads, c.mlp_hidden,
-                                         c.norm_eps, c.encoder_layers, c.latent_bits,
-                                         c.qkv_bias)
+            self.encoder = LatentEncoder(
+                c.dim,
+                c.n_heads,
+                c.n_kv_heads,
+                c.mlp_hidden,
+                c.norm_eps,
+                c.encoder_layers,
+                c.latent_bits,
+                c.qkv_bias,
+            )
             self.post_sampler = PostSampler(c.dim, c.latent_bits, c.latent_embedding)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -205,8 +213,10 @@ class FreeTransformer(nn.Module):
             raise DataError(f"tokens must have shape (B, T), got {tuple(tokens.shape)}")
         T = tokens.shape[1]
         if pos + T > c.max_seq_len:
-            raise DataError(f"sequence of {pos + T} tokens exceeds max_seq_len={c.max_seq_len}; "
-                            "shorten the input or raise model.max_seq_len")
+            raise DataError(
+                f"sequence of {pos + T} tokens exceeds max_seq_len={c.max_seq_len}; "
+                "shorten the input or raise model.max_seq_len"
+            )
         if T == 0:
             raise DataError("tokens is empty (T = 0)")
         # The value check costs a host sync; on CUDA an out-of-range id already fails loudly
@@ -217,11 +227,19 @@ class FreeTransformer(nn.Module):
                 bad = hi if hi >= c.vocab_size else lo
                 raise DataError(f"token id {bad} is outside [0, vocab_size={c.vocab_size})")
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None,
-                latents: Tensor | str | None = None, *,
-                generator: torch.Generator | None = None, bit_noise: Tensor | None = None,
-                cache: KVCache | None = None, last_logits_only: bool = False,
-                check_inputs: bool = True, return_logits: bool = True) -> ModelOutput:
+    def forward(
+        self,
+        tokens: Tensor,
+        targets: Tensor | None = None,
+        latents: Tensor | str | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        bit_noise: Tensor | None = None,
+        cache: KVCache | None = None,
+        last_logits_only: bool = False,
+        check_inputs: bool = True,
+        return_logits: bool = True,
+    ) -> ModelOutput:
         """Run the model on ``tokens`` (B, T) or (T,).
 
         latents: None → codes sampled from the encoder's posterior (training and prefill);
@@ -254,8 +272,9 @@ class FreeTransformer(nn.Module):
             tokens = tokens[None]
             targets = targets[None] if targets is not None else None
         if targets is not None and targets.shape != tokens.shape:
-            raise DataError(f"targets shape {tuple(targets.shape)} != tokens shape "
-                            f"{tuple(tokens.shape)}")
+            raise DataError(
+                f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}"
+            )
         pos = cache.pos if cache is not None else 0
         static = isinstance(pos, Tensor)  # a static cache (generate.py): position on device
         self._check_tokens(tokens, 0 if static else pos, check_inputs)
@@ -264,7 +283,7 @@ class FreeTransformer(nn.Module):
             idx = pos + torch.arange(T, device=pos.device)
             cos, sin = self.rope_cos[idx], self.rope_sin[idx]
         else:
-            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+            cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         layer_cache = (lambda i: cache.layers[i]) if cache is not None else (lambda i: None)
 
         x = self.tok_emb(tokens)
@@ -278,8 +297,10 @@ class FreeTransformer(nn.Module):
         if c.latent:
             if latents is None:
                 if static or pos != 0:
-                    raise ValueError("encoder latents need the whole prompt in one call "
-                                     "(the encoder is non-causal); pass codes or 'prior'")
+                    raise ValueError(
+                        "encoder latents need the whole prompt in one call "
+                        "(the encoder is non-causal); pass codes or 'prior'"
+                    )
                 bit_logits = self.encoder(x, cos, sin)
                 r, codes = self.post_sampler.sample(bit_logits, generator, bit_noise)
                 kl_tokens = kl_per_token(bit_logits)
@@ -290,8 +311,9 @@ class FreeTransformer(nn.Module):
             else:
                 if isinstance(latents, str):
                     if latents != "prior":
-                        raise DataError(f"latents={latents!r}: use None (encoder), 'prior' "
-                                        "or a tensor of codes")
+                        raise DataError(
+                            f"latents={latents!r}: use None (encoder), 'prior' or a tensor of codes"
+                        )
                     codes = uniform_codes((B, T), c.latent_bits, x.device, generator)
                 else:
                     codes = check_codes(latents, c.latent_bits, B, T, x.device, check_inputs)
@@ -302,8 +324,9 @@ class FreeTransformer(nn.Module):
         elif latents not in (None, "prior"):
             raise DataError(f"latents={latents!r}: use None, 'prior' or a tensor of codes")
 
-        x = self.blocks[c.inject_layer](x, cos, sin, kv=kv, cache=layer_cache(c.inject_layer),
-                                        pos=pos)
+        x = self.blocks[c.inject_layer](
+            x, cos, sin, kv=kv, cache=layer_cache(c.inject_layer), pos=pos
+        )
         for i in range(c.inject_layer + 1, c.n_layers):
             x = self.blocks[i](x, cos, sin, cache=layer_cache(i), pos=pos)
         if last_logits_only:
@@ -319,12 +342,21 @@ class FreeTransformer(nn.Module):
             if logits is None:  # training: the loss without the (B, T, V) logits
                 ce = linear_cross_entropy(h, readout, targets, IGNORE_INDEX)
             else:
-                ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                     ignore_index=IGNORE_INDEX)
+                ce = F.cross_entropy(
+                    logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+                )
             loss = ce + kl_loss
         if static:
             pos.add_(T)  # in place: a replayed CUDA graph advances it too
         elif cache is not None:
             cache.pos = pos + T
-        return ModelOutput(logits=logits, loss=loss, ce=ce, kl=kl, kl_loss=kl_loss,
-                           codes=codes, kl_tokens=kl_tokens, bit_logits=bit_logits)
+        return ModelOutput(
+            logits=logits,
+            loss=loss,
+            ce=ce,
+            kl=kl,
+            kl_loss=kl_loss,
+            codes=codes,
+            kl_tokens=kl_tokens,
+            bit_logits=bit_logits,
+        )

@@ -125,23 +125,42 @@ class TrainConfig:
     def __post_init__(self) -> None:
         s = "train"
         _check_lora(self)
-        for n in ("max_steps", "batch_size", "seq_len", "eval_batches", "importance_samples",
-                  "keep_last", "log_every"):
+        for n in (
+            "max_steps",
+            "batch_size",
+            "seq_len",
+            "eval_batches",
+            "importance_samples",
+            "keep_last",
+            "log_every",
+        ):
             v = getattr(self, n)
             _check(_is_int(v) and v > 0, s, n, v, "a positive integer")
-        for n in ("micro_batch_size", "warmup_steps", "eval_every", "ckpt_every", "seed",
-                  "threads"):
+        for n in (
+            "micro_batch_size",
+            "warmup_steps",
+            "eval_every",
+            "ckpt_every",
+            "seed",
+            "threads",
+        ):
             v = getattr(self, n)
             _check(_is_int(v) and v >= 0, s, n, v, "an integer ≥ 0")
         _check(_is_num(self.lr) and self.lr > 0, s, "lr", self.lr, "a positive number")
-        _check(_is_num(self.latent_lr_scale) and self.latent_lr_scale > 0, s,
-               "latent_lr_scale", self.latent_lr_scale, "a positive number (1: the same lr)")
+        _check(
+            _is_num(self.latent_lr_scale) and self.latent_lr_scale > 0,
+            s,
+            "latent_lr_scale",
+            self.latent_lr_scale,
+            "a positive number (1: the same lr)",
+        )
         for n in ("min_lr_ratio", "beta1", "beta2"):
             v = getattr(self, n)
             # The lr floor may equal the peak (a constant lr), never exceed it; β < 1.
             ok = _is_num(v) and (0 <= v <= 1 if n == "min_lr_ratio" else 0 <= v < 1)
-            _check(ok, s, n, v,
-                   "a number in [0, 1]" if n == "min_lr_ratio" else "a number in [0, 1)")
+            _check(
+                ok, s, n, v, "a number in [0, 1]" if n == "min_lr_ratio" else "a number in [0, 1)"
+            )
         for n in ("weight_decay", "grad_clip"):
             v = getattr(self, n)
             _check(_is_num(v) and v >= 0, s, n, v, "a number ≥ 0")
@@ -150,36 +169,81 @@ class TrainConfig:
             _check(isinstance(v, bool), s, n, v, "true or false")
         _check(self.dist in DIST_MODES, s, "dist", self.dist, f"one of {', '.join(DIST_MODES)}")
         _check(self.device in DEVICES, s, "device", self.device, f"one of {', '.join(DEVICES)}")
-        _check(self.precision in PRECISIONS, s, "precision", self.precision,
-               f"one of {', '.join(PRECISIONS)}")
-        _check(isinstance(self.init_from, str), s, "init_from", self.init_from,
-               "a run directory or checkpoint path (a string)")
-        _check(self.trainable in TRAINABLE, s, "trainable", self.trainable,
-               f"one of {', '.join(TRAINABLE)}")
+        _check(
+            self.precision in PRECISIONS,
+            s,
+            "precision",
+            self.precision,
+            f"one of {', '.join(PRECISIONS)}",
+        )
+        _check(
+            isinstance(self.init_from, str),
+            s,
+            "init_from",
+            self.init_from,
+            "a run directory or checkpoint path (a string)",
+        )
+        _check(
+            self.trainable in TRAINABLE,
+            s,
+            "trainable",
+            self.trainable,
+            f"one of {', '.join(TRAINABLE)}",
+        )
 
 
 def _check_lora(tc: TrainConfig) -> None:
     from freeformer.lora import LORA_INJECTION, LORA_TARGETS, parse_targets
 
     s = "train"
-    _check(_is_int(tc.lora_rank) and tc.lora_rank >= 0, s, "lora_rank", tc.lora_rank,
-           "an integer ≥ 0 (0: no LoRA)")
-    _check(_is_num(tc.lora_alpha) and tc.lora_alpha > 0, s, "lora_alpha", tc.lora_alpha,
-           "a positive number")
+    _check(
+        _is_int(tc.lora_rank) and tc.lora_rank >= 0,
+        s,
+        "lora_rank",
+        tc.lora_rank,
+        "an integer ≥ 0 (0: no LoRA)",
+    )
+    _check(
+        _is_num(tc.lora_alpha) and tc.lora_alpha > 0,
+        s,
+        "lora_alpha",
+        tc.lora_alpha,
+        "a positive number",
+    )
     try:
         parse_targets(tc.lora_targets)
         ok = True
     except (ValueError, AttributeError):
         ok = False
-    _check(ok, s, "lora_targets", tc.lora_targets,
-           f"comma-separated names among {', '.join(LORA_TARGETS)}")
-    _check(tc.lora_injection in LORA_INJECTION, s, "lora_injection", tc.lora_injection,
-           f"one of {', '.join(LORA_INJECTION)}")
+    _check(
+        ok,
+        s,
+        "lora_targets",
+        tc.lora_targets,
+        f"comma-separated names among {', '.join(LORA_TARGETS)}",
+    )
+    _check(
+        tc.lora_injection in LORA_INJECTION,
+        s,
+        "lora_injection",
+        tc.lora_injection,
+        f"one of {', '.join(LORA_INJECTION)}",
+    )
     if tc.lora_rank:
-        _check(tc.trainable == "all", s, "trainable", tc.trainable,
-               "'all' with train.lora_rank > 0 (LoRA itself says what trains)")
-        _check(tc.dist != "fsdp", s, "dist", tc.dist,
-               "none or ddp with train.lora_rank > 0 (LoRA under FSDP2 is untested)")
+        _check(
+            tc.trainable == "all",
+            s,
+            "trainable",
+            tc.trainable,
+            "'all' with train.lora_rank > 0 (LoRA itself says what trains)",
+        )
+        _check(
+            tc.dist != "fsdp",
+            s,
+            "dist",
+            tc.dist,
+            "none or ddp with train.lora_rank > 0 (LoRA under FSDP2 is untested)",
+        )
 
 
 @dataclass(frozen=True)
@@ -195,12 +259,22 @@ class DataConfig:
     """Prepared data directory (files, stdlib)."""
 
     def __post_init__(self) -> None:
-        _check(self.source in DATA_SOURCES, "data", "source", self.source,
-               f"one of {', '.join(DATA_SOURCES)}")
+        _check(
+            self.source in DATA_SOURCES,
+            "data",
+            "source",
+            self.source,
+            f"one of {', '.join(DATA_SOURCES)}",
+        )
         _check(isinstance(self.path, str), "data", "path", self.path, "a string")
         if self.source in ("files", "stdlib"):
-            _check(bool(self.path), "data", "path", self.path,
-                   f"a directory (data.source = {self.source!r} needs one)")
+            _check(
+                bool(self.path),
+                "data",
+                "path",
+                self.path,
+                f"a directory (data.source = {self.source!r} needs one)",
+            )
 
 
 @dataclass(frozen=True)
@@ -212,19 +286,42 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.data.source == "synthetic":
             from freeformer.data.synthetic import SEQ_LEN, VOCAB_SIZE
-            _check(self.train.seq_len == SEQ_LEN - 1, "train", "seq_len", self.train.seq_len,
-                   f"{SEQ_LEN - 1} for the synthetic task (66 characters, shifted by one)")
-            _check(self.model.vocab_size >= VOCAB_SIZE, "model", "vocab_size",
-                   self.model.vocab_size, f"≥ {VOCAB_SIZE} for the synthetic task")
-        _check(self.train.seq_len <= self.model.max_seq_len, "train", "seq_len",
-               self.train.seq_len, f"≤ model.max_seq_len = {self.model.max_seq_len}")
-        _check(self.train.trainable != "latent" or self.model.latent, "train", "trainable",
-               self.train.trainable, "'all' for a baseline (model.latent = false has no "
-               "latent path to train)")
+
+            _check(
+                self.train.seq_len == SEQ_LEN - 1,
+                "train",
+                "seq_len",
+                self.train.seq_len,
+                f"{SEQ_LEN - 1} for the synthetic task (66 characters, shifted by one)",
+            )
+            _check(
+                self.model.vocab_size >= VOCAB_SIZE,
+                "model",
+                "vocab_size",
+                self.model.vocab_size,
+                f"≥ {VOCAB_SIZE} for the synthetic task",
+            )
+        _check(
+            self.train.seq_len <= self.model.max_seq_len,
+            "train",
+            "seq_len",
+            self.train.seq_len,
+            f"≤ model.max_seq_len = {self.model.max_seq_len}",
+        )
+        _check(
+            self.train.trainable != "latent" or self.model.latent,
+            "train",
+            "trainable",
+            self.train.trainable,
+            "'all' for a baseline (model.latent = false has no latent path to train)",
+        )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),
-                "data": dataclasses.asdict(self.data)}
+        return {
+            "model": self.model.to_dict(),
+            "train": dataclasses.asdict(self.train),
+            "data": dataclasses.asdict(self.data),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -302,8 +399,9 @@ def build_run_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for k, v in raw.items():
         if k not in SECTIONS:
-            raise ConfigError(f"unknown config section [{k}]; valid sections: "
-                              f"{', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"unknown config section [{k}]; valid sections: {', '.join(SECTIONS)}"
+            )
         if not isinstance(v, dict):
             raise ConfigError(f"config section [{k}] must be a table, got {v!r}")
     for ov in overrides:
@@ -315,8 +413,9 @@ def build_run_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
             raise ConfigError(f"override {ov!r} must look like section.key=value")
         section, key = lhs.split(".", 1)
         if section not in SECTIONS:
-            raise ConfigError(f"unknown config section in {ov!r}; valid sections: "
-                              f"{', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"unknown config section in {ov!r}; valid sections: {', '.join(SECTIONS)}"
+            )
         types_ = _field_types(SECTIONS[section])
         if key == "preset" and section == "model":
             raw.setdefault("model", {})["preset"] = text
@@ -327,8 +426,11 @@ def build_run_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
     model_raw = dict(raw.get("model", {}))
     preset = model_raw.pop("preset", None)
-    model = (ModelConfig.preset(preset, **model_raw) if preset is not None
-             else ModelConfig.from_dict(model_raw))
+    model = (
+        ModelConfig.preset(preset, **model_raw)
+        if preset is not None
+        else ModelConfig.from_dict(model_raw)
+    )
     sections: dict[str, Any] = {"model": model}
     for name in ("train", "data"):
         cls = SECTIONS[name]
@@ -336,8 +438,10 @@ def build_run_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
         types_ = _field_types(cls)
         unknown = set(given) - set(types_)
         if unknown:
-            raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))}; "
-                              f"valid keys: {', '.join(types_)}")
+            raise ConfigError(
+                f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))}; "
+                f"valid keys: {', '.join(types_)}"
+            )
         for k, v in given.items():  # TOML ints are fine where floats are expected
             if types_[k] is float and _is_int(v):
                 given[k] = float(v)
@@ -345,8 +449,12 @@ def build_run_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return RunConfig(**sections)
 
 
-def load_run_config(*, preset: str | None = None, path: str | Path | None = None,
-                    overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_run_config(
+    *,
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> RunConfig:
     if (preset is None) == (path is None):
         raise ConfigError("give exactly one of --preset NAME or --config FILE.toml")
     return build_run_config(read_toml(preset_path(preset) if preset else path), overrides)

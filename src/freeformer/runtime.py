@@ -12,8 +12,12 @@ import torch
 from freeformer.errors import ConfigError
 
 
-def resolve_device(name: str | torch.device | None = "auto", *, flag: str = "--device",
-                   local_rank: int | None = None) -> torch.device:
+def resolve_device(
+    name: str | torch.device | None = "auto",
+    *,
+    flag: str = "--device",
+    local_rank: int | None = None,
+) -> torch.device:
     """``"auto"`` (or None): CUDA when available, else the CPU; ``"cpu"``, ``"cuda"`` or
     ``"cuda:N"`` as given. ``local_rank`` picks the GPU of a torchrun process when the name
     gives none. A bad name, or CUDA asked for where there is none, is a ``ConfigError``
@@ -29,8 +33,7 @@ def resolve_device(name: str | torch.device | None = "auto", *, flag: str = "--d
         raise ConfigError(f"{flag} = {name!r}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"{flag} = {name!r} but CUDA is not available; use 'cpu' or "
-                              "'auto'")
+            raise ConfigError(f"{flag} = {name!r} but CUDA is not available; use 'cpu' or 'auto'")
         if dev.index is None:
             dev = torch.device("cuda", local_rank or 0)
     return dev
@@ -67,7 +70,7 @@ CPU_BF16_MIN_DIM = 128
 
 
 def resolve_precision(device: torch.device, precision: str, dim: int | None = None) -> str:
-    """"fp32" or "bf16" for ``train.precision`` on ``device`` for a model of width ``dim``.
+    """ "fp32" or "bf16" for ``train.precision`` on ``device`` for a model of width ``dim``.
 
     "auto" means bf16 autocast on CUDA, and on CPUs with native bf16 matmuls for models at
     least ``CPU_BF16_MIN_DIM`` wide (where it was measured faster); FP32 elsewhere."""
@@ -75,14 +78,14 @@ def resolve_precision(device: torch.device, precision: str, dim: int | None = No
         return precision
     if device.type == "cuda":
         return "bf16"
-    if (device.type == "cpu" and bf16_native_cpu()
-            and (dim is None or dim >= CPU_BF16_MIN_DIM)):
+    if device.type == "cpu" and bf16_native_cpu() and (dim is None or dim >= CPU_BF16_MIN_DIM):
         return "bf16"
     return "fp32"
 
 
-def autocast(device: torch.device, precision: str,
-             dim: int | None = None) -> contextlib.AbstractContextManager:
+def autocast(
+    device: torch.device, precision: str, dim: int | None = None
+) -> contextlib.AbstractContextManager:
     """bf16 autocast (float32 master weights; the model computes CE and KL in float32) when
     ``resolve_precision`` says bf16, else no autocast."""
     if resolve_precision(device, precision, dim) != "bf16":

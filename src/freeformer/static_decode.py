@@ -32,8 +32,9 @@ class StaticDecodeStep:
     by the next call: read (or copy) it before calling again.
     """
 
-    def __init__(self, model: FreeTransformer, cache, batch_size: int, *,
-                 graph: bool = False) -> None:
+    def __init__(
+        self, model: FreeTransformer, cache, batch_size: int, *, graph: bool = False
+    ) -> None:
         device = model.tok_emb.weight.device
         if graph and device.type != "cuda":
             raise ValueError(f"CUDA-graph decoding needs a CUDA model; this one is on {device}")
@@ -47,8 +48,9 @@ class StaticDecodeStep:
             layer.k[:, :, start:].zero_()
             layer.v[:, :, start:].zero_()
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.codes = (torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-                      if self.latent else None)
+        self.codes = (
+            torch.zeros(batch_size, 1, dtype=torch.long, device=device) if self.latent else None
+        )
         self.logits: Tensor | None = None
         if graph:
             # Warm up on a side stream (lazy inits, allocator), then capture one step. The
@@ -67,8 +69,13 @@ class StaticDecodeStep:
             cache.pos.fill_(start)  # capture ran nothing, but keep it explicit
 
     def _step(self) -> Tensor:
-        out = self.model(self.tokens, latents=self.codes, cache=self.cache,
-                         last_logits_only=True, check_inputs=False)
+        out = self.model(
+            self.tokens,
+            latents=self.codes,
+            cache=self.cache,
+            last_logits_only=True,
+            check_inputs=False,
+        )
         return out.logits[:, -1]
 
     def __call__(self, tokens: Tensor, codes: Tensor | None = None) -> Tensor:

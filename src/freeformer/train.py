@@ -8,11 +8,9 @@ the same global batch; latent draws are sliced from one global draw for the same
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +28,6 @@ from freeformer.checkpoint import (
 )
 from freeformer.errors import CheckpointError, ConfigError, UserError
 from freeformer.finetune import (
-    NEW_LATENT_PREFIXES,
     check_same_tokenizer,
     load_init_checkpoint,
     set_trainable,
@@ -38,6 +35,7 @@ from freeformer.finetune import (
 from freeformer.likelihood import LOG2
 from freeformer.metrics import LatentMonitor, MetricsLog
 from freeformer.model import FreeTransformer
+from freeformer.optim import build_optimizer, lr_at
 from freeformer.runconfig import RunConfig, TrainConfig
 from freeformer.runtime import autocast, resolve_device, resolve_precision
 from freeformer.validation import evaluate, format_val
@@ -46,68 +44,34 @@ from freeformer.validation import evaluate, format_val
 # ---------------------------------------------------------------------------------------
 # Builders
 # ---------------------------------------------------------------------------------------
-def param_groups(model: nn.Module, weight_decay: float,
-                 latent_lr_scale: float = 1.0) -> list[dict[str, Any]]:
-    """Decay matrices; no decay for norms, ζ, the token embedding and the post-sampler table
-    (rows of a lookup table that most steps do not touch would only shrink).
-
-    With ``latent_lr_scale`` ≠ 1 the latent path's new weights (``NEW_LATENT_PREFIXES``) get
-    groups of their own whose ``lr_scale`` multiplies the scheduled lr. The groups depend on
-    the model and these two numbers only, so a resumed run rebuilds them identically."""
-    new = NEW_LATENT_PREFIXES if latent_lr_scale != 1.0 else ()
-    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {
-        (d, n): [] for n in (False, True) for d in (True, False)}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lookup = name.startswith(("tok_emb.", "post_sampler."))
-        buckets[(p.dim() >= 2 and not lookup, bool(new) and name.startswith(new))].append(p)
-    groups = []
-    for (decay, is_new), params in buckets.items():
-        if params or not is_new:  # the two base groups always exist, as before the option
-            groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
-                           "lr_scale": latent_lr_scale if is_new else 1.0})
-    return groups
-
-
-def build_model(cfg: RunConfig, device: torch.device, init: Checkpoint | None = None
-                ) -> FreeTransformer:
+def build_model(
+    cfg: RunConfig, device: torch.device, init: Checkpoint | None = None
+) -> FreeTransformer:
     """The model of a new run: seeded init, or exactly ``init``'s weights; then frozen as
     ``train.trainable`` says."""
     if init is None:
         model = FreeTransformer(cfg.model, seed=cfg.train.seed).to(device)
     else:
-        model = model_from_state(cfg.model, lora.merged_state(init.model_state,
-                                                              init.state["config"]), device)
+        model = model_from_state(
+            cfg.model, lora.merged_state(init.model_state, init.state["config"]), device
+        )
     set_trainable(model, cfg.train.trainable)
     return model
-
-
-def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.latent_lr_scale), lr=tc.lr,
-                             betas=(tc.beta1, tc.beta2), fused=on_cuda or None)
-
-
-def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio · lr``."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    span = max(1, tc.max_steps - tc.warmup_steps)
-    progress = min(1.0, (step - tc.warmup_steps) / span)
-    floor = tc.min_lr_ratio * tc.lr
-    return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def build_data(cfg: RunConfig, info: D.DistInfo):
     """(training batches, validation batches) for the configured source."""
     tc, dc = cfg.train, cfg.data
     if tc.batch_size % info.world_size:
-        raise ConfigError(f"train.batch_size = {tc.batch_size} is not divisible by the "
-                          f"{info.world_size} processes")
+        raise ConfigError(
+            f"train.batch_size = {tc.batch_size} is not divisible by the "
+            f"{info.world_size} processes"
+        )
     if dc.source == "none":
-        raise ConfigError("data.source = 'none' (a converted model): give prepared data, e.g. "
-                          "--data.source=files --data.path=DIR (validate: --data DIR)")
+        raise ConfigError(
+            "data.source = 'none' (a converted model): give prepared data, e.g. "
+            "--data.source=files --data.path=DIR (validate: --data DIR)"
+        )
     if dc.source == "synthetic":
         from freeformer.data.synthetic import SyntheticBatches
 
@@ -117,12 +81,15 @@ def build_data(cfg: RunConfig, info: D.DistInfo):
         from freeformer.data.prepare import ensure_stdlib_data
 
         path = ensure_stdlib_data(dc.path) if dc.source == "stdlib" else dc.path
-        train = TokenWindows(path, "train", tc.seq_len, tc.batch_size, tc.seed, info.rank,
-                             info.world_size)
+        train = TokenWindows(
+            path, "train", tc.seq_len, tc.batch_size, tc.seed, info.rank, info.world_size
+        )
         if train.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
-                              f"data's vocabulary ({train.vocab_size}); set "
-                              f"--model.vocab_size={train.vocab_size}")
+            raise ConfigError(
+                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
+                f"data's vocabulary ({train.vocab_size}); set "
+                f"--model.vocab_size={train.vocab_size}"
+            )
     return train, train.fixed_batches(tc.eval_batches)
 
 
@@ -130,29 +97,40 @@ def micro_batches(tc: TrainConfig, info: D.DistInfo) -> int:
     local = tc.batch_size // info.world_size
     mb = tc.micro_batch_size or local
     if local % mb:
-        raise ConfigError(f"train.micro_batch_size = {mb} must divide the per-process batch "
-                          f"{local} (batch_size / processes)")
+        raise ConfigError(
+            f"train.micro_batch_size = {mb} must divide the per-process batch "
+            f"{local} (batch_size / processes)"
+        )
     return local // mb
 
 
 # ---------------------------------------------------------------------------------------
 # One step
 # ---------------------------------------------------------------------------------------
-def global_bit_noise(cfg: RunConfig, gen: torch.Generator, info: D.DistInfo,
-                     device: torch.device) -> Tensor | None:
+def global_bit_noise(
+    cfg: RunConfig, gen: torch.Generator, info: D.DistInfo, device: torch.device
+) -> Tensor | None:
     """Uniforms for the posterior draws of the whole global batch; this rank's rows."""
     if not cfg.model.latent:
         return None
     tc = cfg.train
-    u = torch.rand(tc.batch_size, tc.seq_len, cfg.model.latent_bits, generator=gen,
-                   device=gen.device)
+    u = torch.rand(
+        tc.batch_size, tc.seq_len, cfg.model.latent_bits, generator=gen, device=gen.device
+    )
     b = tc.batch_size // info.world_size
-    return u[info.rank * b:(info.rank + 1) * b].to(device)
+    return u[info.rank * b : (info.rank + 1) * b].to(device)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-               noise: Tensor | None, n_micro: int, tc: TrainConfig,
-               ctx: contextlib.AbstractContextManager) -> dict[str, Tensor]:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    noise: Tensor | None,
+    n_micro: int,
+    tc: TrainConfig,
+    ctx: contextlib.AbstractContextManager,
+) -> dict[str, Tensor]:
     """Forward/backward over ``n_micro`` micro-batches, clip, step. Returns mean metrics as
     0-d tensors: converting them to floats here would cost a host sync per step on CUDA, so
     the loop does it only on logging steps.
@@ -197,21 +175,34 @@ def _check_resume_compatible(ck: Checkpoint, cfg: RunConfig) -> None:
     saved = ck.state["config"]
     if saved["model"] != cfg.model.to_dict():
         diff = [k for k in saved["model"] if saved["model"].get(k) != cfg.model.to_dict().get(k)]
-        raise CheckpointError(f"cannot resume: the model config differs from the checkpoint's "
-                              f"({', '.join(diff)})")
-    for key in ("batch_size", "seq_len", "seed", "trainable", "latent_lr_scale", "lora_rank",
-                "lora_alpha", "lora_targets", "lora_injection"):
+        raise CheckpointError(
+            f"cannot resume: the model config differs from the checkpoint's ({', '.join(diff)})"
+        )
+    for key in (
+        "batch_size",
+        "seq_len",
+        "seed",
+        "trainable",
+        "latent_lr_scale",
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "lora_injection",
+    ):
         # .get: checkpoints from before a field existed trained with its default
         was = saved["train"].get(key, TrainConfig.__dataclass_fields__[key].default)
         if was != getattr(cfg.train, key):
-            raise CheckpointError(f"cannot resume: train.{key} = {getattr(cfg.train, key)!r} but "
-                                  f"the checkpoint used {was}")
+            raise CheckpointError(
+                f"cannot resume: train.{key} = {getattr(cfg.train, key)!r} but "
+                f"the checkpoint used {was}"
+            )
     if saved["data"] != {"source": cfg.data.source, "path": cfg.data.path}:
         raise CheckpointError("cannot resume: the data section differs from the checkpoint's")
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
-          quiet: bool = False) -> TrainResult:
+def train(
+    cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False
+) -> TrainResult:
     """Train ``cfg`` into ``run_dir`` (or continue the run there with ``resume``)."""
     tc = cfg.train
     run_dir = Path(run_dir)
@@ -223,8 +214,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False,
         D.shutdown(info)
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
-           info: D.DistInfo) -> TrainResult:
+def _train(
+    cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, info: D.DistInfo
+) -> TrainResult:
     tc, mc = cfg.train, cfg.model
     device = resolve_device(tc.device, flag="train.device", local_rank=info.local_rank)
     if tc.threads:
@@ -234,8 +226,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
         ck = load_checkpoint(run_dir)
         _check_resume_compatible(ck, cfg)
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
-                        "it or choose another --out")
+        raise UserError(
+            f"{run_dir} already holds a run; use --resume {run_dir} to continue "
+            "it or choose another --out"
+        )
     # Everything that can fail on user input is checked before the run directory is touched.
     n_micro = micro_batches(tc, info)
     train_data, val_batches = build_data(cfg, info)
@@ -267,7 +261,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
         lora.attach(model, tc)
     del init
     if tc.activation_checkpointing:
-        _enable_activation_checkpointing(model)
+        D.checkpoint_activations(model)
     if tc.compile:  # per block, before FSDP2 wraps them (distributed.compile_blocks)
         D.compile_blocks(model)
     # FSDP2 swaps parameters for sharded ones, so the optimizer is built after wrapping.
@@ -279,8 +273,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
     gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
     start, tokens = 0, 0
     if ck is not None:
-        osd = unflatten_optimizer_state(ck.optimizer_tensors(), ck.state["param_groups"],
-                                        {n for n, _ in model.named_parameters()})
+        osd = unflatten_optimizer_state(
+            ck.optimizer_tensors(),
+            ck.state["param_groups"],
+            {n for n, _ in model.named_parameters()},
+        )
         D.load_optimizer_state(model, optimizer, osd)
         train_data.load_state_dict(ck.state["data"])
         gen.set_state(torch.tensor(ck.state["rng"]["latent"], dtype=torch.uint8))
@@ -295,24 +292,49 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
         msd = lora.checkpoint_state(msd)  # PEFT's module names → freeformer's
         if info.is_main:
             otensors, groups = flatten_optimizer_state(osd)
-            state = {"config": cfg.to_dict(), "tokens": tokens, "data": train_data.state_dict(),
-                     "rng": {"latent": gen.get_state().tolist()}, "param_groups": groups,
-                     "version": __version__, "world_size": info.world_size}
-            save_checkpoint(run_dir, step, model_state=msd, optimizer_tensors=otensors,
-                            state=state, keep_last=tc.keep_last)
+            state = {
+                "config": cfg.to_dict(),
+                "tokens": tokens,
+                "data": train_data.state_dict(),
+                "rng": {"latent": gen.get_state().tolist()},
+                "param_groups": groups,
+                "version": __version__,
+                "world_size": info.world_size,
+            }
+            save_checkpoint(
+                run_dir,
+                step,
+                model_state=msd,
+                optimizer_tensors=otensors,
+                state=state,
+                keep_last=tc.keep_last,
+            )
         D.barrier(info)
 
     def validate(step: int) -> dict[str, float]:
-        vals = evaluate(wrapped, val_batches, latent=mc.latent, n_bits=mc.latent_bits,
-                        k=tc.importance_samples, seed=tc.seed + 2, device=device, ctx=ctx)
+        vals = evaluate(
+            wrapped,
+            val_batches,
+            latent=mc.latent,
+            n_bits=mc.latent_bits,
+            k=tc.importance_samples,
+            seed=tc.seed + 2,
+            device=device,
+            ctx=ctx,
+        )
         vals = D.mean_across_ranks(vals, info, device)
         log.write({"step": step, "kind": "val", "tokens": tokens, **vals})
         return vals
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=tc.max_steps, initial=start, disable=quiet or not tc.progress
-               or not info.is_main, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=start,
+        disable=quiet or not tc.progress or not info.is_main,
+        unit="step",
+        dynamic_ncols=True,
+    )
     wrapped.train()
     last: dict[str, float] = {}
     val: dict[str, float] = {}
@@ -333,13 +355,23 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
             now = time.perf_counter()
             tps = (tokens - window_tok) / max(now - window_t, 1e-9)
             window_t, window_tok = now, tokens
-            last = {"loss": m["loss"], "ce": m["ce"], "kl_bits": m["kl"] / LOG2,
-                    "kl_loss": m["kl_loss"], "lr": lr, "tokens_per_s": tps,
-                    **({"grad_norm": m["grad_norm"]} if "grad_norm" in m else {})}
+            last = {
+                "loss": m["loss"],
+                "ce": m["ce"],
+                "kl_bits": m["kl"] / LOG2,
+                "kl_loss": m["kl_loss"],
+                "lr": lr,
+                "tokens_per_s": tps,
+                **({"grad_norm": m["grad_norm"]} if "grad_norm" in m else {}),
+            }
             log.write({"step": done, "tokens": tokens, **last})
-            bar.set_postfix(loss=f"{m['loss']:.3f}", ce=f"{m['ce']:.3f}",
-                            kl_bits=f"{last['kl_bits']:.3f}", lr=f"{lr:.2e}",
-                            tok_s=f"{tps:,.0f}")
+            bar.set_postfix(
+                loss=f"{m['loss']:.3f}",
+                ce=f"{m['ce']:.3f}",
+                kl_bits=f"{last['kl_bits']:.3f}",
+                lr=f"{lr:.2e}",
+                tok_s=f"{tps:,.0f}",
+            )
             if monitor is not None and info.is_main and done > tc.warmup_steps:
                 warning = monitor.update(done, last["kl_bits"])
                 if warning:
@@ -360,17 +392,3 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool,
             print(format_val(end, val))
     log.close()
     return TrainResult(end, tokens, last, val, (tokens - tok0) / max(elapsed, 1e-9), run_dir)
-
-
-def _enable_activation_checkpointing(model: FreeTransformer) -> None:
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.blocks:
-        fwd = block.forward
-
-        def wrapped(*args, _fwd=fwd, **kwargs):
-            if kwargs.get("cache") is not None or not torch.is_grad_enabled():
-                return _fwd(*args, **kwargs)
-            return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
-
-        block.forward = wrapped

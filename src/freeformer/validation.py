@@ -25,9 +25,17 @@ from freeformer.likelihood import (
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, latent: bool,
-             n_bits: int, k: int, seed: int, device: torch.device,
-             ctx: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    batches: list[tuple[Tensor, Tensor]],
+    *,
+    latent: bool,
+    n_bits: int,
+    k: int,
+    seed: int,
+    device: torch.device,
+    ctx: contextlib.AbstractContextManager | None = None,
+) -> dict[str, float]:
     """Validation metrics in nats per scored target (``IGNORE_INDEX`` targets are skipped,
     like the cross-entropy) unless named ``_bits``.
 
@@ -75,9 +83,14 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, latent: 
                     kl += float(out.kl_tokens.float()[code_mask(y)].sum()) / (n * k)
                 log_ps = log_mean_exp(torch.stack(weights), 0)  # (B,) log P̂(S)
                 log_ps_prior = log_mean_exp(torch.stack(prior_weights), 0)
-                vals = {"ce_prior": ce_prior, "ce_encoder": ce_enc, "kl_bits": kl / LOG2,
-                        "elbo": ce_enc + kl, "nll_is": float(-log_ps.sum()) / n,
-                        "nll_is_prior": float(-log_ps_prior.sum()) / n}
+                vals = {
+                    "ce_prior": ce_prior,
+                    "ce_encoder": ce_enc,
+                    "kl_bits": kl / LOG2,
+                    "elbo": ce_enc + kl,
+                    "nll_is": float(-log_ps.sum()) / n,
+                    "nll_is_prior": float(-log_ps_prior.sum()) / n,
+                }
         for key, v in vals.items():
             tot[key] = tot.get(key, 0.0) + v * n
         n_tok += n
@@ -92,7 +105,9 @@ def format_val(step: int, v: dict[str, float]) -> str:
     if "ce" in v:
         return f"val step {step}: ce {v['ce']:.4f} nats/token"
     k = int(v.get("is_samples", 0))
-    return (f"val step {step}: −log P(S)/T estimates (importance sampling, k={k}): encoder "
-            f"proposal {v['nll_is']:.4f}, prior proposal {v['nll_is_prior']:.4f} nats/token | "
-            f"ELBO {v['elbo']:.4f} | KL {v['kl_bits']:.4f} bits | ce(prior codes) "
-            f"{v['ce_prior']:.4f} | ce(encoder codes, sees the future) {v['ce_encoder']:.4f}")
+    return (
+        f"val step {step}: −log P(S)/T estimates (importance sampling, k={k}): encoder "
+        f"proposal {v['nll_is']:.4f}, prior proposal {v['nll_is_prior']:.4f} nats/token | "
+        f"ELBO {v['elbo']:.4f} | KL {v['kl_bits']:.4f} bits | ce(prior codes) "
+        f"{v['ce_prior']:.4f} | ce(encoder codes, sees the future) {v['ce_encoder']:.4f}"
+    )

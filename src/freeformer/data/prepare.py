@@ -305,8 +305,7 @@ def prepare(
         eos = np.array([tok.eos_id], dtype=dtype)
         # A converted model's tokenizer whose source starts every text with BOS (Llama):
         # documents start with it too, as the source saw them in pretraining.
-        bos = np.array([tok.bos_id] if tok.add_bos and tok.bos_id is not None else [],
-                       dtype=dtype)
+        bos = np.array([tok.bos_id] if tok.add_bos and tok.bos_id is not None else [], dtype=dtype)
         total_bytes = sum(f.stat().st_size for f in files)
         content_tokens = 0
         n_seen = 0
@@ -391,7 +390,13 @@ def ensure_stdlib_data(path: str) -> str:
     import sysconfig
 
     stdlib = sysconfig.get_paths()["stdlib"]
-    prepare([stdlib], path, tokenizer="byte", include=("*.py",),
-            exclude=("site-packages", "dist-packages", "test", "tests", "idlelib"),
-            val_fraction=0.01, seed=0)
+    prepare(
+        [stdlib],
+        path,
+        tokenizer="byte",
+        include=("*.py",),
+        exclude=("site-packages", "dist-packages", "test", "tests", "idlelib"),
+        val_fraction=0.01,
+        seed=0,
+    )
     return path

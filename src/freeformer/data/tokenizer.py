@@ -61,8 +61,9 @@ class Tokenizer(ABC):
         ids = self.encode(text)
         return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
 
-    def apply_chat_template(self, messages: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """The source's chat template rendered for ``messages`` ([{"role", "content"}]).
 
         Rendered the way transformers renders it (a sandboxed Jinja environment with
@@ -84,9 +85,11 @@ class Tokenizer(ABC):
         env.globals["raise_exception"] = raise_exception
         try:
             return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
                 bos_token=getattr(self, "bos_token", None) or "",
-                eos_token=getattr(self, "eos_token", None) or "")
+                eos_token=getattr(self, "eos_token", None) or "",
+            )
         except TemplateError as e:
             raise UserError(f"the chat template failed: {e}") from None
 
@@ -171,9 +174,17 @@ class HFTokenizer(Tokenizer):
     parsed (chat templates rely on it).
     """
 
-    def __init__(self, tokenizer: Any, spec: str = "hf", *, pretrained: bool = False,
-                 eos_token: str = EOS_TOKEN, bos_token: str | None = None,
-                 add_bos: bool = False, chat_template: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        spec: str = "hf",
+        *,
+        pretrained: bool = False,
+        eos_token: str = EOS_TOKEN,
+        bos_token: str | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
         eos = tokenizer.token_to_id(eos_token)
         if eos is None:
             if pretrained:
@@ -241,8 +252,14 @@ class HFTokenizer(Tokenizer):
         self._tok.save(str(directory / HF_FILE))
         cfg: dict[str, Any] = {"type": "hf", "spec": self.spec, "eos_token": self.eos_token}
         if self.pretrained:
-            cfg.update(pretrained=True, bos_token=self.bos_token, add_bos=self.add_bos,
-                       chat_template=self.chat_template, eos_id=self.eos_id, bos_id=self.bos_id)
+            cfg.update(
+                pretrained=True,
+                bos_token=self.bos_token,
+                add_bos=self.add_bos,
+                chat_template=self.chat_template,
+                eos_id=self.eos_id,
+                bos_id=self.bos_id,
+            )
         _write_json(directory / CONFIG_FILE, cfg)
 
 
@@ -332,16 +349,23 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
             return HFTokenizer.from_file(directory / HF_FILE, spec=cfg.get("spec", "hf"))
         try:
             tok = HFTokenizer.from_file(
-                directory / HF_FILE, spec=cfg.get("spec", "hf"), pretrained=True,
-                eos_token=cfg["eos_token"], bos_token=cfg.get("bos_token"),
-                add_bos=bool(cfg.get("add_bos", False)), chat_template=cfg.get("chat_template"))
+                directory / HF_FILE,
+                spec=cfg.get("spec", "hf"),
+                pretrained=True,
+                eos_token=cfg["eos_token"],
+                bos_token=cfg.get("bos_token"),
+                add_bos=bool(cfg.get("add_bos", False)),
+                chat_template=cfg.get("chat_template"),
+            )
         except (KeyError, TypeError) as e:
             raise DataError(f"{cfg_path} is incomplete ({e}); convert the model again") from None
         # The ids were recorded at conversion: a tokenizer.json swapped since must not pass.
         for name in ("eos_id", "bos_id"):
             if name in cfg and cfg[name] != getattr(tok, name):
-                raise DataError(f"{cfg_path} records {name} = {cfg[name]} but tokenizer.json "
-                                f"gives {getattr(tok, name)}; the files do not belong together")
+                raise DataError(
+                    f"{cfg_path} records {name} = {cfg[name]} but tokenizer.json "
+                    f"gives {getattr(tok, name)}; the files do not belong together"
+                )
         return tok
     raise DataError(f"{cfg_path} has unknown type {kind!r}; expected 'byte' or 'hf'")
 

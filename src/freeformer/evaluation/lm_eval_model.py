@@ -185,7 +185,9 @@ class FreeformerLM(TemplateLM):
         from freeformer.checkpoint import load_model, load_run_tokenizer
 
         if latent_mode not in LATENT_MODES:
-            raise UserError(f"latent_mode={latent_mode!r}: expected one of {', '.join(LATENT_MODES)}")
+            raise UserError(
+                f"latent_mode={latent_mode!r}: expected one of {', '.join(LATENT_MODES)}"
+            )
         if prefill not in PREFILL_MODES:
             raise UserError(f"prefill={prefill!r}: expected one of {', '.join(PREFILL_MODES)}")
         if isinstance(batch_size, str) and batch_size.strip().startswith("auto"):
@@ -229,14 +231,19 @@ class FreeformerLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return f"freeformer-{type(self.tok).__name__}-{self.tok.vocab_size}"
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs
+    ) -> list[int]:
         ids = list(self.tok.encode(string))
         # As lm-eval's `hf` model does with the source tokenizer: its default special
         # tokens (BOS first, for a converted model whose source adds one), unless the text
         # already starts with BOS. Tokenizers of freeformer's own data add nothing.
         bos = getattr(self.tok, "bos_id", None)
-        if add_special_tokens is not False and getattr(self.tok, "add_bos", False) \
-                and ids[:1] != [bos]:
+        if (
+            add_special_tokens is not False
+            and getattr(self.tok, "add_bos", False)
+            and ids[:1] != [bos]
+        ):
             ids = [bos, *ids]
         return ids
 
@@ -316,8 +323,9 @@ class FreeformerLM(TemplateLM):
         return out
 
     @torch.no_grad()
-    def _score_documents(self, rows: list[int], all_rows: list[_Scored], results: list,
-                         disable_tqdm: bool) -> None:
+    def _score_documents(
+        self, rows: list[int], all_rows: list[_Scored], results: list, disable_tqdm: bool
+    ) -> None:
         """Rows scored as whole documents, the encoder over each row as the proposal:
         (a, b) = (0, log P(S | Z) + log P(Z) − log Q(Z | S))."""
         keyed = {(all_rows[i].inp, i): i for i in rows}
@@ -333,7 +341,9 @@ class FreeformerLM(TemplateLM):
                 results[i] = (0.0, v, False)
 
     @torch.no_grad()
-    def _score_rows(self, rows: list[_Scored], disable_tqdm: bool) -> list[tuple[float, float, bool]]:
+    def _score_rows(
+        self, rows: list[_Scored], disable_tqdm: bool
+    ) -> list[tuple[float, float, bool]]:
         """Per row (one draw of one request): a = the draw's log weight for the context,
         b = log P(continuation | context, codes), and whether each target is the argmax."""
         results: list[tuple[float, float, bool] | None] = [None] * len(rows)
@@ -375,8 +385,9 @@ class FreeformerLM(TemplateLM):
                 results[i] = (s.log_w[b].item(), s.log_cont[b].item(), bool(s.greedy[b]))
         return results
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, *,
-                              document: bool = False, **kwargs):
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, *, document: bool = False, **kwargs
+    ):
         """``requests``: (cache key, context ids, continuation ids) → [(log P, is_greedy)].
 
         ``document``: score each continuation as a whole document (``loglikelihood_rolling``

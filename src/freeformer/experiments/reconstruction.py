@@ -57,8 +57,14 @@ from freeformer.experiments.scoring import jaccard
 from freeformer.generate import generate
 from freeformer.latent import bit_matrix, kl_per_token
 
-KINDS = ("prompt", "blank before target", "blank after target", "noise", "target start",
-         "target rest")
+KINDS = (
+    "prompt",
+    "blank before target",
+    "blank after target",
+    "noise",
+    "target start",
+    "target rest",
+)
 LOG2 = 0.6931471805599453
 # Sequences whose posteriors estimate the aggregate posterior (at least this many).
 DECOMPOSITION_N = 1000
@@ -84,8 +90,9 @@ def token_kinds(tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction(model, n: int, generator: torch.Generator, *,
-                   temperature: float = 1.0) -> dict[str, Any]:
+def reconstruction(
+    model, n: int, generator: torch.Generator, *, temperature: float = 1.0
+) -> dict[str, Any]:
     """Reconstruction scores and per-kind KL of a Free Transformer on ``n`` fresh sequences.
 
     ``generator`` drives the source sequences, the posterior draws and the regeneration.
@@ -107,25 +114,37 @@ def reconstruction(model, n: int, generator: torch.Generator, *,
     # Position 65's code would only predict a 67th character: draw it from the prior.
     last = torch.randint(0, c.n_codes, (n, 1), generator=generator)
     codes = torch.cat([out.codes, last], dim=1)  # (n, 66)
-    regen = generate(model, tokens[:, :PROMPT_LEN], BODY, temperature=temperature,
-                     latents=codes, generator=generator)
+    regen = generate(
+        model,
+        tokens[:, :PROMPT_LEN],
+        BODY,
+        temperature=temperature,
+        latents=codes,
+        generator=generator,
+    )
     model.train(was_training)
 
     kinds = token_kinds(tokens, src.start)
     # The aggregate posterior needs more sequences than the regeneration does (its estimate
     # is biased by n): an encoder-only pass over fresh ones.
     more = sample_annotated(max(0, DECOMPOSITION_N - n), generator).tokens[:, :-1]
-    logits = out.bit_logits if more.shape[0] == 0 else torch.cat(
-        [out.bit_logits, model(more, generator=generator).bit_logits])
+    logits = (
+        out.bit_logits
+        if more.shape[0] == 0
+        else torch.cat([out.bit_logits, model(more, generator=generator).bit_logits])
+    )
     split = kl_decomposition(logits)
     by_kind = {}
     for i, name in enumerate(KINDS):
         sel = kinds == i
         by_kind[name] = float(kl_bits[sel].mean()) if bool(sel.any()) else None
-    return {**score_reconstruction([decode(r) for r in tokens], [decode(r) for r in regen]),
-            "kl_bits": float(kl_bits.mean()), "kl_bits_by_kind": by_kind,
-            "information_bits": float(split["information"].mean()),
-            "prior_mismatch_bits": float(split["mismatch"].mean())}
+    return {
+        **score_reconstruction([decode(r) for r in tokens], [decode(r) for r in regen]),
+        "kl_bits": float(kl_bits.mean()),
+        "kl_bits_by_kind": by_kind,
+        "information_bits": float(split["information"].mean()),
+        "prior_mismatch_bits": float(split["mismatch"].mean()),
+    }
 
 
 @torch.no_grad()
@@ -142,15 +161,15 @@ def kl_decomposition(bit_logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """
     L = bit_logits.detach().double()
     n, T, H = L.shape
-    lp = torch.nn.functional.logsigmoid(L).reshape(n * T, H)    # log σ(L): bit = 1
-    lq = torch.nn.functional.logsigmoid(-L).reshape(n * T, H)   # log σ(−L): bit = 0
-    kl = kl_per_token(L).mean(0)                                   # nats, float64
+    lp = torch.nn.functional.logsigmoid(L).reshape(n * T, H)  # log σ(L): bit = 1
+    lq = torch.nn.functional.logsigmoid(-L).reshape(n * T, H)  # log σ(−L): bit = 0
+    kl = kl_per_token(L).mean(0)  # nats, float64
     mismatch = torch.zeros(T, dtype=torch.float64, device=L.device)
-    bits = bit_matrix(H, torch.float64, L.device)                 # (2^H, H)
+    bits = bit_matrix(H, torch.float64, L.device)  # (2^H, H)
     for c0 in range(0, 1 << H, _CODE_CHUNK):
-        b = bits[c0:c0 + _CODE_CHUNK]
-        q = (lp @ b.T + lq @ (1 - b).T).exp().reshape(n, T, -1)   # Q(code | S_i) per position
-        agg = q.mean(0)                                           # (T, chunk)
+        b = bits[c0 : c0 + _CODE_CHUNK]
+        q = (lp @ b.T + lq @ (1 - b).T).exp().reshape(n, T, -1)  # Q(code | S_i) per position
+        agg = q.mean(0)  # (T, chunk)
         mismatch += (agg * (agg.clamp_min(1e-300).log() + H * LOG2)).sum(-1)
     return {"kl": kl / LOG2, "mismatch": mismatch / LOG2, "information": (kl - mismatch) / LOG2}
 
@@ -170,20 +189,26 @@ def score_reconstruction(sources: list[str], regenerated: list[str]) -> dict[str
         "n": n,
         "validity": len(valid) / n,
         "position_match": sum(s.position == g.position for s, g in valid) / n,
-        "noise_jaccard": (sum(jaccard(s.noise, g.noise) for s, g in valid) / len(valid)
-                          if valid else None),
+        "noise_jaccard": (
+            sum(jaccard(s.noise, g.noise) for s, g in valid) / len(valid) if valid else None
+        ),
     }
 
 
 def format_reconstruction(r: dict[str, Any]) -> str:
     """One line: the scores, then KL bits per kind."""
     nj = "—" if r["noise_jaccard"] is None else f"{r['noise_jaccard']:.2f}"
-    kinds = ", ".join(f"{k} {'—' if v is None else f'{v:.3f}'}"
-                      for k, v in r["kl_bits_by_kind"].items())
+    kinds = ", ".join(
+        f"{k} {'—' if v is None else f'{v:.3f}'}" for k, v in r["kl_bits_by_kind"].items()
+    )
     split = ""
     if r.get("information_bits") is not None:
-        split = (f" = information {r['information_bits']:.3f} + prior mismatch "
-                 f"{r['prior_mismatch_bits']:.3f}")
-    return (f"reconstruction from posterior codes (n={r['n']}): target position kept "
-            f"{r['position_match']:.2f}, noise Jaccard {nj}, validity {r['validity']:.2f}; "
-            f"KL {r['kl_bits']:.3f} bits/token{split}; by next token: {kinds}")
+        split = (
+            f" = information {r['information_bits']:.3f} + prior mismatch "
+            f"{r['prior_mismatch_bits']:.3f}"
+        )
+    return (
+        f"reconstruction from posterior codes (n={r['n']}): target position kept "
+        f"{r['position_match']:.2f}, noise Jaccard {nj}, validity {r['validity']:.2f}; "
+        f"KL {r['kl_bits']:.3f} bits/token{split}; by next token: {kinds}"
+    )

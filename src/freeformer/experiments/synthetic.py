@@ -57,7 +57,9 @@ def parse_kappas(text: str) -> tuple[float, ...]:
         try:
             k = float(Fraction(part))
         except (ValueError, ZeroDivisionError):
-            raise UserError(f"--kappa-bits: {part!r} is not a number or fraction (e.g. 1/8)") from None
+            raise UserError(
+                f"--kappa-bits: {part!r} is not a number or fraction (e.g. 1/8)"
+            ) from None
         if k <= 0:
             raise UserError(f"--kappa-bits: κ must be > 0 bits, got {part}")
         out.append(k)
@@ -73,41 +75,69 @@ def kappa_key(k: float) -> str:
 
 def kappa_label(k: float) -> str:
     f = Fraction(k).limit_denominator(1024)
-    return f"{f.numerator}/{f.denominator} bit" if f.denominator != 1 else f"{f.numerator} bit" + (
-        "s" if f.numerator != 1 else "")
+    return (
+        f"{f.numerator}/{f.denominator} bit"
+        if f.denominator != 1
+        else f"{f.numerator} bit" + ("s" if f.numerator != 1 else "")
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Reproduce the paper's synthetic experiment: train a Free Transformer per "
-                     "κ and the matched baseline, show Figure 4 in the terminal, score groups "
-                     "of samples, write samples.json, results.md and figure4.png.")
-    p.add_argument("--kappa-bits", default=None,
-                   help=f"comma-separated κ in bits (default {DEFAULT_KAPPAS}; --quick: "
-                        f"{QUICK_KAPPAS})")
-    p.add_argument("--quick", action="store_true",
-                   help=f"the few-minute demo: κ = {QUICK_KAPPAS} bits and the baseline with "
-                        f"{', '.join(QUICK_OVERRIDES)} on top of the config, trained side by "
-                        "side: sequences that share "
-                        "one Z agree on where the target goes (or where the noise falls) more "
-                        "often than sequences that draw their own (docs/synthetic)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model "
-                                                           "(default: the config's)")
-    p.add_argument("--groups", type=int, default=20,
-                   help="independent and shared groups of 5 scored per model (default 20, the "
-                        "minimum for the acceptance tests)")
-    p.add_argument("--reconstruction", type=int, default=RECONSTRUCTION_N,
-                   help="held-out sequences regenerated from their posterior codes per model "
-                        f"(default {RECONSTRUCTION_N})")
+    p.description = (
+        "Reproduce the paper's synthetic experiment: train a Free Transformer per "
+        "κ and the matched baseline, show Figure 4 in the terminal, score groups "
+        "of samples, write samples.json, results.md and figure4.png."
+    )
+    p.add_argument(
+        "--kappa-bits",
+        default=None,
+        help=f"comma-separated κ in bits (default {DEFAULT_KAPPAS}; --quick: {QUICK_KAPPAS})",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"the few-minute demo: κ = {QUICK_KAPPAS} bits and the baseline with "
+        f"{', '.join(QUICK_OVERRIDES)} on top of the config, trained side by "
+        "side: sequences that share "
+        "one Z agree on where the target goes (or where the noise falls) more "
+        "often than sequences that draw their own (docs/synthetic)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps per model (default: the config's)"
+    )
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=20,
+        help="independent and shared groups of 5 scored per model (default 20, the "
+        "minimum for the acceptance tests)",
+    )
+    p.add_argument(
+        "--reconstruction",
+        type=int,
+        default=RECONSTRUCTION_N,
+        help="held-out sequences regenerated from their posterior codes per model "
+        f"(default {RECONSTRUCTION_N})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true", help="skip the matched baseline")
-    p.add_argument("--config", default=None,
-                   help="base TOML config (default: configs/synthetic.toml)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads per model (0: 1 when models train in parallel, "
-                        "else torch's default)")
-    p.add_argument("--jobs", type=int, default=0,
-                   help="models trained at the same time, each in its own process (0: one "
-                        "per CPU core, at most one per model)")
+    p.add_argument(
+        "--config", default=None, help="base TOML config (default: configs/synthetic.toml)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads per model (0: 1 when models train in parallel, "
+        "else torch's default)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="models trained at the same time, each in its own process (0: one "
+        "per CPU core, at most one per model)",
+    )
     p.add_argument("--out", default="runs/synthetic", help="output directory")
     p.set_defaults(func=main)
 
@@ -122,16 +152,25 @@ def make_plan(args: argparse.Namespace, config_steps: int) -> Plan:
     if args.reconstruction < 1:
         raise UserError(f"--reconstruction {args.reconstruction}: expected ≥ 1")
     if args.jobs < 0 or args.threads < 0:
-        raise UserError(f"--jobs {args.jobs} / --threads {args.threads}: expected ≥ 0 "
-                        "(0: automatic)")
+        raise UserError(
+            f"--jobs {args.jobs} / --threads {args.threads}: expected ≥ 0 (0: automatic)"
+        )
     return Plan(kappas, steps, baseline=not args.no_baseline)
 
 
 # ---------------------------------------------------------------------------------------
 # Training (resumable per model)
 # ---------------------------------------------------------------------------------------
-def train_model(base_cfg, run_dir: Path, *, kappa: float | None, steps: int, seed: int,
-                threads: int, quiet: bool = False):
+def train_model(
+    base_cfg,
+    run_dir: Path,
+    *,
+    kappa: float | None,
+    steps: int,
+    seed: int,
+    threads: int,
+    quiet: bool = False,
+):
     """Train (or resume, or reuse) one model; returns its run directory."""
     from freeformer.checkpoint import list_checkpoints, load_checkpoint
     from freeformer.runconfig import build_run_config
@@ -143,17 +182,19 @@ def train_model(base_cfg, run_dir: Path, *, kappa: float | None, steps: int, see
         d["model"]["free_bits"] = kappa
         # κ cannot exceed H bits per token: κ = 8 bits needs H ≥ 8 (the config's H otherwise).
         d["model"]["latent_bits"] = max(d["model"]["latent_bits"], math.ceil(kappa))
-    d["train"].update(max_steps=steps, seed=seed, threads=threads,
-                      ckpt_every=max(1, steps // 4))
+    d["train"].update(max_steps=steps, seed=seed, threads=threads, ckpt_every=max(1, steps // 4))
     d["train"]["warmup_steps"] = min(d["train"]["warmup_steps"], max(1, steps // 10))
     cfg = build_run_config(d)
     found = list_checkpoints(run_dir)
     if found:
         ck = load_checkpoint(found[-1], verify=False)
-        if ck.state["config"]["model"] != cfg.model.to_dict() or \
-                ck.state["config"]["train"]["max_steps"] != steps:
-            raise UserError(f"{run_dir} holds a run with other settings; remove it or choose "
-                            "another --out")
+        if (
+            ck.state["config"]["model"] != cfg.model.to_dict()
+            or ck.state["config"]["train"]["max_steps"] != steps
+        ):
+            raise UserError(
+                f"{run_dir} holds a run with other settings; remove it or choose another --out"
+            )
         if ck.step >= steps:
             print(f"  reusing the finished run in {run_dir}")
             return run_dir
@@ -197,7 +238,7 @@ def sample_groups(model, n_groups: int, shared: bool, gen: torch.Generator) -> l
         latents = prior_codes(model, n_groups * GROUP_SIZE, gen)
     out = generate(model, tokens, BODY, temperature=1.0, latents=latents, generator=gen)
     strings = [decode(row) for row in out.tolist()]
-    return [strings[i * GROUP_SIZE:(i + 1) * GROUP_SIZE] for i in range(n_groups)]
+    return [strings[i * GROUP_SIZE : (i + 1) * GROUP_SIZE] for i in range(n_groups)]
 
 
 @torch.no_grad()
@@ -224,8 +265,9 @@ def figure4_panel(model, gen: torch.Generator) -> dict[str, Any]:
 RECONSTRUCTION_N = 200
 
 
-def score_model(path: Path, n_groups: int, seed: int,
-                n_recon: int = RECONSTRUCTION_N) -> dict[str, Any]:
+def score_model(
+    path: Path, n_groups: int, seed: int, n_recon: int = RECONSTRUCTION_N
+) -> dict[str, Any]:
     """Figure-4 panel, scored groups, validation metrics and (Free Transformers) the
     reconstruction diagnostic of the model in ``path`` (a run directory or checkpoint)."""
     from freeformer.checkpoint import load_model
@@ -243,24 +285,50 @@ def score_model(path: Path, n_groups: int, seed: int,
     shared = sample_groups(model, n_groups, shared=True, gen=gen)
     cfg = RunConfig.from_dict(ck.state["config"])
     _, val = build_data(cfg, DistInfo())
-    vals = evaluate(model, val, latent=cfg.model.latent, n_bits=cfg.model.latent_bits, k=2,
-                    seed=seed, device=torch.device("cpu"))
-    recon = (reconstruction(model, n_recon, torch.Generator().manual_seed(seed + 777))
-             if cfg.model.latent else None)
-    return {"panel": panel, "independent": independent, "shared": shared,
-            "ind": aggregate(independent), "sha": aggregate(shared), "val": vals,
-            "recon": recon, "steps": ck.step}
+    vals = evaluate(
+        model,
+        val,
+        latent=cfg.model.latent,
+        n_bits=cfg.model.latent_bits,
+        k=2,
+        seed=seed,
+        device=torch.device("cpu"),
+    )
+    recon = (
+        reconstruction(model, n_recon, torch.Generator().manual_seed(seed + 777))
+        if cfg.model.latent
+        else None
+    )
+    return {
+        "panel": panel,
+        "independent": independent,
+        "shared": shared,
+        "ind": aggregate(independent),
+        "sha": aggregate(shared),
+        "val": vals,
+        "recon": recon,
+        "steps": ck.step,
+    }
 
 
-def train_and_score(base_cfg, run_dir: Path, kappa: float | None, steps: int, seed: int,
-                    threads: int, n_groups: int, quiet: bool = False,
-                    n_recon: int = RECONSTRUCTION_N) -> dict[str, Any]:
+def train_and_score(
+    base_cfg,
+    run_dir: Path,
+    kappa: float | None,
+    steps: int,
+    seed: int,
+    threads: int,
+    n_groups: int,
+    quiet: bool = False,
+    n_recon: int = RECONSTRUCTION_N,
+) -> dict[str, Any]:
     """Train (or reuse) one model, then score it; one unit of work for --jobs."""
     if threads:
         torch.set_num_threads(threads)
     t0, c0 = time.perf_counter(), time.process_time()
-    train_model(base_cfg, run_dir, kappa=kappa, steps=steps, seed=seed, threads=threads,
-                quiet=quiet)
+    train_model(
+        base_cfg, run_dir, kappa=kappa, steps=steps, seed=seed, threads=threads, quiet=quiet
+    )
     t1, c1 = time.perf_counter(), time.process_time()
     r = score_model(run_dir, n_groups, seed, n_recon)
     # CPU seconds next to wall seconds: on a shared machine the wall time measures the
@@ -279,6 +347,7 @@ def _f(v: Any, nd: int = 3) -> str:
 
 def regime_checks(results: dict[str, dict]) -> list[tuple[str, str, bool | None]]:
     """The acceptance tests of the expected Figure-4 regimes, evaluated on the scores."""
+
     def get(k):
         return results.get(kappa_key(k))
 
@@ -293,45 +362,78 @@ def regime_checks(results: dict[str, dict]) -> list[tuple[str, str, bool | None]
     r = get(1 / 64)
     if r:
         d = abs(pos(r, "sha") - pos(r, "ind"))
-        checks.append(("κ = 1/64 bit", f"shared position agreement within 0.1 of independent "
-                                       f"(|Δ| = {d:.3f})", d <= 0.1))
+        checks.append(
+            (
+                "κ = 1/64 bit",
+                f"shared position agreement within 0.1 of independent (|Δ| = {d:.3f})",
+                d <= 0.1,
+            )
+        )
     r = get(1 / 8)
     if r:
         dj = jac(r, "sha") - jac(r, "ind")
-        checks.append(("κ = 1/8 bit", f"shared position agreement ≥ 0.8 ({pos(r, 'sha'):.3f}) "
-                                      f"and noise Jaccard near independent (Δ = {dj:+.3f} ≤ 0.15)",
-                       pos(r, "sha") >= 0.8 and dj <= 0.15))
+        checks.append(
+            (
+                "κ = 1/8 bit",
+                f"shared position agreement ≥ 0.8 ({pos(r, 'sha'):.3f}) "
+                f"and noise Jaccard near independent (Δ = {dj:+.3f} ≤ 0.15)",
+                pos(r, "sha") >= 0.8 and dj <= 0.15,
+            )
+        )
     r = get(1)
     if r:
         dj = jac(r, "sha") - jac(r, "ind")
-        checks.append(("κ = 1 bit", f"shared position agreement ≥ 0.8 ({pos(r, 'sha'):.3f}) and "
-                                    f"noise Jaccard ≥ 0.3 above independent (Δ = {dj:+.3f})",
-                       pos(r, "sha") >= 0.8 and dj >= 0.3))
+        checks.append(
+            (
+                "κ = 1 bit",
+                f"shared position agreement ≥ 0.8 ({pos(r, 'sha'):.3f}) and "
+                f"noise Jaccard ≥ 0.3 above independent (Δ = {dj:+.3f})",
+                pos(r, "sha") >= 0.8 and dj >= 0.3,
+            )
+        )
     r8, r18 = get(8), get(1 / 8)
     if r8:
         v8 = r8["ind"]["validity"]
         if r18:
             v18 = r18["ind"]["validity"]
-            checks.append(("κ = 8 bits", f"validity ≥ 20 points below κ = 1/8 bit "
-                                         f"({v8:.3f} vs {v18:.3f})", v8 <= v18 - 0.2))
+            checks.append(
+                (
+                    "κ = 8 bits",
+                    f"validity ≥ 20 points below κ = 1/8 bit ({v8:.3f} vs {v18:.3f})",
+                    v8 <= v18 - 0.2,
+                )
+            )
         elif "baseline" in results:
             vb = results["baseline"]["ind"]["validity"]
-            checks.append(("κ = 8 bits", f"validity ≥ 20 points below the baseline's "
-                                         f"({v8:.3f} vs {vb:.3f}; κ = 1/8 bit not run)",
-                           v8 <= vb - 0.2))
+            checks.append(
+                (
+                    "κ = 8 bits",
+                    f"validity ≥ 20 points below the baseline's "
+                    f"({v8:.3f} vs {vb:.3f}; κ = 1/8 bit not run)",
+                    v8 <= vb - 0.2,
+                )
+            )
     # Independent groups must be independent in every model (Figure 4's blue groups).
     worst = max(((pos(r, "ind"), k) for k, r in results.items()), default=None)
     if worst is not None:
         name = "baseline" if worst[1] == "baseline" else f"κ = {kappa_label(float(worst[1]))}"
-        checks.append(("every model", f"independent groups independent: position agreement "
-                                      f"≤ 0.3 (highest {worst[0]:.3f}, {name})", worst[0] <= 0.3))
+        checks.append(
+            (
+                "every model",
+                f"independent groups independent: position agreement "
+                f"≤ 0.3 (highest {worst[0]:.3f}, {name})",
+                worst[0] <= 0.3,
+            )
+        )
     return checks
 
 
 def results_table(results: dict[str, dict]) -> str:
-    head = ("| model | validity ind / shared | position agreement ind / shared | "
-            "mean abs Δ position ind / shared | noise Jaccard ind / shared | KL bits/token "
-            "| CE prior codes (nats) |\n|---|---|---|---|---|---|---|\n")
+    head = (
+        "| model | validity ind / shared | position agreement ind / shared | "
+        "mean abs Δ position ind / shared | noise Jaccard ind / shared | KL bits/token "
+        "| CE prior codes (nats) |\n|---|---|---|---|---|---|---|\n"
+    )
     rows = []
     for key, r in results.items():
         name = "baseline" if key == "baseline" else f"κ = {kappa_label(float(key))}"
@@ -341,7 +443,8 @@ def results_table(results: dict[str, dict]) -> str:
             f"{_f(i['position_agreement'])} / {_f(s['position_agreement'])} | "
             f"{_f(i['position_abs_diff'], 2)} / {_f(s['position_abs_diff'], 2)} | "
             f"{_f(i['noise_jaccard'])} / {_f(s['noise_jaccard'])} | "
-            f"{_f(v.get('kl_bits'))} | {_f(v.get('ce_prior', v.get('ce')))} |")
+            f"{_f(v.get('kl_bits'))} | {_f(v.get('ce_prior', v.get('ce')))} |"
+        )
     return head + "\n".join(rows) + "\n"
 
 
@@ -354,7 +457,8 @@ PROTOCOL_NOTE = (
     "prior so that an encoder run over a 2-character prompt, never seen alone in training, "
     "cannot make the independent groups agree.) Agreements are over pairs of valid sequences "
     "in a group, averaged over groups; see `freeformer.experiments.scoring` and `parse` in "
-    "`freeformer.data.synthetic` for the definitions.")
+    "`freeformer.data.synthetic` for the definitions."
+)
 
 RECON_NOTE = (
     "Reconstruction: held-out sequences of the training distribution are run through the "
@@ -367,7 +471,8 @@ RECON_NOTE = (
     "under token-wise free bits, and how far prior samples lie from what the decoder saw "
     "in training; estimated from 1000 sequences). KL columns by kind: the posterior's KL "
     "by the token that position's code first helps predict (see "
-    "`freeformer.experiments.reconstruction`).")
+    "`freeformer.experiments.reconstruction`)."
+)
 
 
 def reconstruction_table(results: dict[str, dict]) -> str:
@@ -380,16 +485,22 @@ def reconstruction_table(results: dict[str, dict]) -> str:
         if not rec:
             continue
         kinds = " | ".join(_f(rec["kl_bits_by_kind"].get(k)) for k in KINDS)
-        rows.append(f"| κ = {kappa_label(float(key))} | {_f(rec['position_match'], 2)} | "
-                    f"{_f(rec['noise_jaccard'], 2)} | {_f(rec['validity'], 2)} | "
-                    f"{_f(rec['kl_bits'])} | {_f(rec.get('information_bits'))} | "
-                    f"{_f(rec.get('prior_mismatch_bits'))} | {kinds} |")
+        rows.append(
+            f"| κ = {kappa_label(float(key))} | {_f(rec['position_match'], 2)} | "
+            f"{_f(rec['noise_jaccard'], 2)} | {_f(rec['validity'], 2)} | "
+            f"{_f(rec['kl_bits'])} | {_f(rec.get('information_bits'))} | "
+            f"{_f(rec.get('prior_mismatch_bits'))} | {kinds} |"
+        )
     if not rows:
         return ""
-    head = ("| model | position kept | noise Jaccard | validity | KL bits/token | "
-            "information | prior mismatch | "
-            + " | ".join(f"KL {k}" for k in KINDS) + " |\n|"
-            + "---|" * (7 + len(KINDS)) + "\n")
+    head = (
+        "| model | position kept | noise Jaccard | validity | KL bits/token | "
+        "information | prior mismatch | "
+        + " | ".join(f"KL {k}" for k in KINDS)
+        + " |\n|"
+        + "---|" * (7 + len(KINDS))
+        + "\n"
+    )
     return head + "\n".join(rows) + "\n"
 
 
@@ -401,31 +512,45 @@ def plain_summary(results: dict[str, dict]) -> list[str]:
         i, s = r["ind"], r["sha"]
         dp = (s["position_agreement"] or 0.0) - (i["position_agreement"] or 0.0)
         dj = (s["noise_jaccard"] or 0.0) - (i["noise_jaccard"] or 0.0)
-        facts = (f"groups sharing one Z put their target at the same place in "
-                 f"{100 * (s['position_agreement'] or 0):.0f} % of pairs and share noise with "
-                 f"Jaccard {s['noise_jaccard'] or 0:.2f}, against "
-                 f"{100 * (i['position_agreement'] or 0):.0f} % and "
-                 f"{i['noise_jaccard'] or 0:.2f} when each sequence draws its own Z; "
-                 f"{100 * i['validity']:.0f} % of sequences are well formed")
+        facts = (
+            f"groups sharing one Z put their target at the same place in "
+            f"{100 * (s['position_agreement'] or 0):.0f} % of pairs and share noise with "
+            f"Jaccard {s['noise_jaccard'] or 0:.2f}, against "
+            f"{100 * (i['position_agreement'] or 0):.0f} % and "
+            f"{i['noise_jaccard'] or 0:.2f} when each sequence draws its own Z; "
+            f"{100 * i['validity']:.0f} % of sequences are well formed"
+        )
         if key == "baseline":
-            lines.append(f"baseline (no latent): {100 * i['validity']:.0f} % of sequences are "
-                         "well formed; its 'shared' groups are ordinary samples, for reference.")
+            lines.append(
+                f"baseline (no latent): {100 * i['validity']:.0f} % of sequences are "
+                "well formed; its 'shared' groups are ordinary samples, for reference."
+            )
             continue
         name = f"κ = {kappa_label(float(key))}"
         kl = r["val"].get("kl_bits") or 0.0
         broken = i["validity"] < 0.5 or (ref is not None and i["validity"] <= ref - 0.2)
         if broken:
-            verdict = ("generation breaks: many samples are malformed"
-                       + (f" ({100 * ref:.0f} % well formed for the baseline)" if ref else "")
-                       + (f"; Z carries {kl:.1f} bits/token, too much for its prior samples "
-                          "to make sense" if kl > 2 else ""))
+            verdict = (
+                "generation breaks: many samples are malformed"
+                + (f" ({100 * ref:.0f} % well formed for the baseline)" if ref else "")
+                + (
+                    f"; Z carries {kl:.1f} bits/token, too much for its prior samples to make sense"
+                    if kl > 2
+                    else ""
+                )
+            )
         elif dp >= 0.3 or dj >= 0.3:
-            what = " and ".join(w for w, d in (("where the target goes", dp),
-                                               ("where the noise falls", dj)) if d >= 0.3)
+            what = " and ".join(
+                w
+                for w, d in (("where the target goes", dp), ("where the noise falls", dj))
+                if d >= 0.3
+            )
             verdict = f"the shared latent steers generation: it decides {what}"
         elif dp >= 0.1 or dj >= 0.1:
-            verdict = ("sharing Z has a weak effect: samples that share it agree more than "
-                       "independent ones, but less than the 0.3 margin of a clear effect")
+            verdict = (
+                "sharing Z has a weak effect: samples that share it agree more than "
+                "independent ones, but less than the 0.3 margin of a clear effect"
+            )
         else:
             verdict = "sharing Z changes little: the model behaves like the baseline"
         lines.append(f"{name}: {verdict} ({facts}).")
@@ -455,8 +580,9 @@ def print_panel(name: str, panel: dict[str, Any]) -> None:
         print(render_group_ansi(grp, "green"))
 
 
-def rounds(models: list, jobs: int, threads: int, threads_fixed: bool
-           ) -> list[tuple[list, int, int]]:
+def rounds(
+    models: list, jobs: int, threads: int, threads_fixed: bool
+) -> list[tuple[list, int, int]]:
     """(models, processes, threads each) per round of parallel training.
 
     Models are trained ``jobs`` at a time, one thread each; the r = len(models) mod jobs
@@ -470,8 +596,7 @@ def rounds(models: list, jobs: int, threads: int, threads_fixed: bool
     out = [(models[:full], jobs, threads)] if full else []
     rest = models[full:]
     if rest:
-        out.append((rest, len(rest), threads if threads_fixed else
-                    max(threads, jobs // len(rest))))
+        out.append((rest, len(rest), threads if threads_fixed else max(threads, jobs // len(rest))))
     return out
 
 
@@ -480,8 +605,11 @@ def main(args: argparse.Namespace) -> None:
 
     t_start = time.perf_counter()
     overrides = QUICK_OVERRIDES if args.quick else ()
-    base = (load_run_config(path=args.config, overrides=overrides) if args.config
-            else load_run_config(preset="synthetic", overrides=overrides))
+    base = (
+        load_run_config(path=args.config, overrides=overrides)
+        if args.config
+        else load_run_config(preset="synthetic", overrides=overrides)
+    )
     plan = make_plan(args, base.train.max_steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -499,16 +627,27 @@ def main(args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
     schedule = rounds(models, jobs, threads, args.threads > 0) if jobs > 1 else []
     how = "; ".join(f"{len(b)} model(s) {n} at a time, {t} thread(s) each" for b, n, t in schedule)
-    print(f"synthetic experiment: {len(models)} models × {plan.steps} steps → {out} "
-          f"({how or f'one at a time, {threads or torch.get_num_threads()} thread(s)'})")
+    print(
+        f"synthetic experiment: {len(models)} models × {plan.steps} steps → {out} "
+        f"({how or f'one at a time, {threads or torch.get_num_threads()} thread(s)'})"
+    )
 
     def name_of(kappa):
         return "baseline" if kappa is None else f"κ = {kappa_label(kappa)}"
 
     def work(key, kappa, quiet, n_threads=threads):
         run_dir = out / "runs" / ("baseline" if kappa is None else f"kappa_{key}")
-        return (base, run_dir, kappa, plan.steps, args.seed, n_threads, args.groups, quiet,
-                args.reconstruction)
+        return (
+            base,
+            run_dir,
+            kappa,
+            plan.steps,
+            args.seed,
+            n_threads,
+            args.groups,
+            quiet,
+            args.reconstruction,
+        )
 
     results: dict[str, dict] = {}
     if jobs == 1:
@@ -523,14 +662,19 @@ def main(args: argparse.Namespace) -> None:
         print("training in parallel; a line per model as it finishes")
         for batch, n_jobs, n_threads in schedule:
             with cf.ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = {pool.submit(train_and_score, *work(key, kappa, True, n_threads)):
-                           (key, kappa) for key, kappa in batch}
+                futures = {
+                    pool.submit(train_and_score, *work(key, kappa, True, n_threads)): (key, kappa)
+                    for key, kappa in batch
+                }
                 for fut in cf.as_completed(futures):
                     key, kappa = futures[fut]
                     r = results[key] = fut.result()
-                    print(f"  [{name_of(kappa)}] trained in {r['train_s'] / 60:.1f} min "
-                          f"({n_threads} thread(s)), scored in {r['score_s'] / 60:.1f} min "
-                          f"({time.perf_counter() - t_start:.0f} s since start)", flush=True)
+                    print(
+                        f"  [{name_of(kappa)}] trained in {r['train_s'] / 60:.1f} min "
+                        f"({n_threads} thread(s)), scored in {r['score_s'] / 60:.1f} min "
+                        f"({time.perf_counter() - t_start:.0f} s since start)",
+                        flush=True,
+                    )
         results = {key: results[key] for key, _ in models}
         for key, kappa in models:
             print_panel(name_of(kappa), results[key]["panel"])
@@ -550,32 +694,56 @@ def main(args: argparse.Namespace) -> None:
         print(f"  {'PASS' if ok else 'FAIL'}  {who}: {what}")
     print(f"\ntotal runtime {runtime / 60:.1f} min")
 
-    samples = {k: {"independent": r["independent"], "shared": r["shared"]}
-               for k, r in results.items()}
+    samples = {
+        k: {"independent": r["independent"], "shared": r["shared"]} for k, r in results.items()
+    }
     (out / "samples.json").write_text(json.dumps(samples, indent=1))
-    command = "freeformer " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["synthetic"] else \
-        f"freeformer synthetic (args: {vars(args)})"
-    md = ["# Synthetic experiment (paper Section 4.1, Figure 4)\n",
-          f"Command: `{command}`  \nRuntime: {runtime / 60:.1f} min "
-          f"({how or 'one model at a time'})  \nMachine: {machine()}  \n"
-          f"Steps per model: {plan.steps}; groups scored per model: {args.groups} independent "
-          f"+ {args.groups} shared, {GROUP_SIZE} sequences each (temperature 1).\n",
-          "## Scores\n", table, "\n" + PROTOCOL_NOTE + "\n"]
+    command = (
+        "freeformer " + " ".join(sys.argv[1:])
+        if sys.argv[1:2] == ["synthetic"]
+        else f"freeformer synthetic (args: {vars(args)})"
+    )
+    md = [
+        "# Synthetic experiment (paper Section 4.1, Figure 4)\n",
+        f"Command: `{command}`  \nRuntime: {runtime / 60:.1f} min "
+        f"({how or 'one model at a time'})  \nMachine: {machine()}  \n"
+        f"Steps per model: {plan.steps}; groups scored per model: {args.groups} independent "
+        f"+ {args.groups} shared, {GROUP_SIZE} sequences each (temperature 1).\n",
+        "## Scores\n",
+        table,
+        "\n" + PROTOCOL_NOTE + "\n",
+    ]
     if recon:
-        md += ["## What Z carries (reconstruction from posterior codes)\n", recon,
-               "\n" + RECON_NOTE + "\n"]
+        md += [
+            "## What Z carries (reconstruction from posterior codes)\n",
+            recon,
+            "\n" + RECON_NOTE + "\n",
+        ]
     md += ["## In plain words\n"] + [f"- {line}" for line in plain_summary(results)]
     md += ["\n## Expected regimes (acceptance tests)\n"]
     md += [f"- {'PASS' if ok else 'FAIL'} — {who}: {what}" for who, what, ok in checks]
     md.append("\n![Figure 4](figure4.png)\n")
     (out / "results.md").write_text("\n".join(md) + "\n")
-    (out / "scores.json").write_text(json.dumps(
-        {k: {"ind": r["ind"], "sha": r["sha"], "val": r["val"], "recon": r["recon"],
-             "steps": r["steps"], **{k: r.get(k) for k in ("train_s", "score_s", "train_cpu_s",
-                                                            "score_cpu_s")}}
-         for k, r in results.items()}, indent=1))
-    panels = {("baseline" if k == "baseline" else f"κ = {kappa_label(float(k))}"): r["panel"]
-              for k, r in results.items()}
+    (out / "scores.json").write_text(
+        json.dumps(
+            {
+                k: {
+                    "ind": r["ind"],
+                    "sha": r["sha"],
+                    "val": r["val"],
+                    "recon": r["recon"],
+                    "steps": r["steps"],
+                    **{k: r.get(k) for k in ("train_s", "score_s", "train_cpu_s", "score_cpu_s")},
+                }
+                for k, r in results.items()
+            },
+            indent=1,
+        )
+    )
+    panels = {
+        ("baseline" if k == "baseline" else f"κ = {kappa_label(float(k))}"): r["panel"]
+        for k, r in results.items()
+    }
     written = [out / "samples.json", out / "scores.json", out / "results.md"]
     try:
         from freeformer.experiments.figure4 import plot_figure4

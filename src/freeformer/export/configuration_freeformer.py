@@ -17,15 +17,29 @@ LATENT_MODES = ("encoder", "prior")
 class FreeformerConfig(PretrainedConfig):
     model_type = "freeformer"
 
-    def __init__(self, vocab_size: int = 256, hidden_size: int = 256,
-                 intermediate_size: int = 704, num_hidden_layers: int = 8,
-                 num_attention_heads: int = 8, num_key_value_heads: int | None = None,
-                 max_position_embeddings: int = 1024, rms_norm_eps: float = 1e-5,
-                 rope_theta: float = 10000.0, rope_llama3: list | None = None,
-                 qkv_bias: bool = False, tie_word_embeddings: bool = False,
-                 latent_bits: int = 16, free_bits: float = 0.5, inject_layer: int | None = None,
-                 encoder_layers: int = 1, latent_embedding: str = "table",
-                 prefill_latents: str = "encoder", use_cache: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        hidden_size: int = 256,
+        intermediate_size: int = 704,
+        num_hidden_layers: int = 8,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int | None = None,
+        max_position_embeddings: int = 1024,
+        rms_norm_eps: float = 1e-5,
+        rope_theta: float = 10000.0,
+        rope_llama3: list | None = None,
+        qkv_bias: bool = False,
+        tie_word_embeddings: bool = False,
+        latent_bits: int = 16,
+        free_bits: float = 0.5,
+        inject_layer: int | None = None,
+        encoder_layers: int = 1,
+        latent_embedding: str = "table",
+        prefill_latents: str = "encoder",
+        use_cache: bool = True,
+        **kwargs,
+    ) -> None:
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -51,8 +65,9 @@ class FreeformerConfig(PretrainedConfig):
         self.latent_embedding = latent_embedding
         """"table": the paper's 2^H × D post-sampler; "bits": linear in ±1 bits."""
         if prefill_latents not in LATENT_MODES:
-            raise ValueError(f"prefill_latents = {prefill_latents!r}: expected one of "
-                             f"{', '.join(LATENT_MODES)}")
+            raise ValueError(
+                f"prefill_latents = {prefill_latents!r}: expected one of {', '.join(LATENT_MODES)}"
+            )
         self.prefill_latents = prefill_latents
         """Codes of a forward that starts at position 0 without pinned codes: "encoder" (the
         paper's prefill, Algorithm 2; the encoder reads every input token) or "prior"

@@ -100,8 +100,15 @@ class FreeformerAttention(nn.Module):
         self.v_proj = nn.Linear(d, nkv * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(nh * self.head_dim, d, bias=False)
 
-    def forward(self, hq: Tensor, hkv: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: Any = None) -> Tensor:
+    def forward(
+        self,
+        hq: Tensor,
+        hkv: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: Any = None,
+    ) -> Tensor:
         B, T, _ = hq.shape
         q = self.q_proj(hq).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(hkv).view(B, T, self.n_kv_heads, self.head_dim)
@@ -137,12 +144,18 @@ class FreeformerBlock(nn.Module):
         super().__init__()
         self.input_layernorm = FreeformerRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = FreeformerAttention(config, layer_idx)
-        self.post_attention_layernorm = FreeformerRMSNorm(config.hidden_size,
-                                                          config.rms_norm_eps)
+        self.post_attention_layernorm = FreeformerRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = FreeformerMLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                kv: Tensor | None = None, cache: Any = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        kv: Tensor | None = None,
+        cache: Any = None,
+    ) -> Tensor:
         h = self.input_layernorm(x)
         hkv = h if kv is None else self.input_layernorm(kv)
         x = x + self.self_attn(h, hkv, cos, sin, mask, cache)
@@ -156,8 +169,9 @@ class FreeformerEncoder(nn.Module):
     def __init__(self, config: FreeformerConfig) -> None:
         super().__init__()
         self.zeta = nn.Parameter(torch.zeros(config.hidden_size))
-        self.layers = nn.ModuleList(FreeformerBlock(config, None)
-                                    for _ in range(config.encoder_layers))
+        self.layers = nn.ModuleList(
+            FreeformerBlock(config, None) for _ in range(config.encoder_layers)
+        )
         self.norm = FreeformerRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.readout = nn.Linear(config.hidden_size, config.latent_bits, bias=False)
 
@@ -174,8 +188,11 @@ class FreeformerPostSampler(nn.Module):
     def __init__(self, config: FreeformerConfig) -> None:
         super().__init__()
         self.kind, self.n_bits = config.latent_embedding, config.latent_bits
-        shape = ((1 << self.n_bits, config.hidden_size) if self.kind == "table"
-                 else (config.hidden_size, self.n_bits))
+        shape = (
+            (1 << self.n_bits, config.hidden_size)
+            if self.kind == "table"
+            else (config.hidden_size, self.n_bits)
+        )
         self.weight = nn.Parameter(torch.zeros(shape))
 
     def forward(self, codes: Tensor) -> Tensor:
@@ -193,8 +210,9 @@ def _sample_codes(bit_logits: Tensor, generator: torch.Generator | None) -> Tens
     return ((u < p).long() * weights).sum(-1)
 
 
-def _masks(attention_mask: Tensor | None, B: int, T: int, past: int, device: torch.device
-           ) -> tuple[Tensor | None, Tensor | None]:
+def _masks(
+    attention_mask: Tensor | None, B: int, T: int, past: int, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
     """Boolean attention masks (B, 1, T, past + T): the decoder's (causal) and the encoder's
     (non-causal). ``attention_mask`` (B, past + T), 1 = real token, masks padded keys; each
     query always sees itself, so a padded row never has an empty softmax."""
@@ -252,8 +270,9 @@ class FreeformerModel(FreeformerPreTrainedModel):
     def __init__(self, config: FreeformerConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(FreeformerBlock(config, i)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            FreeformerBlock(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = FreeformerRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.encoder = FreeformerEncoder(config)
         self.post_sampler = FreeformerPostSampler(config)
@@ -265,9 +284,16 @@ class FreeformerModel(FreeformerPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.embed_tokens = value
 
-    def _codes(self, x: Tensor, cos: Tensor, sin: Tensor, enc_mask: Tensor | None, past: int,
-               latents: Tensor | None, generator: torch.Generator | None
-               ) -> tuple[Tensor, Tensor | None]:
+    def _codes(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        enc_mask: Tensor | None,
+        past: int,
+        latents: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor | None]:
         c = self.config
         B, T = x.shape[:2]
         if latents is not None:  # pinned codes, indexed by position
@@ -277,9 +303,11 @@ class FreeformerModel(FreeformerPreTrainedModel):
             if latents.dim() == 1:
                 latents = latents[None]
             if latents.shape[0] not in (1, B) or latents.shape[1] < past + T:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs "
-                                 f"({B} or 1, ≥ {past + T}) codes (one per position)")
-            codes = latents[:, past:past + T].expand(B, T).long()
+                raise ValueError(
+                    f"latents have shape {tuple(latents.shape)}; this call needs "
+                    f"({B} or 1, ≥ {past + T}) codes (one per position)"
+                )
+            codes = latents[:, past : past + T].expand(B, T).long()
             if int(codes.min()) < 0 or int(codes.max()) >= 1 << c.latent_bits:
                 raise ValueError(f"latent codes must lie in [0, 2^H = {1 << c.latent_bits})")
             return codes, None
@@ -287,14 +315,19 @@ class FreeformerModel(FreeformerPreTrainedModel):
             bit_logits = self.encoder(x, cos, sin, enc_mask)
             return _sample_codes(bit_logits, generator), bit_logits
         # A fresh uniform code per new token: the prior P(Z_t) = 2^-H (paper Section 3.4).
-        return torch.randint(0, 1 << c.latent_bits, (B, T), device=x.device,
-                             generator=generator), None
+        return torch.randint(
+            0, 1 << c.latent_bits, (B, T), device=x.device, generator=generator
+        ), None
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: Any = None,
-                latents: Tensor | None = None,
-                latent_generator: torch.Generator | None = None
-                ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Any = None,
+        latents: Tensor | None = None,
+        latent_generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         c = self.config
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
@@ -304,12 +337,12 @@ class FreeformerModel(FreeformerPreTrainedModel):
         mask, enc_mask = _masks(attention_mask, B, T, past, input_ids.device)
 
         x = self.embed_tokens(input_ids)
-        for layer in self.layers[:c.inject_layer]:
+        for layer in self.layers[: c.inject_layer]:
             x = layer(x, cos, sin, mask, cache=cache)
         codes, bit_logits = self._codes(x, cos, sin, enc_mask, past, latents, latent_generator)
         r = self.post_sampler(codes)
         x = self.layers[c.inject_layer](x, cos, sin, mask, kv=x + r.to(x.dtype), cache=cache)
-        for layer in self.layers[c.inject_layer + 1:]:
+        for layer in self.layers[c.inject_layer + 1 :]:
             x = layer(x, cos, sin, mask, cache=cache)
         return self.norm(x), codes, bit_logits
 
@@ -319,8 +352,11 @@ class FreeformerForCausalLM(FreeformerPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = FreeformerModel(config)
         # Tied embeddings: the readout reads model.embed_tokens directly (no lm_head).
-        self.lm_head = (None if config.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -332,14 +368,23 @@ class FreeformerForCausalLM(FreeformerPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module | None:
         return self.lm_head
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: Any = None,
-                past_key_values: Any = None, inputs_embeds: Tensor | None = None,
-                labels: Tensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int = 0, latents: Tensor | None = None,
-                latent_generator: torch.Generator | None = None,
-                latent_record: list | None = None, return_dict: bool | None = None,
-                **kwargs: Any) -> FreeformerCausalLMOutput:
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Any = None,
+        past_key_values: Any = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        latents: Tensor | None = None,
+        latent_generator: torch.Generator | None = None,
+        latent_record: list | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> FreeformerCausalLMOutput:
         """Logits of ``input_ids`` (B, T); see the module docstring for the codes used.
 
         ``latents``: pinned codes per position; ``latent_generator``: drives the encoder's
@@ -347,42 +392,61 @@ class FreeformerForCausalLM(FreeformerPreTrainedModel, GenerationMixin):
         to (generate uses it to return every code it drew).
         """
         if inputs_embeds is not None:
-            raise ValueError("inputs_embeds is not supported: the encoder reads token ids' "
-                             "hidden states from the decoder; pass input_ids")
+            raise ValueError(
+                "inputs_embeds is not supported: the encoder reads token ids' "
+                "hidden states from the decoder; pass input_ids"
+            )
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             from transformers import DynamicCache
 
             cache = DynamicCache()
-        h, codes, bit_logits = self.model(input_ids, attention_mask, position_ids, cache,
-                                          latents, latent_generator)
+        h, codes, bit_logits = self.model(
+            input_ids, attention_mask, position_ids, cache, latents, latent_generator
+        )
         if latent_record is not None:
             latent_record.append(codes)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = (F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None
-                  else self.lm_head(h))
+        logits = (
+            F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        )
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1),
-                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
+            )
         cache = cache if use_cache else None
-        return FreeformerCausalLMOutput(loss=loss, logits=logits, cache=cache, codes=codes,
-                                        bit_logits=bit_logits)
+        return FreeformerCausalLMOutput(
+            loss=loss, logits=logits, cache=cache, codes=codes, bit_logits=bit_logits
+        )
 
     @torch.no_grad()
-    def generate(self, inputs: Tensor | None = None, *, latents: Tensor | None = None,
-                 latent_generator: torch.Generator | None = None, return_latents: bool = False,
-                 **kwargs: Any):
+    def generate(
+        self,
+        inputs: Tensor | None = None,
+        *,
+        latents: Tensor | None = None,
+        latent_generator: torch.Generator | None = None,
+        return_latents: bool = False,
+        **kwargs: Any,
+    ):
         """transformers' ``generate`` with the paper's codes: the encoder's at prefill, a
         fresh uniform code per new token (or ``latents`` pinned per position, covering prompt
         + new tokens). ``return_latents=True`` returns ``(output, codes)``, codes (B, T) for
         every position of the output — the last one drawn but never read, as in
         freeformer's generate — so the same tokens can be reproduced from them."""
         record: list[Tensor] = []
-        out = super().generate(inputs, latents=latents, latent_generator=latent_generator,
-                               latent_record=record, **kwargs)
+        out = super().generate(
+            inputs,
+            latents=latents,
+            latent_generator=latent_generator,
+            latent_record=record,
+            **kwargs,
+        )
         if not return_latents:
             return out
         seqs = out if isinstance(out, Tensor) else out.sequences
@@ -392,11 +456,15 @@ class FreeformerForCausalLM(FreeformerPreTrainedModel, GenerationMixin):
             if latents is not None:
                 pinned = torch.as_tensor(latents, device=codes.device).long()
                 pinned = pinned[None] if pinned.dim() == 1 else pinned
-                tail = pinned[:, codes.shape[1]:seqs.shape[1]].expand(codes.shape[0], -1)
+                tail = pinned[:, codes.shape[1] : seqs.shape[1]].expand(codes.shape[0], -1)
             else:
-                tail = torch.randint(0, 1 << self.config.latent_bits,
-                                     (codes.shape[0], missing), device=codes.device,
-                                     generator=latent_generator)
+                tail = torch.randint(
+                    0,
+                    1 << self.config.latent_bits,
+                    (codes.shape[0], missing),
+                    device=codes.device,
+                    generator=latent_generator,
+                )
             codes = torch.cat([codes, tail], dim=1)
         return out, codes
 

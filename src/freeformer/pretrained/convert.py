@@ -59,8 +59,11 @@ FAMILY_EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
 # re-rooted), and the latent path's own tensors.
 _E = "model.encoder.layers.{i}."
 LATENT_FROM_HF: dict[str, tuple[str, ...]] = {
-    **{"encoder." + k: tuple(n.replace(_L, _E) for n in v)
-       for k, v in {**FROM_HF, **FAMILY_EXTRA["qwen2"]}.items() if k.startswith("blocks.")},
+    **{
+        "encoder." + k: tuple(n.replace(_L, _E) for n in v)
+        for k, v in {**FROM_HF, **FAMILY_EXTRA["qwen2"]}.items()
+        if k.startswith("blocks.")
+    },
     "encoder.zeta": ("model.encoder.zeta",),
     "encoder.norm.weight": ("model.encoder.norm.weight",),
     "encoder.readout.weight": ("model.encoder.readout.weight",),
@@ -103,13 +106,17 @@ def _rope(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if kind in ("default", None):
         return out
     if kind != "llama3":
-        raise ConvertError(f"{where}: RoPE scaling type {kind!r} is not supported "
-                           "(only 'llama3', Llama 3.1/3.2's)")
+        raise ConvertError(
+            f"{where}: RoPE scaling type {kind!r} is not supported (only 'llama3', Llama 3.1/3.2's)"
+        )
     try:
-        out.update(rope_scaling="llama3", rope_factor=float(scaling["factor"]),
-                   rope_low_freq_factor=float(scaling["low_freq_factor"]),
-                   rope_high_freq_factor=float(scaling["high_freq_factor"]),
-                   rope_original_max_len=int(scaling["original_max_position_embeddings"]))
+        out.update(
+            rope_scaling="llama3",
+            rope_factor=float(scaling["factor"]),
+            rope_low_freq_factor=float(scaling["low_freq_factor"]),
+            rope_high_freq_factor=float(scaling["high_freq_factor"]),
+            rope_original_max_len=int(scaling["original_max_position_embeddings"]),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise ConvertError(f"{where}: llama3 RoPE scaling lacks or mangles {e}") from None
     return out
@@ -123,7 +130,8 @@ def _sliding_window(src: SourceModel) -> int | None:
     if src.arch == "qwen2":
         layer_types = c.get("layer_types")
         uses = bool(c.get("use_sliding_window")) or (
-            isinstance(layer_types, list) and "sliding_attention" in layer_types)
+            isinstance(layer_types, list) and "sliding_attention" in layer_types
+        )
         window = window if uses else None
     if window is None:
         return None
@@ -134,30 +142,46 @@ def _sliding_window(src: SourceModel) -> int | None:
 
 # ModelConfig fields an exported Free Transformer's config.json records under these names
 # (besides the decoder's Hugging Face names above); freeformer.export writes them.
-FREEFORMER_FIELDS = ("latent_bits", "free_bits", "inject_layer", "encoder_layers",
-                     "latent_embedding", "latent_init_std", "qkv_bias")
-_LLAMA3_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                  "rope_original_max_len")
+FREEFORMER_FIELDS = (
+    "latent_bits",
+    "free_bits",
+    "inject_layer",
+    "encoder_layers",
+    "latent_embedding",
+    "latent_init_std",
+    "qkv_bias",
+)
+_LLAMA3_FIELDS = (
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_len",
+)
 
 
 def _freeformer_fields(c: dict[str, Any], where: str) -> dict[str, Any]:
     missing = [k for k in FREEFORMER_FIELDS if k not in c]
     if missing:
-        raise ConvertError(f"{where}: a freeformer config.json must hold {missing[0]}; "
-                           "export the run again with `freeformer export`")
+        raise ConvertError(
+            f"{where}: a freeformer config.json must hold {missing[0]}; "
+            "export the run again with `freeformer export`"
+        )
     out: dict[str, Any] = {k: c[k] for k in FREEFORMER_FIELDS}
     out["latent"] = True
     llama3 = c.get("rope_llama3")
     if llama3 is not None:
         if not isinstance(llama3, list) or len(llama3) != 4:
-            raise ConvertError(f"{where}: rope_llama3 = {llama3!r}; expected [factor, "
-                               "low_freq_factor, high_freq_factor, original_max_len] or null")
+            raise ConvertError(
+                f"{where}: rope_llama3 = {llama3!r}; expected [factor, "
+                "low_freq_factor, high_freq_factor, original_max_len] or null"
+            )
         out.update(rope_scaling="llama3", **dict(zip(_LLAMA3_FIELDS, llama3)))
     return out
 
 
-def model_config_from_source(src: SourceModel, *, latent: bool, max_seq_len: int | None = None,
-                             **latent_fields: Any) -> ModelConfig:
+def model_config_from_source(
+    src: SourceModel, *, latent: bool, max_seq_len: int | None = None, **latent_fields: Any
+) -> ModelConfig:
     """The ModelConfig of ``src``; every value freeformer cannot reproduce is refused."""
     c, where = src.config, f"{src.path}"
 
@@ -173,31 +197,50 @@ def model_config_from_source(src: SourceModel, *, latent: bool, max_seq_len: int
         raise ConvertError(f"{where}: hidden_act = {act!r}; only SwiGLU with silu is supported")
     for flag in ("attention_bias", "mlp_bias"):
         if get(flag, False, required=False):
-            raise ConvertError(f"{where}: {flag} = true is not supported (Llama-style biases "
-                               "on every projection; only Qwen2's q/k/v biases are)")
+            raise ConvertError(
+                f"{where}: {flag} = true is not supported (Llama-style biases "
+                "on every projection; only Qwen2's q/k/v biases are)"
+            )
     dim, n_heads = get("hidden_size"), get("num_attention_heads")
     head_dim = get("head_dim", None, required=False)
-    if isinstance(dim, int) and isinstance(n_heads, int) and n_heads > 0 and head_dim is not None \
-            and head_dim * n_heads != dim:
-        raise ConvertError(f"{where}: head_dim = {head_dim} differs from hidden_size / "
-                           f"num_attention_heads = {dim}/{n_heads}; not supported")
+    if (
+        isinstance(dim, int)
+        and isinstance(n_heads, int)
+        and n_heads > 0
+        and head_dim is not None
+        and head_dim * n_heads != dim
+    ):
+        raise ConvertError(
+            f"{where}: head_dim = {head_dim} differs from hidden_size / "
+            f"num_attention_heads = {dim}/{n_heads}; not supported"
+        )
     source_len = get("max_position_embeddings")
     window = _sliding_window(src)
     limit = min(source_len, window) if window is not None else source_len
     if max_seq_len is None:  # an exported freeformer model keeps its own length
         max_seq_len = limit if src.arch == "freeformer" else min(limit, DEFAULT_MAX_SEQ_LEN)
     elif max_seq_len > limit:
-        why = (f"its sliding window ({window}), beyond which attention differs"
-               if window is not None and window < source_len
-               else f"the source's context length ({source_len})")
+        why = (
+            f"its sliding window ({window}), beyond which attention differs"
+            if window is not None and window < source_len
+            else f"the source's context length ({source_len})"
+        )
         raise ConvertError(f"--max-seq-len {max_seq_len} exceeds {why}")
     fields = dict(
-        vocab_size=get("vocab_size"), dim=dim, n_layers=get("num_hidden_layers"),
-        n_heads=n_heads, n_kv_heads=get("num_key_value_heads", n_heads),
-        mlp_hidden=get("intermediate_size"), max_seq_len=max_seq_len,
+        vocab_size=get("vocab_size"),
+        dim=dim,
+        n_layers=get("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=get("num_key_value_heads", n_heads),
+        mlp_hidden=get("intermediate_size"),
+        max_seq_len=max_seq_len,
         tie_embeddings=bool(get("tie_word_embeddings", False, required=False)),
-        norm_eps=get("rms_norm_eps"), qkv_bias=src.arch == "qwen2",
-        **_rope(c, where), latent=latent, **latent_fields)
+        norm_eps=get("rms_norm_eps"),
+        qkv_bias=src.arch == "qwen2",
+        **_rope(c, where),
+        latent=latent,
+        **latent_fields,
+    )
     if src.arch == "freeformer":  # an exported Free Transformer: its own latent path
         fields.update(_freeformer_fields(c, where))
     try:
@@ -237,31 +280,48 @@ def convert_weights(src: SourceModel, config: ModelConfig) -> dict[str, torch.Te
                 raise ConvertError(f"{src.path}: tensor {name} is missing (needed for {key})")
             want = (rows, *param.shape[1:])
             if tuple(src.shapes[name]) != want:
-                raise ConvertError(f"{src.path}: tensor {name} has shape "
-                                   f"{tuple(src.shapes[name])}, the config implies {want}")
+                raise ConvertError(
+                    f"{src.path}: tensor {name} has shape "
+                    f"{tuple(src.shapes[name])}, the config implies {want}"
+                )
             parts.append(src.load(name))
             used.add(name)
         out[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if config.tie_embeddings and "lm_head.weight" in src.shapes:
         # Some tied checkpoints store the head anyway: accept it only if it is the embedding.
         head = src.load("lm_head.weight")
-        if head.shape != out["tok_emb.weight"].shape or not torch.equal(head, out["tok_emb.weight"]):
-            raise ConvertError(f"{src.path}: tie_word_embeddings is true but lm_head.weight "
-                               "differs from the embeddings")
+        if head.shape != out["tok_emb.weight"].shape or not torch.equal(
+            head, out["tok_emb.weight"]
+        ):
+            raise ConvertError(
+                f"{src.path}: tie_word_embeddings is true but lm_head.weight "
+                "differs from the embeddings"
+            )
         used.add("lm_head.weight")
     extra = sorted(n for n in src.shapes if n not in used and not _IGNORED.match(n))
     if extra:
-        raise ConvertError(f"{src.path}: unexpected tensor {extra[0]} ({len(extra)} unused) for "
-                           f"a {src.arch} model with this config; refusing to drop weights")
+        raise ConvertError(
+            f"{src.path}: unexpected tensor {extra[0]} ({len(extra)} unused) for "
+            f"a {src.arch} model with this config; refusing to drop weights"
+        )
     return out
 
 
 # ---------------------------------------------------------------------------------------
 # Run directory
 # ---------------------------------------------------------------------------------------
-def convert(src: str | Path, out: str | Path, *, baseline: bool = False, latent_bits: int = 16,
-            free_bits: float = 0.5, inject_layer: int | None = None, encoder_layers: int = 1,
-            max_seq_len: int | None = None, seed: int = 0) -> Path:
+def convert(
+    src: str | Path,
+    out: str | Path,
+    *,
+    baseline: bool = False,
+    latent_bits: int = 16,
+    free_bits: float = 0.5,
+    inject_layer: int | None = None,
+    encoder_layers: int = 1,
+    max_seq_len: int | None = None,
+    seed: int = 0,
+) -> Path:
     """Convert ``src`` (Hugging Face directory or .gguf) into the run directory ``out``.
 
     ``out`` holds config.json, tokenizer/ (the source's) and checkpoints/step_00000000/:
@@ -276,20 +336,32 @@ def convert(src: str | Path, out: str | Path, *, baseline: bool = False, latent_
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out} already exists and is not empty; choose another --out")
     source = read_source(src)
-    latent_fields = {} if baseline else dict(latent_bits=latent_bits, free_bits=free_bits,
-                                            inject_layer=inject_layer,
-                                            encoder_layers=encoder_layers)
+    latent_fields = (
+        {}
+        if baseline
+        else dict(
+            latent_bits=latent_bits,
+            free_bits=free_bits,
+            inject_layer=inject_layer,
+            encoder_layers=encoder_layers,
+        )
+    )
     if source.arch == "freeformer":
         if baseline:
-            raise ConvertError(f"{source.path} is an exported Free Transformer; --baseline would "
-                               "drop its trained latent path (convert it without --baseline)")
+            raise ConvertError(
+                f"{source.path} is an exported Free Transformer; --baseline would "
+                "drop its trained latent path (convert it without --baseline)"
+            )
         latent_fields = {}  # its own, from its config.json (the latent flags do not apply)
-    mc = model_config_from_source(source, latent=not baseline, max_seq_len=max_seq_len,
-                                  **latent_fields)
+    mc = model_config_from_source(
+        source, latent=not baseline, max_seq_len=max_seq_len, **latent_fields
+    )
     tok = source.tokenizer
     if tok.vocab_size > mc.vocab_size:
-        raise ConvertError(f"{source.path}: the tokenizer has ids up to {tok.vocab_size - 1}, "
-                           f"beyond the model's vocab_size {mc.vocab_size}")
+        raise ConvertError(
+            f"{source.path}: the tokenizer has ids up to {tok.vocab_size - 1}, "
+            f"beyond the model's vocab_size {mc.vocab_size}"
+        )
     weights = convert_weights(source, mc)
     # Every parameter is set below (the decoder from the source, the latent path by
     # init_latent_path), so no random init is drawn only to be overwritten.
@@ -306,11 +378,19 @@ def convert(src: str | Path, out: str | Path, *, baseline: bool = False, latent_
     if unset:  # pragma: no cover - a parameter the converter does not know about
         raise ConvertError(f"internal: parameter {unset[0]} was not initialised by convert")
 
-    cfg = RunConfig(model=mc, train=TrainConfig(seq_len=min(256, mc.max_seq_len)),
-                    data=DataConfig(source="none"))
+    cfg = RunConfig(
+        model=mc,
+        train=TrainConfig(seq_len=min(256, mc.max_seq_len)),
+        data=DataConfig(source="none"),
+    )
     with atomic_directory(out) as tmp:
         write_json_atomic(tmp / "config.json", {**cfg.to_dict(), "version": __version__})
         tok.save(tmp / "tokenizer")
-        save_checkpoint(tmp, 0, model_state=model.state_dict(), keep_last=1, state={
-            "config": cfg.to_dict(), "tokens": 0, "converted_from": source.describe()})
+        save_checkpoint(
+            tmp,
+            0,
+            model_state=model.state_dict(),
+            keep_last=1,
+            state={"config": cfg.to_dict(), "tokens": 0, "converted_from": source.describe()},
+        )
     return out

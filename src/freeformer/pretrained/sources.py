@@ -25,8 +25,10 @@ from freeformer.data.tokenizer import HFTokenizer, _import_tokenizers
 from freeformer.errors import ConvertError, UserError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "freeformer")
-_ARCH_HELP = ("supported: llama (and SmolLM, which is Llama), mistral, qwen2 / qwen2.5, and "
-              "freeformer (a Free Transformer written by `freeformer export`)")
+_ARCH_HELP = (
+    "supported: llama (and SmolLM, which is Llama), mistral, qwen2 / qwen2.5, and "
+    "freeformer (a Free Transformer written by `freeformer export`)"
+)
 
 
 @dataclass
@@ -54,14 +56,18 @@ def read_source(src: str | Path) -> SourceModel:
     """A Hugging Face model directory or a ``.gguf`` file; anything else is refused."""
     path = Path(src).expanduser()
     if not path.exists():
-        raise ConvertError(f"{str(path)!r} does not exist; give a Hugging Face model directory "
-                           "(config.json, *.safetensors, tokenizer.json) or a .gguf file")
+        raise ConvertError(
+            f"{str(path)!r} does not exist; give a Hugging Face model directory "
+            "(config.json, *.safetensors, tokenizer.json) or a .gguf file"
+        )
     if path.is_dir():
         return read_hf_dir(path)
     if path.suffix.lower() == ".gguf":
         return read_gguf(path)
-    raise ConvertError(f"{str(path)!r} is neither a directory nor a .gguf file; give a Hugging "
-                       "Face model directory or a .gguf file")
+    raise ConvertError(
+        f"{str(path)!r} is neither a directory nor a .gguf file; give a Hugging "
+        "Face model directory or a .gguf file"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,17 +92,21 @@ def _arch_of(model_type: Any, where: str) -> str:
 def read_hf_dir(path: Path) -> SourceModel:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise ConvertError(f"{path} has no config.json; give a Hugging Face model directory "
-                           "(config.json, *.safetensors, tokenizer.json) or a .gguf file")
+        raise ConvertError(
+            f"{path} has no config.json; give a Hugging Face model directory "
+            "(config.json, *.safetensors, tokenizer.json) or a .gguf file"
+        )
     config = _read_json(cfg_path)
     arch = _arch_of(config.get("model_type"), f"{cfg_path} model_type")
     shapes, load = _open_safetensors(path)
-    return SourceModel(path, "safetensors", arch, config, shapes, load,
-                       _hf_dir_tokenizer(path, config))
+    return SourceModel(
+        path, "safetensors", arch, config, shapes, load, _hf_dir_tokenizer(path, config)
+    )
 
 
-def _open_safetensors(path: Path) -> tuple[dict[str, tuple[int, ...]],
-                                           Callable[[str], torch.Tensor]]:
+def _open_safetensors(
+    path: Path,
+) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
     index = path / "model.safetensors.index.json"
@@ -109,8 +119,14 @@ def _open_safetensors(path: Path) -> tuple[dict[str, tuple[int, ...]],
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = (f" ({pickled[0]} is a pickle, which freeformer never loads: re-save the model "
-                "with save_pretrained(safe_serialization=True))") if pickled else ""
+        hint = (
+            (
+                f" ({pickled[0]} is a pickle, which freeformer never loads: re-save the model "
+                "with save_pretrained(safe_serialization=True))"
+            )
+            if pickled
+            else ""
+        )
         raise ConvertError(f"{path} holds no *.safetensors weights{hint}")
     handles: dict[str, Any] = {}
     where: dict[str, str] = {}
@@ -133,8 +149,10 @@ def _open_safetensors(path: Path) -> tuple[dict[str, tuple[int, ...]],
     if index.is_file():
         missing = [k for k, v in weight_map.items() if where.get(k) != v]
         if missing:
-            raise ConvertError(f"{index.name} places {missing[0]} in {weight_map[missing[0]]}, "
-                               "which does not hold it; the shards do not match their index")
+            raise ConvertError(
+                f"{index.name} places {missing[0]} in {weight_map[missing[0]]}, "
+                "which does not hold it; the shards do not match their index"
+            )
 
     def load(name: str) -> torch.Tensor:
         return handles[where[name]].get_tensor(name).float()
@@ -158,20 +176,33 @@ def _first_id(value: Any) -> int | None:
 def _hf_dir_tokenizer(path: Path, config: dict[str, Any]) -> HFTokenizer:
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
-        raise ConvertError(f"{path} has no tokenizer.json (a SentencePiece tokenizer.model alone "
-                           "is not read): save the fast tokenizer with save_pretrained")
-    tcfg = _read_json(path / "tokenizer_config.json") if (
-        path / "tokenizer_config.json").is_file() else {}
-    smap = _read_json(path / "special_tokens_map.json") if (
-        path / "special_tokens_map.json").is_file() else {}
-    gcfg = _read_json(path / "generation_config.json") if (
-        path / "generation_config.json").is_file() else {}
+        raise ConvertError(
+            f"{path} has no tokenizer.json (a SentencePiece tokenizer.model alone "
+            "is not read): save the fast tokenizer with save_pretrained"
+        )
+    tcfg = (
+        _read_json(path / "tokenizer_config.json")
+        if (path / "tokenizer_config.json").is_file()
+        else {}
+    )
+    smap = (
+        _read_json(path / "special_tokens_map.json")
+        if (path / "special_tokens_map.json").is_file()
+        else {}
+    )
+    gcfg = (
+        _read_json(path / "generation_config.json")
+        if (path / "generation_config.json").is_file()
+        else {}
+    )
     tokenizers = _import_tokenizers()
     try:
         raw = tokenizers.Tokenizer.from_file(str(tok_file))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise ConvertError(f"{tok_file} is not a valid tokenizer.json "
-                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise ConvertError(
+            f"{tok_file} is not a valid tokenizer.json "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
 
     def special(name: str, fallback: bool) -> str | None:
         text = _token_text(tcfg.get(name)) or _token_text(smap.get(name))
@@ -185,8 +216,10 @@ def _hf_dir_tokenizer(path: Path, config: dict[str, Any]) -> HFTokenizer:
     # then has no BOS, and lm-eval prefixes with EOS). EOS must exist: documents end with it.
     eos, bos = special("eos_token", True), special("bos_token", False)
     if eos is None:
-        raise ConvertError(f"{path}: no EOS token named in tokenizer_config.json, "
-                           "special_tokens_map.json, config.json or generation_config.json")
+        raise ConvertError(
+            f"{path}: no EOS token named in tokenizer_config.json, "
+            "special_tokens_map.json, config.json or generation_config.json"
+        )
     add_bos = tcfg.get("add_bos_token")
     if not isinstance(add_bos, bool):
         # What the tokenizer's own post-processor does when asked for special tokens.
@@ -200,8 +233,15 @@ def _hf_dir_tokenizer(path: Path, config: dict[str, Any]) -> HFTokenizer:
     if not isinstance(template, str):
         template = None  # absent, or a list of named templates (kept out: not one template)
     try:
-        return HFTokenizer(raw, spec=f"pretrained:{path.name}", pretrained=True, eos_token=eos,
-                           bos_token=bos, add_bos=bool(add_bos), chat_template=template)
+        return HFTokenizer(
+            raw,
+            spec=f"pretrained:{path.name}",
+            pretrained=True,
+            eos_token=eos,
+            bos_token=bos,
+            add_bos=bool(add_bos),
+            chat_template=template,
+        )
     except UserError as e:
         raise ConvertError(f"{tok_file}: {e}") from None
 
@@ -254,8 +294,9 @@ def _import_gguf():
     try:
         import gguf
     except ImportError:
-        raise UserError("reading .gguf files needs the gguf package: "
-                        "pip install 'freeformer[pretrained]'") from None
+        raise UserError(
+            "reading .gguf files needs the gguf package: pip install 'freeformer[pretrained]'"
+        ) from None
     return gguf
 
 
@@ -277,8 +318,7 @@ def read_gguf(path: Path) -> SourceModel:
 
     g_arch = field("general.architecture")
     if g_arch not in _GGUF_ARCHS:
-        raise ConvertError(f"{path}: GGUF architecture {g_arch!r} is not supported "
-                           f"({_ARCH_HELP})")
+        raise ConvertError(f"{path}: GGUF architecture {g_arch!r} is not supported ({_ARCH_HELP})")
     arch = _GGUF_ARCHS[g_arch]
     a = g_arch
     n_heads = int(field(f"{a}.attention.head_count"))
@@ -286,10 +326,15 @@ def read_gguf(path: Path) -> SourceModel:
     dim = int(field(f"{a}.embedding_length"))
     scaling = field(f"{a}.rope.scaling.type", False)
     if scaling not in (None, "none"):
-        raise ConvertError(f"{path}: RoPE scaling {scaling!r} is not supported "
-                           "(only Llama 3.1's, from a Hugging Face directory)")
-    head_dim = field(f"{a}.attention.key_length", False) or field(
-        f"{a}.rope.dimension_count", False) or dim // n_heads
+        raise ConvertError(
+            f"{path}: RoPE scaling {scaling!r} is not supported "
+            "(only Llama 3.1's, from a Hugging Face directory)"
+        )
+    head_dim = (
+        field(f"{a}.attention.key_length", False)
+        or field(f"{a}.rope.dimension_count", False)
+        or dim // n_heads
+    )
     config: dict[str, Any] = {
         "model_type": arch,
         "hidden_size": dim,
@@ -308,19 +353,24 @@ def read_gguf(path: Path) -> SourceModel:
     shapes: dict[str, tuple[int, ...]] = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
-            raise ConvertError(f"{path}: tensor rope_freqs.weight (Llama 3.1 RoPE scaling stored "
-                               "as frequency factors) is not supported; convert the Hugging "
-                               "Face directory of this model instead")
+            raise ConvertError(
+                f"{path}: tensor rope_freqs.weight (Llama 3.1 RoPE scaling stored "
+                "as frequency factors) is not supported; convert the Hugging "
+                "Face directory of this model instead"
+            )
         template, i = _gguf_template(t.name)
         hf = _GGUF_TO_HF.get(template)
         if hf is None:
-            raise ConvertError(f"{path}: unexpected tensor {t.name} for a {g_arch} model; "
-                               "refusing to drop weights silently")
+            raise ConvertError(
+                f"{path}: unexpected tensor {t.name} for a {g_arch} model; "
+                "refusing to drop weights silently"
+            )
         hf = hf.replace("{i}", i) if i is not None else hf
         tensors[hf] = t
         shapes[hf] = tuple(int(s) for s in reversed(t.shape))  # ggml lists dims innermost first
-    config["vocab_size"] = int(field(f"{a}.vocab_size", False)
-                               or shapes.get("model.embed_tokens.weight", (0,))[0])
+    config["vocab_size"] = int(
+        field(f"{a}.vocab_size", False) or shapes.get("model.embed_tokens.weight", (0,))[0]
+    )
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
 
     def load(name: str) -> torch.Tensor:
@@ -328,10 +378,14 @@ def read_gguf(path: Path) -> SourceModel:
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise ConvertError(f"{path}: tensor {t.name} has quantisation type "
-                               f"{t.tensor_type.name}, which the gguf package cannot "
-                               "dequantize; use a file with another type") from None
-        w = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: GGUF data is a read-only map
+            raise ConvertError(
+                f"{path}: tensor {t.name} has quantisation type "
+                f"{t.tensor_type.name}, which the gguf package cannot "
+                "dequantize; use a file with another type"
+            ) from None
+        w = torch.from_numpy(
+            np.array(arr, dtype=np.float32)
+        )  # a copy: GGUF data is a read-only map
         w = w.reshape(shapes[name])
         if g_arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             # qwen2 files are stored for NEOX (half-split) RoPE and need nothing.
@@ -346,8 +400,10 @@ def _gguf_tokenizer(path: Path, field: Callable[..., Any]) -> HFTokenizer:
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise UserError("building the tokenizer of a .gguf file needs transformers: "
-                        "pip install 'freeformer[pretrained-gguf]'") from None
+        raise UserError(
+            "building the tokenizer of a .gguf file needs transformers: "
+            "pip install 'freeformer[pretrained-gguf]'"
+        ) from None
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # transformers raises many types on foreign metadata
@@ -360,11 +416,20 @@ def _gguf_tokenizer(path: Path, field: Callable[..., Any]) -> HFTokenizer:
     if add_bos is None:
         with_special = tok("a", add_special_tokens=True)["input_ids"]
         add_bos = tok.bos_token_id is not None and with_special[:1] == [tok.bos_token_id]
-    template = tok.chat_template if isinstance(tok.chat_template, str) else field(
-        "tokenizer.chat_template", False)
+    template = (
+        tok.chat_template
+        if isinstance(tok.chat_template, str)
+        else field("tokenizer.chat_template", False)
+    )
     try:
-        return HFTokenizer(raw, spec=f"pretrained:{path.name}", pretrained=True,
-                           eos_token=tok.eos_token, bos_token=tok.bos_token,
-                           add_bos=bool(add_bos), chat_template=template)
+        return HFTokenizer(
+            raw,
+            spec=f"pretrained:{path.name}",
+            pretrained=True,
+            eos_token=tok.eos_token,
+            bos_token=tok.bos_token,
+            add_bos=bool(add_bos),
+            chat_template=template,
+        )
     except UserError as e:
         raise ConvertError(f"{path}: {e}") from None
