@@ -10,7 +10,6 @@ from freeformer.data.synthetic import SEQ_LEN, encode, sample_annotated
 from freeformer.errors import DataError
 from freeformer.experiments.reconstruction import (
     KINDS,
-    kl_decomposition,
     reconstruction,
     score_reconstruction,
     token_kinds,
@@ -111,46 +110,6 @@ def _capture_latents(monkeypatch, model):
 
     monkeypatch.setattr(generate_module, "generate", spy)
     return calls
-
-
-def _enumerated_split(L):
-    """KL, mismatch and information (bits, per position) by brute force over every code."""
-    n, T, H = L.shape
-    codes = torch.arange(1 << H)
-    bits = ((codes[:, None] >> torch.arange(H)) & 1).double()  # (C, H)
-    p = torch.sigmoid(L.double())[:, :, None, :]  # (n, T, 1, H)
-    q = torch.where(bits.bool(), p, 1 - p).prod(-1)  # (n, T, C)
-    u = 1.0 / (1 << H)
-    kl = (q * (q / u).log2()).sum(-1).mean(0)
-    agg = q.mean(0)
-    mism = (agg * (agg / u).log2()).sum(-1)
-    return kl, mism, kl - mism
-
-
-@pytest.mark.parametrize("chunk", [1024, 2])
-def test_kl_splits_into_information_and_prior_mismatch(monkeypatch, chunk):
-    import freeformer.experiments.reconstruction as rec
-
-    monkeypatch.setattr(rec, "_CODE_CHUNK", chunk)
-    g = torch.Generator().manual_seed(0)
-    # Posteriors that depend on the sequence *and* share a bias: both terms are non-zero.
-    L = torch.randn(40, 3, 4, generator=g) * 2 + torch.tensor([1.5, 0.0, -2.0, 0.3])
-    d = kl_decomposition(L)
-    kl, mism, info = _enumerated_split(L)
-    torch.testing.assert_close(d["kl"], kl)
-    torch.testing.assert_close(d["mismatch"], mism)
-    torch.testing.assert_close(d["information"], info)
-    assert (d["information"] > 0.1).all() and (d["mismatch"] > 0.1).all()
-    # The same posterior whatever the sequence: all of the KL is mismatch, none information.
-    same = kl_decomposition(L[:1].expand(40, -1, -1))
-    torch.testing.assert_close(same["information"], torch.zeros(3, dtype=torch.float64))
-    torch.testing.assert_close(same["mismatch"], same["kl"])
-    # Point masses spread evenly over the 16 codes: H bits of information, no mismatch.
-    codes = torch.arange(16).repeat(3)
-    point = ((((codes[:, None] >> torch.arange(4)) & 1) * 2 - 1) * 40.0)[:, None, :]
-    d = kl_decomposition(point)
-    torch.testing.assert_close(d["information"], torch.full((1,), 4.0, dtype=torch.float64))
-    torch.testing.assert_close(d["mismatch"], torch.zeros(1, dtype=torch.float64))
 
 
 def test_independent_groups_draw_every_code_from_the_prior_per_sequence(monkeypatch):

@@ -56,7 +56,8 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         "proposals; upper bounds in expectation, consistent as k "
         "grows), the ELBO, KL bits, CE with prior codes (what "
         "generation does) and CE with encoder codes (sees the "
-        "future); CE for a baseline.",
+        "future), and the KL split into information (what the codes say about "
+        "the sequence) and prior mismatch; CE for a baseline.",
     )
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: config)")
@@ -77,6 +78,13 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         "needed for a converted model)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of the line: step, tokens, and (Free "
+        "Transformer) ce_prior, ce_encoder, kl_bits, information_bits, mismatch_bits, "
+        "elbo, nll_is, nll_is_prior, is_samples, or (baseline) ce",
+    )
     p.set_defaults(func=cmd_validate)
 
 
@@ -466,7 +474,15 @@ def cmd_validate(args: argparse.Namespace) -> None:
         seed=tc.seed + 2,
         device=device,
     )
-    print(format_val(ck.step, vals))
+    if args.json:
+        import json
+
+        from freeformer.model import IGNORE_INDEX
+
+        tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in val)
+        print(json.dumps({"step": ck.step, "tokens": tokens, **vals}))
+    else:
+        print(format_val(ck.step, vals))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

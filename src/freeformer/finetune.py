@@ -8,12 +8,13 @@ the names that tell them apart, used by the optimizer's parameter groups
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from freeformer.checkpoint import Checkpoint, load_checkpoint, load_run_tokenizer
 from freeformer.errors import CheckpointError, ConfigError
 from freeformer.model import FreeTransformer
-from freeformer.runconfig import RunConfig
+from freeformer.runconfig import RunConfig, TrainConfig
 
 # The latent path's weights that a converted pretrained model does not have: the encoder
 # (its blocks, ζ, the bit readout) and the post-sampler. The injection block is a decoder
@@ -80,3 +81,24 @@ def check_same_tokenizer(init: Checkpoint, data_dir: Path) -> None:
 
 
 _PROBE = "def f(x):\n    return x  # Ünïcödé, 中文, emoji 🙂\n\tThe end. 12345"
+
+
+def latent_warmup(model: FreeTransformer, step: int, tc: TrainConfig) -> float | None:
+    """Apply the opt-in latent warm-up schedules for optimizer step ``step`` (0-based).
+
+    ``train.latent_ramp_steps`` = N: r is multiplied by min(1, step / N) — 0 at step 0, so
+    a post-sampler drawn at the residual stream's scale leaves the source model's function
+    intact until the decoder has had steps to adapt to it. ``train.free_bits_warmup_steps``
+    = M: returns the free-bits threshold κ_step in nats, H bits at step 0 (no KL penalised)
+    falling linearly to model.free_bits at step M; None (the model's κ) otherwise.
+    Deterministic in ``step``, so a resumed run continues the same schedule.
+    """
+    c = model.config
+    if not c.latent:
+        return None
+    if tc.latent_ramp_steps:
+        model.post_sampler.r_scale = min(1.0, step / tc.latent_ramp_steps)
+    if tc.free_bits_warmup_steps and step < tc.free_bits_warmup_steps:
+        frac = step / tc.free_bits_warmup_steps
+        return (c.latent_bits + frac * (c.free_bits - c.latent_bits)) * math.log(2.0)
+    return None

@@ -327,6 +327,9 @@ class PostSampler(nn.Module):
         self.kind, self.n_bits = kind, n_bits
         shape = (1 << n_bits, dim) if kind == "table" else (dim, n_bits)
         self.weight = nn.Parameter(torch.zeros(shape))
+        # A multiplier on r set only by training's latent warm-up (train.latent_ramp_steps);
+        # 1 everywhere else. A float, not a buffer: checkpoints hold the paper's r.
+        self.r_scale = 1.0
 
     def sample(
         self, bit_logits: Tensor, generator: torch.Generator | None, noise: Tensor | None = None

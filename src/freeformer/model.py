@@ -318,6 +318,8 @@ class FreeTransformer(nn.Module):
                 else:
                     codes = check_codes(latents, c.latent_bits, B, T, x.device, check_inputs)
                 r = self.post_sampler.embed(codes)
+            if self.post_sampler.r_scale != 1.0:  # training's latent warm-up only
+                r = r * self.post_sampler.r_scale
             kv = x + r.to(x.dtype)  # r enters only the keys/values of block L/2+1
         elif isinstance(latents, Tensor):
             raise DataError("latent codes given to a baseline model (latent=false), which has none")

@@ -110,6 +110,17 @@ class TrainConfig:
     weights: the encoder (with ζ and the bit readout) and the post-sampler — not the
     injection block, a pretrained decoder block. For fine-tuning a converted model, whose
     post-sampler starts at 0 (docs/pretrained.md); no effect without a latent path."""
+    latent_ramp_steps: int = 0
+    """Latent warm-up, an opt-in optimisation schedule (not the paper's; docs/latent-study.md):
+    r, the post-sampler's output, is multiplied by min(1, step / N) for the first N steps,
+    so a fine-tuning run whose post-sampler starts at the residual stream's scale
+    (`freeformer convert --latent-init residual`) still starts from the source model's
+    function. 0: off (r enters at full scale from step 0, as in the paper)."""
+    free_bits_warmup_steps: int = 0
+    """KL warm-up, an opt-in schedule (the classic remedy for posterior collapse; Bowman et
+    al. 2016): the free-bits threshold starts at H bits — the largest KL a code can have
+    against the uniform prior, so no KL is penalised — and falls linearly to model.free_bits
+    over N steps, leaving the paper's objective from step N on. 0: off."""
     lora_rank: int = 0
     """LoRA rank r of the decoder's adapters (PEFT; the 'lora' extra); 0 = no LoRA. The
     latent path's new weights train in full beside them (freeformer.lora)."""
@@ -139,6 +150,8 @@ class TrainConfig:
         for n in (
             "micro_batch_size",
             "warmup_steps",
+            "latent_ramp_steps",
+            "free_bits_warmup_steps",
             "eval_every",
             "ckpt_every",
             "seed",
@@ -147,6 +160,10 @@ class TrainConfig:
             v = getattr(self, n)
             _check(_is_int(v) and v >= 0, s, n, v, "an integer ≥ 0")
         _check(_is_num(self.lr) and self.lr > 0, s, "lr", self.lr, "a positive number")
+        for n in ("latent_ramp_steps", "free_bits_warmup_steps"):
+            # A run that ended mid-ramp would save weights meant for a scaled r.
+            v = getattr(self, n)
+            _check(v <= self.max_steps, s, n, v, f"at most train.max_steps = {self.max_steps}")
         _check(
             _is_num(self.latent_lr_scale) and self.latent_lr_scale > 0,
             s,

@@ -29,9 +29,11 @@ from freeformer.checkpoint import (
 from freeformer.errors import CheckpointError, ConfigError, UserError
 from freeformer.finetune import (
     check_same_tokenizer,
+    latent_warmup,
     load_init_checkpoint,
     set_trainable,
 )
+from freeformer.latent import free_bits_loss
 from freeformer.likelihood import LOG2
 from freeformer.metrics import LatentMonitor, MetricsLog
 from freeformer.model import FreeTransformer
@@ -130,6 +132,7 @@ def train_step(
     n_micro: int,
     tc: TrainConfig,
     ctx: contextlib.AbstractContextManager,
+    free_bits_nats: float | None = None,
 ) -> dict[str, Tensor]:
     """Forward/backward over ``n_micro`` micro-batches, clip, step. Returns mean metrics as
     0-d tensors: converting them to floats here would cost a host sync per step on CUDA, so
@@ -138,6 +141,7 @@ def train_step(
     The step's loss is the mean of the micro-batches' losses, which equals the mean over the
     batch's tokens because every micro-batch scores the same number of tokens (the training
     data never uses IGNORE_INDEX). Gradients cross processes once, on the last micro-batch.
+    ``free_bits_nats`` replaces the model's κ in the free-bits hinge (the KL warm-up).
     """
     sums: dict[str, Tensor] = {}
     xs, ys = x.chunk(n_micro), y.chunk(n_micro)
@@ -147,6 +151,9 @@ def train_step(
         with D.accumulating(model, sync=i == n_micro - 1):
             with ctx:
                 out = model(xs[i], ys[i], bit_noise=ns[i], return_logits=False)
+                if free_bits_nats is not None and out.kl_tokens is not None:
+                    out.kl_loss = free_bits_loss(out.kl_tokens, free_bits_nats)
+                    out.loss = out.ce + out.kl_loss
             (out.loss / n_micro).backward()
         for k in ("loss", "ce", "kl", "kl_loss"):
             v = getattr(out, k).detach().float() / n_micro
@@ -184,6 +191,8 @@ def _check_resume_compatible(ck: Checkpoint, cfg: RunConfig) -> None:
         "seed",
         "trainable",
         "latent_lr_scale",
+        "latent_ramp_steps",
+        "free_bits_warmup_steps",
         "lora_rank",
         "lora_alpha",
         "lora_targets",
@@ -344,10 +353,11 @@ def _train(
         lr = lr_at(step, tc)
         for g, scale in zip(optimizer.param_groups, lr_scales):
             g["lr"] = lr * scale
+        kappa = latent_warmup(model, step, tc)
         x, y = train_data.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         noise = global_bit_noise(cfg, gen, info, device)
-        m = train_step(wrapped, optimizer, x, y, noise, n_micro, tc, ctx)
+        m = train_step(wrapped, optimizer, x, y, noise, n_micro, tc, ctx, kappa)
         tokens += tokens_per_step
         done = step + 1
         if done % tc.log_every == 0 or done == tc.max_steps:

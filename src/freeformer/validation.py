@@ -13,6 +13,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from freeformer.diagnostics import pooled_split
 from freeformer.likelihood import (
     LOG2,
     code_mask,
@@ -57,6 +58,10 @@ def evaluate(
                     scored target are left out: their codes reach no scored token).
       elbo          ce_encoder + KL: an unbiased estimate of the negative ELBO, an upper
                     bound on −log P(S)/T.
+      information_bits, mismatch_bits
+                    the KL split into I(S; Z_t) and KL(Q̄ || prior), Q̄ the mean posterior over
+                    every validation token (``freeformer.diagnostics``); their sum is the
+                    KL of the posteriors (kl_bits averages it over k draws of the same ones).
     Baseline: ce.
     """
     ctx = ctx if ctx is not None else contextlib.nullcontext()
@@ -65,6 +70,7 @@ def evaluate(
     gen = torch.Generator(device=device).manual_seed(seed)
     tot: dict[str, float] = {}
     n_tok = 0
+    posteriors = []  # bit logits at the positions whose codes reach a scored target
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         n = int(scored(y).sum())
@@ -81,6 +87,7 @@ def evaluate(
                     weights.append(lw.double())
                     ce_enc -= float(lp.sum()) / (n * k)
                     kl += float(out.kl_tokens.float()[code_mask(y)].sum()) / (n * k)
+                posteriors.append(out.bit_logits.float()[code_mask(y)])
                 log_ps = log_mean_exp(torch.stack(weights), 0)  # (B,) log P̂(S)
                 log_ps_prior = log_mean_exp(torch.stack(prior_weights), 0)
                 vals = {
@@ -97,6 +104,11 @@ def evaluate(
     model.train(was_training)
     out = {key: v / n_tok for key, v in tot.items()}
     if latent:
+        # The KL split over every validation token (one aggregate: position has no fixed
+        # meaning in text); information = what the codes say about the sequence.
+        split = pooled_split(torch.cat(posteriors), generator=gen)
+        out["information_bits"] = split["information_bits"]
+        out["mismatch_bits"] = split["mismatch_bits"]
         out["is_samples"] = k
     return out
 
@@ -109,5 +121,7 @@ def format_val(step: int, v: dict[str, float]) -> str:
         f"val step {step}: −log P(S)/T estimates (importance sampling, k={k}): encoder "
         f"proposal {v['nll_is']:.4f}, prior proposal {v['nll_is_prior']:.4f} nats/token | "
         f"ELBO {v['elbo']:.4f} | KL {v['kl_bits']:.4f} bits | ce(prior codes) "
-        f"{v['ce_prior']:.4f} | ce(encoder codes, sees the future) {v['ce_encoder']:.4f}"
+        f"{v['ce_prior']:.4f} | ce(encoder codes, sees the future) {v['ce_encoder']:.4f} | "
+        f"KL = information {v['information_bits']:.4f} + prior mismatch "
+        f"{v['mismatch_bits']:.4f} bits"
     )

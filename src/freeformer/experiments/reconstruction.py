@@ -26,7 +26,7 @@ token t+1 (the decoder is causal), so a position is classed by token t+1:
   (where a one-token position code lives);
 - ``target rest``: the other target characters that are not '!'.
 
-The KL is then split (:func:`kl_decomposition`) into what the codes say about the sequence
+The KL is then split (:func:`freeformer.diagnostics.kl_split`) into what the codes say about the sequence
 and what they say about nothing: averaged over sequences,
 KL(Q(Z_t | S) || P) = I(S; Z_t) + KL(Q̄_t || P), where Q̄_t = E_S Q(Z_t | S) is the aggregate
 posterior at position t. Token-wise free bits leave KL below κ unpenalised, so the second
@@ -52,10 +52,10 @@ from freeformer.data.synthetic import (
     parse,
     sample_annotated,
 )
+from freeformer.diagnostics import LOG2, kl_split
 from freeformer.errors import DataError
 from freeformer.experiments.scoring import jaccard
 from freeformer.generate import generate
-from freeformer.latent import bit_matrix, kl_per_token
 
 KINDS = (
     "prompt",
@@ -65,11 +65,8 @@ KINDS = (
     "target start",
     "target rest",
 )
-LOG2 = 0.6931471805599453
 # Sequences whose posteriors estimate the aggregate posterior (at least this many).
 DECOMPOSITION_N = 1000
-# Codes enumerated at a time by kl_decomposition (bounds its memory at H = 16).
-_CODE_CHUNK = 256
 
 
 def token_kinds(tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -133,7 +130,7 @@ def reconstruction(
         if more.shape[0] == 0
         else torch.cat([out.bit_logits, model(more, generator=generator).bit_logits])
     )
-    split = kl_decomposition(logits)
+    split = kl_split(logits)
     by_kind = {}
     for i, name in enumerate(KINDS):
         sel = kinds == i
@@ -145,33 +142,6 @@ def reconstruction(
         "information_bits": float(split["information"].mean()),
         "prior_mismatch_bits": float(split["mismatch"].mean()),
     }
-
-
-@torch.no_grad()
-def kl_decomposition(bit_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Split the posterior's KL to the uniform prior, per position, in bits.
-
-    ``bit_logits`` (n, T, H) are the encoder's logits for n sequences. Returns (T,) tensors
-    ``kl`` (mean over sequences of KL(Q(Z_t | S) || uniform)), ``mismatch``
-    (KL(Q̄_t || uniform), Q̄_t the mean of the n posteriors over all 2^H codes) and
-    ``information`` = kl − mismatch (the mutual information I(S; Z_t) under the empirical
-    distribution of the n sequences). The aggregate is estimated from n sequences, so
-    ``mismatch`` is biased upward (and ``information`` downward) when posteriors are sharp
-    and n is small next to the number of codes they reach.
-    """
-    L = bit_logits.detach().double()
-    n, T, H = L.shape
-    lp = torch.nn.functional.logsigmoid(L).reshape(n * T, H)  # log σ(L): bit = 1
-    lq = torch.nn.functional.logsigmoid(-L).reshape(n * T, H)  # log σ(−L): bit = 0
-    kl = kl_per_token(L).mean(0)  # nats, float64
-    mismatch = torch.zeros(T, dtype=torch.float64, device=L.device)
-    bits = bit_matrix(H, torch.float64, L.device)  # (2^H, H)
-    for c0 in range(0, 1 << H, _CODE_CHUNK):
-        b = bits[c0 : c0 + _CODE_CHUNK]
-        q = (lp @ b.T + lq @ (1 - b).T).exp().reshape(n, T, -1)  # Q(code | S_i) per position
-        agg = q.mean(0)  # (T, chunk)
-        mismatch += (agg * (agg.clamp_min(1e-300).log() + H * LOG2)).sum(-1)
-    return {"kl": kl / LOG2, "mismatch": mismatch / LOG2, "information": (kl - mismatch) / LOG2}
 
 
 def score_reconstruction(sources: list[str], regenerated: list[str]) -> dict[str, Any]:
