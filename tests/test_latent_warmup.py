@@ -1,0 +1,99 @@
+"""The opt-in latent warm-up schedules (freeformer.finetune.latent_warmup): r ramped in from
+0, so a post-sampler at the residual scale leaves step 0 at the source model's function, and
+free bits that start at H bits (nothing penalised) and fall to the model's κ."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from freeformer.checkpoint import load_checkpoint, load_model
+from freeformer.data.synthetic import SyntheticBatches
+from freeformer.distributed import DistInfo
+from freeformer.errors import ConfigError
+from freeformer.finetune import latent_warmup
+from freeformer.latent import free_bits_loss
+from freeformer.runconfig import load_run_config
+from freeformer.train import global_bit_noise, train
+
+
+def cfg_with(**train_kv):
+    kv = {"progress": "false", "eval_every": "0", "log_every": "1", "ckpt_every": "0"}
+    kv.update({k: str(v) for k, v in train_kv.items()})
+    # κ far below the KL at init, so the free-bits hinge is active without the warm-up.
+    over = [f"train.{k}={v}" for k, v in kv.items()] + ["model.free_bits=0.001"]
+    return load_run_config(preset="debug", overrides=over)
+
+
+@pytest.fixture(scope="module")
+def loud_source(tmp_path_factory):
+    """A run whose post-sampler is far from 0, so r changes the function."""
+    d = tmp_path_factory.mktemp("warm") / "source"
+    train(cfg_with(max_steps=2), d, quiet=True)
+    return d
+
+
+def test_schedules_at_their_ends():
+    tc = cfg_with(max_steps=20, latent_ramp_steps=10, free_bits_warmup_steps=8).train
+    model, _ = None, None
+    from freeformer.model import FreeTransformer
+
+    model = FreeTransformer(cfg_with().model)
+    H, kappa = model.config.latent_bits, model.config.free_bits
+    assert latent_warmup(model, 0, tc) == pytest.approx(H * math.log(2))
+    assert model.post_sampler.r_scale == 0.0
+    assert latent_warmup(model, 4, tc) == pytest.approx((H + 0.5 * (kappa - H)) * math.log(2))
+    assert model.post_sampler.r_scale == pytest.approx(0.4)
+    assert latent_warmup(model, 8, tc) is None  # the model's κ from step M on
+    latent_warmup(model, 10, tc)
+    assert model.post_sampler.r_scale == 1.0
+
+
+def test_ramped_first_step_is_the_function_without_r(loud_source, tmp_path):
+    """With the ramp, step 1's loss is computed with r = 0: the loss of the same weights
+    with the post-sampler zeroed; and the KL warm-up leaves the loss equal to the CE."""
+    cfg = cfg_with(
+        init_from=str(loud_source), max_steps=3, latent_ramp_steps=3, free_bits_warmup_steps=3
+    )
+    train(cfg, tmp_path / "ft", quiet=True)
+    ref, _ = load_model(loud_source)
+    assert ref.post_sampler.weight.abs().max() > 0.01
+    x, y = SyntheticBatches(cfg.train.batch_size, cfg.train.seed, 0, 1).next_batch()
+    noise = global_bit_noise(
+        cfg, torch.Generator().manual_seed(cfg.train.seed + 1), DistInfo(), torch.device("cpu")
+    )
+    with torch.no_grad():
+        loud = ref.train()(x, y, bit_noise=noise)
+        ref.post_sampler.weight.zero_()
+        quiet = ref(x, y, bit_noise=noise)
+    import json
+
+    first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(float(loud.ce) - float(quiet.ce)) > 5e-5  # r matters at full scale
+    assert first["ce"] == pytest.approx(float(quiet.ce), abs=1e-6)
+    assert first["loss"] == pytest.approx(first["ce"], abs=1e-7)  # κ_0 = H bits: no penalty
+    assert float(free_bits_loss(quiet.kl_tokens, cfg.model.free_bits_nats)) > 1e-4
+
+
+def test_warmed_up_resume_is_bit_identical(loud_source, tmp_path):
+    cfg = cfg_with(
+        init_from=str(loud_source),
+        max_steps=6,
+        ckpt_every=3,
+        keep_last=5,
+        latent_ramp_steps=5,
+        free_bits_warmup_steps=4,
+    )
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(cfg, full, quiet=True)
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_00000006")
+    train(cfg, cut, resume=True, quiet=True)
+    a, b = load_checkpoint(full).model_state, load_checkpoint(cut).model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_warm_up_longer_than_the_run_is_one_line():
+    with pytest.raises(ConfigError, match="latent_ramp_steps"):
+        cfg_with(max_steps=5, latent_ramp_steps=6)
