@@ -24,7 +24,7 @@ pytest.importorskip("tokenizers", reason="the converted tokenizer needs tokenize
 from freeformer.checkpoint import load_model, load_run_tokenizer  # noqa: E402
 from freeformer.cli import main  # noqa: E402
 from freeformer.config import ModelConfig  # noqa: E402
-from freeformer.errors import ConfigError  # noqa: E402
+from freeformer.errors import ConfigError, ConvertError  # noqa: E402
 from freeformer.generate import generate  # noqa: E402
 from freeformer.pretrained import convert  # noqa: E402
 
@@ -219,6 +219,29 @@ def test_free_transformer_at_step_0_equals_baseline_under_any_codes(kind, conver
         generate(ft, prompt, 30, temperature=0, generator=g).tolist()
         == generate(base, prompt, 30, temperature=0).tolist()
     )
+
+
+def test_residual_latent_init_draws_r_at_the_residual_scale(sources, converted, tmp_path):
+    """--latent-init residual: the post-sampler's rows at the RMS of x entering the
+    injection block (so r matters from the first step), everything else as the default
+    conversion; with r scaled to 0 (the latent warm-up's ramp at step 0) it is the source."""
+    from freeformer.pretrained.convert import residual_rms
+
+    zero, _ = load_model(converted["llama", "ft"])
+    run = convert(sources["llama"], tmp_path / "res", latent_bits=6, latent_init="residual")
+    res, _ = load_model(run)
+    want = residual_rms(zero)
+    assert want > 0.1
+    assert float(res.post_sampler.weight.std()) == pytest.approx(want, rel=0.1)
+    a, b = zero.state_dict(), res.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == ["post_sampler.weight"]
+    x = _tokens(30, seed=2)
+    with torch.no_grad():
+        assert _max_abs(res(x, latents="prior").logits, zero(x).logits) > 1e-3
+        res.post_sampler.r_scale = 0.0
+        assert torch.equal(res(x, latents="prior").logits, zero(x).logits)
+    with pytest.raises(ConvertError, match="latent init"):
+        convert(sources["llama"], tmp_path / "bad", latent_init="large")
 
 
 def test_rope_scaling_and_biases_are_what_make_the_logits_match(sources, converted):

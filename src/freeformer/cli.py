@@ -229,6 +229,14 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "at most its sliding window)",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the latent path's init")
+    p.add_argument(
+        "--latent-init",
+        default="zero",
+        choices=["zero", "residual"],
+        help="post-sampler at 0, so the model computes the source's function under any "
+        "codes (default), or at the residual stream's scale, for fine-tuning with "
+        "train.latent_ramp_steps (docs/latent-study.md)",
+    )
     p.set_defaults(func=cmd_convert)
 
 
@@ -245,6 +253,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         encoder_layers=args.encoder_layers,
         max_seq_len=args.max_seq_len,
         seed=args.seed,
+        latent_init=args.latent_init,
     )
     from freeformer.checkpoint import load_checkpoint
 

@@ -155,14 +155,23 @@ class FreeTransformer(nn.Module):
             self.init_latent_path(torch.Generator().manual_seed(seed + 1_000_003))
 
     @torch.no_grad()
-    def init_latent_path(self, gen: torch.Generator, *, from_decoder: bool = False) -> None:
+    def init_latent_path(
+        self,
+        gen: torch.Generator,
+        *,
+        from_decoder: bool = False,
+        post_sampler_std: float = 0.0,
+    ) -> None:
         """Initialise the latent path (encoder incl. ζ and readout, post-sampler) from ``gen``.
 
         From scratch (``from_decoder=False``): random encoder blocks, the post-sampler at the
         residual stream's scale. On a pretrained decoder (``from_decoder=True``, used by
         ``freeformer convert``): encoder blocks = copies of decoder block L/2 and the
         post-sampler at 0, so that at step 0 the model computes the decoder's function under
-        any codes. ζ and the readout are drawn alike in both. Reasons: docs/design.md, "The
+        any codes. ζ and the readout are drawn alike in both. ``post_sampler_std`` > 0 (with
+        ``from_decoder``) draws the post-sampler's rows at that std instead of 0: for the
+        latent warm-up, whose ramp on r keeps step 0 at the source's function
+        (``train.latent_ramp_steps``; docs/latent-study.md). Reasons: docs/design.md, "The
         latent path's initialisation" and "Starting from a pretrained decoder".
         """
         c = self.config
@@ -186,13 +195,13 @@ class FreeTransformer(nn.Module):
         # the encoder still gets gradient from the first step (a zero readout would
         # block it for one step). See docs/design.md.
         _normal(self.encoder.readout.weight, BIT_LOGIT_INIT_STD / math.sqrt(c.dim), gen)
-        if from_decoder:
+        if from_decoder and not post_sampler_std:
             # r = 0 for every code: block L/2+1 reads keys/values from x + 0, the source's
             # block exactly. It still learns: its gradient is the one-hot scatter of dr.
             self.post_sampler.weight.zero_()
         else:
             # r must start at the residual stream's scale or the decoder learns to ignore it.
-            lstd = c.resolved_latent_init_std
+            lstd = post_sampler_std if from_decoder else c.resolved_latent_init_std
             ps_std = lstd if c.latent_embedding == "table" else lstd / math.sqrt(c.latent_bits)
             _normal(self.post_sampler.weight, ps_std, gen)
 

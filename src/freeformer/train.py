@@ -178,6 +178,13 @@ class TrainResult:
     run_dir: Path
 
 
+# Training fields a resumed run must keep: they shape the data, the draws or the optimizer.
+_RESUME_SAME = (
+    "batch_size seq_len seed trainable latent_lr_scale latent_ramp_steps "
+    "free_bits_warmup_steps lora_rank lora_alpha lora_targets lora_injection"
+).split()
+
+
 def _check_resume_compatible(ck: Checkpoint, cfg: RunConfig) -> None:
     saved = ck.state["config"]
     if saved["model"] != cfg.model.to_dict():
@@ -185,19 +192,7 @@ def _check_resume_compatible(ck: Checkpoint, cfg: RunConfig) -> None:
         raise CheckpointError(
             f"cannot resume: the model config differs from the checkpoint's ({', '.join(diff)})"
         )
-    for key in (
-        "batch_size",
-        "seq_len",
-        "seed",
-        "trainable",
-        "latent_lr_scale",
-        "latent_ramp_steps",
-        "free_bits_warmup_steps",
-        "lora_rank",
-        "lora_alpha",
-        "lora_targets",
-        "lora_injection",
-    ):
+    for key in _RESUME_SAME:
         # .get: checkpoints from before a field existed trained with its default
         was = saved["train"].get(key, TrainConfig.__dataclass_fields__[key].default)
         if was != getattr(cfg.train, key):
