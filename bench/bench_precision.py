@@ -1,14 +1,12 @@
 """CPU precision: one full training step (forward, loss, backward, clip, AdamW) in FP32 against
 bf16 autocast, at the shipped presets' shapes, Free Transformer and baseline: the measurement
-behind ``train.precision = "auto"`` on CPU (train.py::resolve_precision).
+behind ``train.precision = "auto"`` on CPU (runtime.py::resolve_precision), which picks bf16
+where the CPU has native bf16 matmul (AVX512-BF16 or AMX-BF16) and the model is at least
+``CPU_BF16_MIN_DIM`` wide.
 
-This is the measurement behind ``train.precision = "auto"`` on CPU (runtime.py::resolve_precision):
-bf16 autocast is chosen where the CPU has native bf16 matmul instructions (AVX512-BF16 or
-AMX-BF16) and the model is at least ``CPU_BF16_MIN_DIM`` wide.
-The step is ``freeformer.train.train_step`` itself, on random tokens of the preset's shape
-(the data do not change the cost), with the preset's batch, micro-batches and optimizer. The
-FP32 and bf16 runs are separate models built with the same seed, timed alternately in rounds
-(order rotated each round); the speed-up is the median of per-round ratios fp32 / bf16.
+The step is ``freeformer.train.train_step`` itself, on random tokens of the preset's shape,
+with the preset's batch, micro-batches and optimizer. FP32 and bf16 are separate models built
+with the same seed, timed alternately in rounds; speed-up = median of per-round fp32 / bf16.
 
     python bench/bench_precision.py                       # synthetic + stdlib-code (~2 min)
     python bench/bench_precision.py --presets stdlib-code --rounds 7 --write
@@ -17,7 +15,6 @@ FP32 and bf16 runs are separate models built with the same seed, timed alternate
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
@@ -58,10 +55,9 @@ def run_config(name: str):
     bench_train.py (d128-L4, d256-L8, d512-L8); a preset wins where a name is both (debug)."""
     if name in available_presets():
         return load_run_config(preset=name, overrides=["train.progress=false"])
-    shapes = {n: (cfg, T, B) for n, cfg, T, B in theory.bench_train_shapes(12)}
-    if name not in shapes:
+    if name not in theory.CPU_SHAPES:
         return None
-    mc, T, B = shapes[name]
+    mc, T, B = theory.bench_shape(name, 12)
     cfg = load_run_config(preset="stdlib-code", overrides=["train.progress=false"])
     return dataclasses.replace(
         cfg,
@@ -71,33 +67,22 @@ def run_config(name: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    ap = C.parser(__doc__)
     ap.add_argument(
         "--presets",
         default="synthetic,stdlib-code",
-        help="comma-separated shipped presets, or bench shapes d128-L4, d256-L8, "
-        "d512-L8 (stdlib-code's run settings with that model, T and B; "
-        "default synthetic,stdlib-code)",
+        help="shipped presets, or bench shapes d128-L4, d256-L8, d512-L8 (stdlib-code's run "
+        "settings with that model, T and B)",
     )
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    ap.add_argument(
-        "--smoke",
-        action="store_true",
-        help="debug preset, 1 round: checks the script runs (the figure means nothing)",
-    )
+    ap.add_argument("--smoke", action="store_true", help="debug preset, 1 round: the script runs")
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     ap.add_argument(
-        "--section",
-        default="precision-cpu",
-        help="RESULTS.md section --write replaces (default precision-cpu)",
+        "--section", default="precision-cpu", help="RESULTS.md section --write replaces"
     )
     args = ap.parse_args(argv)
-    C.setup_threads(args.threads)
+    torch.set_num_threads(args.threads)
     presets = ["debug"] if args.smoke else [p for p in args.presets.split(",") if p]
     rounds = 1 if args.smoke else args.rounds
     header = C.machine_line(C.CPU)
@@ -128,19 +113,9 @@ def main(argv=None) -> int:
                 ]
             )
             print(rows[-1], flush=True)
-    table = C.md_table(
-        [
-            "preset",
-            "model",
-            "shape",
-            "B×T",
-            "FP32 step (ms)",
-            "bf16 autocast step (ms)",
-            "speed-up fp32/bf16 (range)",
-            "precision=auto picks (this CPU)",
-            "load",
-        ],
-        rows,
+    head = (
+        "preset|model|shape|B×T|FP32 step (ms)|bf16 autocast step (ms)|"
+        "speed-up fp32/bf16 (range)|precision=auto picks (this CPU)|load"
     )
     body = "\n\n".join(
         [
@@ -149,7 +124,7 @@ def main(argv=None) -> int:
             f"(AVX512-BF16 or AMX-BF16): {'yes' if native else 'no'}  \n{rounds} alternating "
             "rounds; one step = `train.train_step` (forward, loss, backward, clip, AdamW) at the "
             "preset's batch, on random tokens; speed-up = median of per-round fp32 / bf16 ratios.",
-            table,
+            C.md_table(head, rows),
         ]
     )
     print()

@@ -2,16 +2,11 @@
 ``LlamaForCausalLM`` on the same weights and batch, and our Free Transformer's overhead over
 our baseline at that shape against the FLOP theory (bench/theory.py).
 
-The three models are
-  hf         transformers' LlamaForCausalLM loaded from the GGUF file (attn_implementation
-             "sdpa", float32), logits → cross-entropy;
-  ours-base  the GGUF converted by `freeformer convert --baseline` (the same function: the
-             script checks max |Δlogits| against hf on the benchmark batch first);
-  ours-ft    the GGUF converted without --baseline (latent path added, H = 16 by default).
-A step is forward + loss + backward (as bench_train.py), gradients dropped in between;
-``--optimizer`` adds an AdamW step (the library's parameter groups) to every model's step.
-The mapper backward's unavoidable GEMMs are timed in the same rounds, to set the theory at
-this machine's achieved rates ("calibrated", as bench_train.py does).
+The models: ``hf``, transformers' LlamaForCausalLM loaded from the GGUF file (SDPA, float32);
+``ours-base``, the GGUF converted by `freeformer convert --baseline` (the same function: max
+|Δlogits| against hf is checked on the benchmark batch first); ``ours-ft``, converted without
+--baseline (latent path added). A step is forward + loss + backward, gradients dropped in
+between. The mapper's GEMMs are timed in the same rounds, for the theory at measured rates.
 
     freeformer convert SmolLM2-135M-Instruct.Q4_1.gguf --baseline --out runs/smollm2-base
     freeformer convert SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2-ft
@@ -21,7 +16,6 @@ this machine's achieved rates ("calibrated", as bench_train.py does).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -35,39 +29,20 @@ from freeformer.checkpoint import load_model
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    ap = C.parser(__doc__)
     ap.add_argument("--gguf", type=Path, required=True, help="the source GGUF file")
-    ap.add_argument(
-        "--base-run",
-        type=Path,
-        required=True,
-        help="run dir of `freeformer convert --baseline` of that file",
-    )
-    ap.add_argument(
-        "--ft-run",
-        type=Path,
-        default=None,
-        help="run dir of `freeformer convert` (Free Transformer) of that file",
-    )
+    ap.add_argument("--base-run", type=Path, required=True, help="`convert --baseline` run dir")
+    ap.add_argument("--ft-run", type=Path, help="`freeformer convert` (FT) run dir of that file")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    ap.add_argument(
-        "--optimizer",
-        action="store_true",
-        help="include an AdamW step in every model's training step",
-    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     ap.add_argument("--section", default=None, help="RESULTS.md section name suffix")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    C.setup_threads(args.threads)
+    torch.set_num_threads(args.threads)
     header = C.machine_line(device)
     print(header, flush=True)
     from transformers import AutoModelForCausalLM
@@ -90,75 +65,47 @@ def main(argv=None) -> int:
     with torch.no_grad():
         ref = hf(input_ids=inp, use_cache=False).logits.float()
         d = {}
-        for n, m in models.items():
-            kw = (
-                dict(latents="prior", generator=torch.Generator(device=device).manual_seed(1))
-                if n == "ours-ft"
-                else {}
-            )
-            if n != "hf":
-                d[n] = float((m(inp, **kw).logits.float() - ref).abs().max())
+        for n, m in list(models.items())[1:]:
+            g = torch.Generator(device=device).manual_seed(1)
+            kw = dict(latents="prior", generator=g) if n == "ours-ft" else {}
+            d[n] = float((m(inp, **kw).logits.float() - ref).abs().max())
     print(f"max |Δlogits| vs transformers on the benchmark batch: {d}", flush=True)
 
     gen = torch.Generator(device=device).manual_seed(0)
+
+    def loss(name, m):
+        if name == "hf":
+            logits = m(input_ids=inp, use_cache=False).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
+        return m(inp, tgt, generator=gen).loss
+
     runners = {}
     for name, m in models.items():
-        m.train()
-        opt = None
-        if args.optimizer:
-            from freeformer.optim import build_optimizer
-            from freeformer.runconfig import TrainConfig
-
-            opt = build_optimizer(m, TrainConfig(lr=1e-12))
-
-        def loss(name=name, m=m, opt=opt):
-            if name == "hf":
-                out = F.cross_entropy(
-                    m(input_ids=inp, use_cache=False).logits.flatten(0, 1).float(), tgt.flatten()
-                )
-            else:
-                out = m(inp, tgt, generator=gen).loss
-            return out
-
-        runners[name] = Runner(m, loss)
-        if opt is not None:
-            step = runners[name].step
-            runners[name].step = lambda step=step, opt=opt: (step(), opt.step())
+        runners[name] = Runner(m.train(), lambda name=name, m=m: loss(name, m))
     fns = {n: r.step for n, r in runners.items()}
-    H = models.get("ours-ft", models["ours-base"]).config.latent_bits
+    ft_cfg = models.get("ours-ft", models["ours-base"]).config
+    H = ft_cfg.latent_bits
     if "ours-ft" in models:
-        fns["mapper-gemm"] = mapper_gemm(models["ours-ft"].config, B * T, device)
+        fns["mapper-gemm"] = mapper_gemm(ft_cfg, B * T, device)
     print(f"timing {', '.join(fns)}: {args.rounds} rounds", flush=True)
-    t = C.alternate(
-        fns, args.rounds, warmup=1, before={n: r.zero for n, r in runners.items()}, device=device
-    )
-
-    shape = theory.Shape.from_config(
-        "smollm2", models.get("ours-ft", models["ours-base"]).config, T, B, H
-    )
-    costs = theory.costs(shape)
+    before = {n: r.zero for n, r in runners.items()}
+    t = C.alternate(fns, args.rounds, warmup=1, before=before, device=device)
+    costs = theory.costs(ft_cfg, T, B)
 
     def row(label, a, b, note=""):
         return [label, f"{t.ratio(a, b):.3f}", "{:.3f}–{:.3f}".format(*t.ratio_range(a, b)), note]
 
     rows = [row("ours baseline / transformers", "ours-base", "hf", "≤ 1 (target)")]
     if "ours-ft" in models:
-        meas, th = t.ratio("ours-ft", "ours-base"), theory.ratio(shape)
-        pred = sorted(
-            1 + costs["encoder"] / costs["base"] + gm / b
-            for gm, b in zip(t.times["mapper-gemm"], t.times["ours-base"])
-        )[len(t.loads) // 2]
+        meas, th = t.ratio("ours-ft", "ours-base"), theory.ratio(ft_cfg, T, B)
+        pred = theory.calibrated(costs, t)
+        note = f"theory {th:.3f} (measured {meas / th - 1:+.0%}); "
+        note += f"at measured rates {pred:.3f} ({meas / pred - 1:+.0%})"
         rows += [
-            row(
-                "ours FT / ours baseline",
-                "ours-ft",
-                "ours-base",
-                f"theory {th:.3f} (measured {meas / th - 1:+.0%}); "
-                f"at measured rates {pred:.3f} ({meas / pred - 1:+.0%})",
-            ),
+            row("ours FT / ours baseline", "ours-ft", "ours-base", note),
             row("transformers / ours FT", "hf", "ours-ft"),
         ]
-    what = "forward + loss + backward" + (" + AdamW step" if args.optimizer else "")
+    times = [[n, C.fmt_s(t.median(n)), ", ".join(f"{x:.2f}" for x in t.times[n])] for n in fns]
     body = "\n\n".join(
         [
             "## Converted pretrained model: training step (`bench/bench_pretrained.py`)"
@@ -166,13 +113,10 @@ def main(argv=None) -> int:
             f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}  \n"
             f"Model: {args.gguf.name} (D {cfg.dim}, L {cfg.n_layers}, heads {cfg.n_heads}:"
             f"{cfg.n_kv_heads}, SwiGLU {cfg.mlp_hidden}, vocab {cfg.vocab_size}, tied "
-            f"{cfg.tie_embeddings}); batch {B}×{T}; float32; {what}; load {t.load_range()}. "
-            "Same function checked first: max |Δlogits| against transformers (FT under prior "
-            "codes): " + ", ".join(f"{n} {v:.1e}" for n, v in d.items()) + ".",
-            C.md_table(
-                ["model", "median step (s)", "per round (s)"],
-                [[n, C.fmt_s(t.median(n)), ", ".join(f"{x:.2f}" for x in t.times[n])] for n in fns],
-            ),
+            f"{cfg.tie_embeddings}); batch {B}×{T}; float32; forward + loss + backward; load "
+            f"{t.load_range()}. Same function checked first: max |Δlogits| against transformers "
+            "(FT under prior codes): " + ", ".join(f"{n} {v:.1e}" for n, v in d.items()) + ".",
+            C.md_table(["model", "median step (s)", "per round (s)"], times),
             C.md_table(["ratio", "median of per-round ratios", "range", "compare with"], rows),
             f"Theory (`bench/theory.py`, H = {H}): baseline {costs['base'] / 1e9:,.0f} GFLOP per "
             f"step, encoder block +{costs['encoder'] / costs['base']:.1%}, mapper backward "

@@ -2,19 +2,10 @@
 baseline against x-transformers' FreeTransformer (2.31.10) and its decoder, and the PyPI
 free-transformer 0.1.2 and its baseline, at the same shapes.
 
-"Same shape" = same width D, depth L (the FT's decoder split L/2 + L/2, one encoder
-block), query/KV heads, SwiGLU width (the Llama rule 8/3·D rounded up to 64, bias-free),
-vocabulary, sequence length, batch and latent bits H, κ = 1/2 bit, RoPE, RMSNorm, PyTorch's
-SDPA where the library offers it (x-transformers: attn_flash=True; free-transformer 0.1.2
-has no SDPA path and no RoPE in its encoder, and its encoder block ignores GQA). No
-optimizer step: only forward, loss and backward are timed, gradients dropped in between.
-
-All competitors of one shape are timed alternately in rounds (order rotated every round),
-and compared by the median of per-round ratios. Peak memory of one step (after a warm-up
-step, gradients set to None first) is measured separately, untimed: the peak of live PyTorch
-allocations above the start, from the profiler's allocation events (CPU) or the CUDA
-allocator's counters (bench_mapper.py cross-checks the CPU method against the RSS
-high-water mark).
+"Same shape" = same D, L (the FT's decoder split L/2 + L/2, one encoder block), query/KV
+heads, SwiGLU width, vocabulary, T, B and H, κ = 1/2 bit, RoPE, RMSNorm, SDPA where offered
+(free-transformer 0.1.2 has no SDPA, no RoPE in its encoder, no GQA in its encoder block).
+No optimizer step. Competitors alternate in rounds; peak memory is measured after, untimed.
 
     python bench/bench_train.py              # H ∈ {8, 16}, debug → d256-L8 (~4 min)
     python bench/bench_train.py --quick      # debug and d128 at H = 16 (< 1 min)
@@ -26,12 +17,12 @@ high-water mark).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import common as C
 import theory
@@ -42,8 +33,6 @@ from torch import nn
 from freeformer import FreeTransformer, ModelConfig
 
 KAPPA_NATS = 0.5 * math.log(2.0)  # κ = 1/2 bit, for every implementation
-
-IMPLS = ("ours-ft", "ours-base", "xt-ft", "xt-dec", "ft012-ft", "ft012-base")
 LABELS = {
     "ours-ft": "ours FT",
     "ours-base": "ours baseline",
@@ -52,13 +41,15 @@ LABELS = {
     "ft012-ft": "free-transformer 0.1.2 FT",
     "ft012-base": "free-transformer 0.1.2 baseline",
 }
+IMPLS = tuple(LABELS)
 
 
+@dataclass
 class Runner:
     """One implementation at one shape: ``step()`` = forward + loss + backward."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> None:
-        self.model, self.loss_fn = model, loss_fn
+    model: nn.Module
+    loss_fn: Callable[[], torch.Tensor]
 
     def zero(self) -> None:
         for p in self.model.parameters():
@@ -66,9 +57,6 @@ class Runner:
 
     def step(self) -> None:
         self.loss_fn().backward()
-
-    def param_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
 def build(
@@ -81,23 +69,19 @@ def build(
     D, L, H = cfg.dim, cfg.n_layers, cfg.latent_bits
     torch.manual_seed(0)
 
-    def maybe_compile(m: nn.Module) -> nn.Module:
-        if not compile_:
-            return m
-        if isinstance(m, FreeTransformer):  # regional, as `freeformer train` does
-            from freeformer.distributed import compile_blocks
+    def ce(logits):
+        return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
 
-            return compile_blocks(m)
-        return torch.compile(m)
+    def ce_of_inp(f):  # the peers' baselines return logits
+        return ce(f(inp))
 
+    loss_of = ce_of_inp
     if impl.startswith("ours"):
-        model = FreeTransformer(cfg.replace(latent=impl != "ours-base")).to(device).train()
-        fwd = maybe_compile(model)
+        model = FreeTransformer(cfg.replace(latent=impl != "ours-base"))
         gen = torch.Generator(device=device).manual_seed(0)
 
-        def loss():
-            with amp():
-                return fwd(inp, tgt, generator=gen, return_logits=False).loss
+        def loss_of(f):
+            return f(inp, tgt, generator=gen, return_logits=False).loss
     elif impl.startswith("xt"):
         from x_transformers import Decoder, TransformerWrapper
         from x_transformers.free_transformer import FreeTransformer as XFreeTransformer
@@ -109,15 +93,9 @@ def build(
         except ImportError:
             pass
         # Rotary over the whole head, as ours (x-transformers' default rotates half of it).
-        shared = dict(
-            attn_kv_heads=cfg.n_kv_heads,
-            attn_flash=True,
-            ff_glu=True,
-            ff_swish=True,
-            ff_mult=cfg.mlp_hidden / D,
-            ff_no_bias=True,
-            rotary_emb_dim=cfg.head_dim,
-        )
+        shared = dict(attn_kv_heads=cfg.n_kv_heads, attn_flash=True, ff_glu=True, ff_swish=True)
+        shared |= dict(ff_mult=cfg.mlp_hidden / D, ff_no_bias=True, rotary_emb_dim=cfg.head_dim)
+        heads = dict(heads=cfg.n_heads, attn_dim_head=cfg.head_dim)
         if impl == "xt-ft":
             model = XFreeTransformer(
                 num_tokens=cfg.vocab_size,
@@ -126,39 +104,19 @@ def build(
                 dec_tail_depth=L - L // 2,
                 max_seq_len=T,
                 enc_depth=1,
-                attn_dim_head=cfg.head_dim,
-                heads=cfg.n_heads,
                 latent_bits=H,
                 kl_loss_threshold=KAPPA_NATS,
+                **heads,
                 **shared,
             )
-            model = model.to(device).train()
-            fwd = maybe_compile(model)
 
-            def loss():
-                with amp():
-                    return fwd(seq)  # shifts internally: predicts seq[:, 1:] from seq[:, :-1]
+            def loss_of(f):
+                return f(seq)  # shifts internally: predicts seq[:, 1:] from seq[:, :-1]
         else:
+            dec = Decoder(dim=D, depth=L, rotary_pos_emb=True, use_rmsnorm=True, **heads, **shared)
             model = TransformerWrapper(
-                num_tokens=cfg.vocab_size,
-                max_seq_len=T,
-                use_abs_pos_emb=False,
-                attn_layers=Decoder(
-                    dim=D,
-                    depth=L,
-                    heads=cfg.n_heads,
-                    attn_dim_head=cfg.head_dim,
-                    rotary_pos_emb=True,
-                    use_rmsnorm=True,
-                    **shared,
-                ),
+                num_tokens=cfg.vocab_size, max_seq_len=T, use_abs_pos_emb=False, attn_layers=dec
             )
-            model = model.to(device).train()
-            fwd = maybe_compile(model)
-
-            def loss():
-                with amp():
-                    return F.cross_entropy(fwd(inp).flatten(0, 1).float(), tgt.flatten())
     else:
         import free_transformer as ft012
 
@@ -173,23 +131,27 @@ def build(
             latent_dim=H,
         )
         if impl == "ft012-ft":
-            model = ft012.FreeTransformer(mc).to(device).train()
-            fwd = maybe_compile(model)
+            model = ft012.FreeTransformer(mc)
 
-            def loss():
-                with amp():
-                    logits, z_logits = fwd(inp, mode="training")
-                    total, _ = ft012.compute_vae_loss(
-                        logits.float(), tgt, z_logits.float(), H, beta_kl=1.0, free_bits=KAPPA_NATS
-                    )
-                return total
+            def loss_of(f):
+                logits, z = f(inp, mode="training")
+                return ft012.compute_vae_loss(
+                    logits.float(), tgt, z.float(), H, beta_kl=1.0, free_bits=KAPPA_NATS
+                )[0]
         else:
-            model = ft012.TransformerBaseline(mc).to(device).train()
-            fwd = maybe_compile(model)
+            model = ft012.TransformerBaseline(mc)
+    model = model.to(device).train()
+    fwd = model
+    if compile_ and isinstance(model, FreeTransformer):  # regional, as `freeformer train` does
+        from freeformer.distributed import compile_blocks
 
-            def loss():
-                with amp():
-                    return F.cross_entropy(fwd(inp).flatten(0, 1).float(), tgt.flatten())
+        fwd = compile_blocks(model)
+    elif compile_:
+        fwd = torch.compile(model)
+
+    def loss():
+        with amp():
+            return loss_of(fwd)
 
     return Runner(model, loss)
 
@@ -214,17 +176,9 @@ def mapper_gemm(cfg: ModelConfig, N: int, device: torch.device) -> Callable[[], 
     return run
 
 
-def measure_shape(
-    name: str,
-    cfg: ModelConfig,
-    T: int,
-    B: int,
-    impls: list[str],
-    rounds: int,
-    device: torch.device,
-    amp: Callable,
-    compile_: bool,
-) -> dict:
+def measure_shape(name, cfg, T, B, impls, rounds, device, amp, compile_) -> dict:
+    """Time every implementation that builds and runs one step, alternately, with the
+    mapper's GEMMs; the runners stay in the result for the memory pass."""
     runners, failed, first = {}, {}, {}
     for i in impls:
         try:
@@ -239,42 +193,20 @@ def measure_shape(
         except Exception as e:  # noqa: BLE001 — a peer library's failure is a result
             failed[i] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             print(f"{i} fails at {name} H={cfg.latent_bits}: {failed[i]}", flush=True)
-    warm = 2 if compile_ else 1
     fns = {i: r.step for i, r in runners.items()}
     if "ours-ft" in runners and "ours-base" in runners:
         fns["mapper-gemm"] = mapper_gemm(cfg, B * T, device)
-    t = C.alternate(
-        fns, rounds, warmup=warm, before={i: r.zero for i, r in runners.items()}, device=device
-    )
-    res = dict(
-        shape=name,
-        H=cfg.latent_bits,
-        D=cfg.dim,
-        L=cfg.n_layers,
-        T=T,
-        B=B,
-        load=t.load_range(),
-        rounds=rounds,
-        times={i: t.times[i] for i in runners},
-        median={i: t.median(i) for i in runners},
-        params={},
-        mem={},
-        failed=failed,
-        first=first,
-    )
-    for i, r in runners.items():
+    before = {i: r.zero for i, r in runners.items()}
+    t = C.alternate(fns, rounds, warmup=2 if compile_ else 1, before=before, device=device)
+    for r in runners.values():
         r.zero()
-        res["params"][i] = r.param_bytes()
-    res["_runners"] = runners
-    res["_timings"] = t
+    res = dict(shape=name, H=cfg.latent_bits, T=T, B=B, load=t.load_range(), failed=failed)
+    res.update(median={i: t.median(i) for i in runners}, first=first, runners=runners, timings=t)
+    res["params"] = {
+        i: sum(p.numel() * p.element_size() for p in r.model.parameters())
+        for i, r in runners.items()
+    }
     return res
-
-
-def measure_memory(res: dict, device: torch.device) -> None:
-    for i, r in res.pop("_runners").items():
-        r.zero()
-        res["mem"][i] = C.peak_alloc(r.step, device).peak
-        r.zero()
 
 
 def fmt_mib(b) -> str:
@@ -282,119 +214,62 @@ def fmt_mib(b) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    ap = C.parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="two small shapes at H = 16 (< 1 min)")
     ap.add_argument("--large", action="store_true", help="add d512-L8 (2048 tokens per step)")
-    ap.add_argument(
-        "--write", action="store_true", help="update bench/RESULTS.md and bench/train_results.json"
-    )
+    ap.add_argument("--write", action="store_true", help="update RESULTS.md, train_results.json")
     ap.add_argument("--bits", default="8,16", help="latent bits H to measure (default 8,16)")
-    ap.add_argument(
-        "--shapes",
-        default=None,
-        help="comma-separated shape names (debug, d128-L4, d256-L8, d512-L8, paper-1.5b, paper-8b)",
-    )
+    ap.add_argument("--shapes", help="debug, d128-L4, d256-L8, d512-L8, paper-1.5b, paper-8b")
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
-    ap.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="alternating rounds (default 5, 3 for shapes with a step over ~1 s)",
-    )
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="intra-op threads (default 1: on a shared 2-core machine the second "
-        "thread mostly measures the co-tenants)",
-    )
-    ap.add_argument(
-        "--section",
-        default=None,
-        help="name of the RESULTS.md section --write replaces (default from device)",
-    )
+    ap.add_argument("--rounds", type=int, help="default 5, 3 for shapes with a step over ~1 s")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    ap.add_argument("--section", help="RESULTS.md section --write replaces (default by device)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=["fp32", "bf16"],
-        help="bf16: autocast around forward and loss (fp32 master weights)",
-    )
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model")
-    ap.add_argument("--batch", type=int, default=None, help="override B for every shape")
-    ap.add_argument("--seq", type=int, default=None, help="override T for every shape")
-    ap.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=None,
-        help="accelerator peak (dense TFLOP/s of --dtype) for an MFU column, e.g. 989 "
-        "for an H100 SXM in bf16",
-    )
+    ap.add_argument("--peak-tflops", type=float, help="dense peak of --dtype, for MFU (H100: 989)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    C.setup_threads(args.threads)
-    amp = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-        if args.dtype == "bf16"
-        else (lambda: torch.autocast(device.type, enabled=False))
-    )
+    torch.set_num_threads(args.threads)
+    bf16 = args.dtype == "bf16"
+
+    def amp():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
     impls = [i for i in args.impls.split(",") if i]
     bad = set(impls) - set(IMPLS)
     if bad:
         ap.error(f"unknown --impls {sorted(bad)}; choose from {', '.join(IMPLS)}")
-    cols = list(IMPLS)
     bits = [int(b) for b in args.bits.split(",")]
     if args.quick:
         bits, names = [16], ["debug", "d128-L4"]
         args.rounds = args.rounds or 3
     else:
         names = ["debug", "d128-L4", "d256-L8"] + (["d512-L8"] if args.large else [])
-    if args.shapes:
-        names = args.shapes.split(",")
-
-    def shape_list(H):
-        table = {n: (cfg, T, B) for n, cfg, T, B in theory.bench_train_shapes(H)}
-        for p in ("paper-1.5b", "paper-8b"):
-            table[p] = (ModelConfig.preset(p, latent_bits=H), 4096, 1)
-        for n in names:
-            if n not in table:
-                ap.error(f"unknown shape {n!r}; choose from {', '.join(table)}")
-            cfg, T, B = table[n]
-            T, B = args.seq or T, args.batch or B
-            yield n, cfg.replace(max_seq_len=max(cfg.max_seq_len, T)), T, B
-
+    names = args.shapes.split(",") if args.shapes else names
     header = C.machine_line(device)
     print(header, flush=True)
     results = []
     for H in bits:
-        for name, cfg, T, B in shape_list(H):
+        for name in names:
+            cfg, T, B = theory.bench_shape(name, H)
+            cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, T))
             big = cfg.dim >= 512 or T * B >= 4096
             rounds = args.rounds or (3 if big or (cfg.dim >= 256 and H >= 16) else 5)
             print(f"-- {name} H={H} B×T={B}×{T} ({rounds} rounds)", flush=True)
             res = measure_shape(name, cfg, T, B, impls, rounds, device, amp, args.compile)
-            res["theory"] = theory.ratio(theory.Shape.from_config(name, cfg, T, B, H))
-            res["flops"] = theory.costs(theory.Shape.from_config(name, cfg, T, B, H))
+            res["theory"], res["flops"] = theory.ratio(cfg, T, B), theory.costs(cfg, T, B)
             results.append(res)
-            print(
-                {k: v for k, v in res.items() if not k.startswith("_") and k != "times"}, flush=True
-            )
-    failures = [
-        f"{LABELS[i]} fails at {r['shape']}, H = {r['H']}: `{e}`"
-        for r in results
-        for i, e in r["failed"].items()
-    ]
-    for res in results:
-        measure_memory(res, device)
-        print(res["shape"], res["H"], {i: fmt_mib(m) for i, m in res["mem"].items()}, flush=True)
+    for res in results:  # memory after all timings, untimed
+        res["mem"] = {}
+        for i, r in res.pop("runners").items():
+            r.zero()
+            res["mem"][i] = C.peak_alloc(r.step, device).peak
+            r.zero()
 
-    # ---- tables
     time_rows, ratio_rows, mem_rows, measured = [], [], [], {}
     for r in results:
-        t: C.Timings = r.pop("_timings")
+        t: C.Timings = r["timings"]
 
         def has(*i, r=r):
             return all(x in r["median"] for x in i)
@@ -402,10 +277,12 @@ def main(argv=None) -> int:
         def cell(i, text, r=r):
             return text if i in r["median"] else ("fails" if i in r["failed"] else "—")
 
-        key = f"{r['shape']}/H{r['H']}"
+        def ratio(a, b, fmt="{:.2f}", t=t):
+            return fmt.format(t.ratio(a, b)) if has(a, b) else "—"
+
         time_rows.append(
             [r["shape"], r["H"], f"{r['B']}×{r['T']}"]
-            + [cell(i, C.fmt_ms(r["median"].get(i, 0.0))) for i in cols]
+            + [cell(i, C.fmt_ms(r["median"].get(i, 0.0))) for i in IMPLS]
             + [r["load"]]
         )
         row = [r["shape"], r["H"]]
@@ -413,15 +290,8 @@ def main(argv=None) -> int:
             m = t.ratio("ours-ft", "ours-base")
             lo, hi = t.ratio_range("ours-ft", "ours-base")
             dev = m / r["theory"] - 1
-            # Rate-calibrated prediction, per round: the encoder block runs at the baseline's
-            # achieved FLOP rate, the mapper backward at the measured rate of its GEMMs.
-            f = r["flops"]
-            pred = sorted(
-                1 + f["encoder"] / f["base"] + g / b
-                for g, b in zip(t.times["mapper-gemm"], t.times["ours-base"])
-            )[len(t.loads) // 2]
-            dev_c = m / pred - 1
-            measured[key] = dict(
+            pred = theory.calibrated(r["flops"], t)
+            measured[f"{r['shape']}/H{r['H']}"] = dict(
                 ratio=m,
                 range=[lo, hi],
                 theory=r["theory"],
@@ -435,71 +305,35 @@ def main(argv=None) -> int:
                 f"{dev:+.0%}",
                 "yes" if abs(dev) <= 0.10 else "no",
                 f"{pred:.2f}",
-                f"{dev_c:+.0%}",
+                f"{m / pred - 1:+.0%}",
             ]
         else:
             row += ["—"] * 6
-        row.append(f"{t.ratio('xt-ft', 'xt-dec'):.2f}" if has("xt-ft", "xt-dec") else "—")
-        row.append(
-            f"{t.ratio('ft012-ft', 'ft012-base'):.2f}" if has("ft012-ft", "ft012-base") else "—"
-        )
-        if has("ours-ft", "xt-ft"):
-            sp = t.ratio("xt-ft", "ours-ft")
-            row += (
-                [f"{sp:.2f}×", "yes" if sp >= 5 else "no"] if r["H"] == 16 else [f"{sp:.2f}×", ""]
-            )
-        else:
-            row += ["—", ""]
-        row.append(f"{t.ratio('ft012-ft', 'ours-ft'):.2f}×" if has("ours-ft", "ft012-ft") else "—")
-        ratio_rows.append(row)
+        row += [ratio("xt-ft", "xt-dec"), ratio("ft012-ft", "ft012-base")]
+        row.append(ratio("xt-ft", "ours-ft", "{:.2f}×"))
+        five = has("ours-ft", "xt-ft") and r["H"] == 16
+        row.append(("yes" if t.ratio("xt-ft", "ours-ft") >= 5 else "no") if five else "")
+        ratio_rows.append(row + [ratio("ft012-ft", "ours-ft", "{:.2f}×")])
         mrow = [r["shape"], r["H"]]
-        for i in cols:
+        for i in IMPLS:
             mrow.append(cell(i, f"{fmt_mib(r['mem'].get(i))} (+{fmt_mib(r['params'].get(i))})"))
         if has("ours-ft", "xt-ft"):
-            q = r["mem"]["ours-ft"] / r["mem"]["xt-ft"]
-            qp = (r["mem"]["ours-ft"] + r["params"]["ours-ft"]) / (
-                r["mem"]["xt-ft"] + r["params"]["xt-ft"]
-            )
+            mem, par = r["mem"], r["params"]
+            q = mem["ours-ft"] / mem["xt-ft"]
+            qp = (mem["ours-ft"] + par["ours-ft"]) / (mem["xt-ft"] + par["xt-ft"])
             ok = "yes" if max(q, qp) <= 0.4 else "no"
             mrow += [f"{q:.2f} ({qp:.2f})", ok if r["H"] == 16 else ""]
         else:
             mrow += ["—", ""]
         mem_rows.append(mrow)
-        if args.peak_tflops and has("ours-ft"):
-            f = r["flops"]
-            r["mfu"] = {"ours-ft": f["ft"] / r["median"]["ours-ft"] / (args.peak_tflops * 1e12)}
-            if has("ours-base"):
-                r["mfu"]["ours-base"] = (
-                    f["base"] / r["median"]["ours-base"] / (args.peak_tflops * 1e12)
-                )
 
-    t1 = C.md_table(
-        ["shape", "H", "B×T"] + [LABELS[i] + " (ms)" for i in cols] + ["load"], time_rows
+    ratio_head = (
+        "shape|H|ours FT / ours base (range)|theory (FLOPs)|vs theory|within 10 %?|calibrated|"
+        "vs calibrated|x-transformers FT / its decoder|free-transformer FT / its baseline|"
+        "x-transformers FT / ours FT|≥ 5× at H = 16?|free-transformer FT / ours FT"
     )
-    t2 = C.md_table(
-        [
-            "shape",
-            "H",
-            "ours FT / ours base (range)",
-            "theory (FLOPs)",
-            "vs theory",
-            "within 10 %?",
-            "calibrated",
-            "vs calibrated",
-            "x-transformers FT / its decoder",
-            "free-transformer FT / its baseline",
-            "x-transformers FT / ours FT",
-            "≥ 5× at H = 16?",
-            "free-transformer FT / ours FT",
-        ],
-        ratio_rows,
-    )
-    t3 = C.md_table(
-        ["shape", "H"]
-        + [LABELS[i] for i in cols]
-        + ["ours FT / x-transformers FT: step (with params)", "≤ 0.4× at H = 16?"],
-        mem_rows,
-    )
+    mem_head = ["shape", "H", *LABELS.values()]
+    mem_head += ["ours FT / x-transformers FT: step (with params)", "≤ 0.4× at H = 16?"]
     parts = [
         "## Training step (`bench/bench_train.py`)" + (f": {args.section}" if args.section else ""),
         f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}  \n"
@@ -507,51 +341,52 @@ def main(argv=None) -> int:
         "backward, no optimizer step; shapes: debug = preset debug (D 32, L 4, heads 4:2, "
         "vocab 64); d128-L4 = D 128, L 4, heads 4:2; d256-L8 = D 256, L 8, heads 8:4; "
         "d512-L8 = D 512, L 8, heads 8:4 (vocab 256, SwiGLU 8/3·D).",
-        "### Step time, median over rounds (ms)\n\n" + t1,
+        "### Step time, median over rounds (ms)\n\n"
+        + C.md_table(
+            ["shape", "H", "B×T", *(v + " (ms)" for v in LABELS.values()), "load"], time_rows
+        ),
         "### Ratios (median of per-round ratios)\n\n"
-        + t2
+        + C.md_table(ratio_head, ratio_rows)
         + "\n\n*theory (FLOPs)*: `bench/theory.py`, matmul FLOPs of forward + backward. "
         "*calibrated*: the same model at this machine's achieved rates, per round: 1 + "
         "encoder FLOPs / baseline FLOPs + (time of the mapper's 2·N·2^H·D GEMMs, timed in "
         "the same round) / (baseline step time); a gap to it is implementation overhead.",
         "### Peak memory of one step (MiB), (+ parameters)\n\n"
-        + t3
+        + C.md_table(mem_head, mem_rows)
         + "\n\nStep peak = highest live PyTorch allocation above the start of the step "
         "(activations, gradients, temporaries), parameters excluded and shown in parentheses; "
         "the ratio in parentheses includes the parameters.",
     ]
+    failures = [
+        f"- {LABELS[i]} fails at {r['shape']}, H = {r['H']}: `{e}`"
+        for r in results
+        for i, e in r["failed"].items()
+    ]
     if failures:
-        parts.append(
-            "Failures (the step raised; not timed):\n\n" + "\n".join(f"- {f}" for f in failures)
-        )
+        parts.append("Failures (the step raised; not timed):\n\n" + "\n".join(failures))
     if args.peak_tflops:
+        nan = float("nan")
+
+        def mfu(r, impl, part):
+            time = r["median"].get(impl)
+            return r["flops"][part] / time / (args.peak_tflops * 1e12) if time else nan
+
+        mfu_rows = [
+            [
+                r["shape"],
+                r["H"],
+                f"{mfu(r, 'ours-ft', 'ft'):.1%}",
+                f"{mfu(r, 'ours-base', 'base'):.1%}",
+            ]
+            + [f"{r['first'].get(i, nan):.1f}" for i in ("ours-ft", "ours-base")]
+            for r in results
+            if "ours-ft" in r["median"]
+        ]
+        head = "shape|H|MFU ours FT|MFU ours base|first step ours FT (s)|first step ours base (s)"
         parts.append(
-            C.md_table(
-                [
-                    "shape",
-                    "H",
-                    "MFU ours FT",
-                    "MFU ours base",
-                    "first step ours FT (s)",
-                    "first step ours base (s)",
-                ],
-                [
-                    [
-                        r["shape"],
-                        r["H"],
-                        f"{r['mfu']['ours-ft']:.1%}",
-                        f"{r['mfu'].get('ours-base', float('nan')):.1%}",
-                        f"{r['first'].get('ours-ft', float('nan')):.1f}",
-                        f"{r['first'].get('ours-base', float('nan')):.1f}",
-                    ]
-                    for r in results
-                    if "mfu" in r
-                ],
-            )
-        )
-        parts.append(
-            "*first step*: the untimed first step, compilation included with "
-            "`--compile` (regional: each block, `freeformer.distributed.compile_blocks`)."
+            C.md_table(head, mfu_rows) + "\n\n*first step*: the untimed first step, compilation "
+            "included with `--compile` (regional: each block, "
+            "`freeformer.distributed.compile_blocks`)."
         )
     body = "\n\n".join(parts)
     print()

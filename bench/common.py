@@ -1,9 +1,6 @@
 """Shared helpers for the benchmarks: machine description, alternating timing, peak memory,
 Markdown tables and the sections of bench/RESULTS.md (whose "How it was measured" explains
-the methods: competitors timed alternately in rounds on a shared machine, compared by the
-median of per-round ratios; CPU peak memory replayed from the profiler's allocation events,
-cross-checked against the RSS high-water mark; CUDA peak memory from the allocator).
-"""
+the methods)."""
 
 from __future__ import annotations
 
@@ -29,10 +26,8 @@ CPU = torch.device("cpu")
 
 def machine_line(device: torch.device) -> str:
     """One line naming the machine, thread count, library versions, load and date."""
-    m = re.search(
-        r"model name\s*:\s*(.+)",
-        Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "",
-    )
+    info = Path("/proc/cpuinfo")
+    m = re.search(r"model name\s*:\s*(.+)", info.read_text() if info.exists() else "")
     la = os.getloadavg()
     parts = [
         f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
@@ -43,25 +38,16 @@ def machine_line(device: torch.device) -> str:
     if device.type == "cuda":
         parts.insert(2, f"GPU: {torch.cuda.get_device_name(device)}")
     try:
-        rev = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
+        git = ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]
+        rev = subprocess.run(git, capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
     return "; ".join(parts + ([f"repo at {rev}"] if rev else []))
 
 
-def setup_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)
-
-
 def pin_malloc() -> None:
-    """Fix glibc's mmap threshold (disabling its dynamic growth) so freed large blocks are
-    returned to the OS at once; makes RSS track live large allocations."""
+    """Fix glibc's mmap threshold so freed large blocks go back to the OS at once: RSS then
+    tracks live large allocations."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB
@@ -107,10 +93,7 @@ def alternate(
     inner: int = 1,
 ) -> Timings:
     """Time each callable once per round, rotating the order every round (A B C, B C A, ...).
-
-    ``before[name]`` runs untimed before each timed call (e.g. dropping gradients);
-    ``inner`` calls are timed together and averaged (for very short calls).
-    """
+    ``before[name]`` runs untimed before each call; ``inner`` calls are averaged per round."""
     names = list(fns)
     before = {n: (before or {}).get(n, lambda: None) for n in names}
     for name in names:
@@ -137,12 +120,8 @@ def alternate(
 
 @dataclass
 class PeakMemory:
-    """Bytes allocated during one call, relative to its start.
-
-    peak: highest live total; final: still live at the end (what the call returned or
-    stored, e.g. gradients); transient: highest live total of the blocks that were also
-    freed during the call (working memory, whatever the returned tensors' timing).
-    """
+    """Bytes allocated during one call, above its start: highest live total, still live at
+    the end, and highest live total of the blocks also freed during the call (working memory)."""
 
     peak: int
     final: int
@@ -150,11 +129,9 @@ class PeakMemory:
 
 
 def peak_alloc(fn: Callable[[], object], device: torch.device = CPU) -> PeakMemory:
-    """Peak memory of ``fn()``. CUDA: the caching allocator's counters (transient = peak −
-    final there). CPU: PyTorch has no ``memory_allocated``, so the profiler's allocation
-    events (``profile_memory=True``) are replayed in time order: exact for tensor memory,
-    blind to memory outside PyTorch's allocator (frees of blocks allocated before the call
-    are ignored, which can only overstate)."""
+    """Peak memory of ``fn()``: CUDA from the allocator's counters; CPU by replaying the
+    profiler's allocation events in time order (exact for tensor memory; frees of blocks
+    allocated before the call are ignored, which can only overstate)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -200,8 +177,8 @@ def peak_alloc(fn: Callable[[], object], device: torch.device = CPU) -> PeakMemo
 
 
 def peak_rss(fn: Callable[[], object]) -> int | None:
-    """Peak resident set during ``fn()`` above the resident set before it (bytes; VmHWM reset
-    through /proc/self/clear_refs), or None where the kernel does not allow the reset."""
+    """Peak resident set during ``fn()`` above the one before it (bytes; VmHWM reset through
+    /proc/self/clear_refs), or None where the kernel does not allow the reset."""
 
     def status(key: str) -> int:
         m = re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text())
@@ -217,7 +194,10 @@ def peak_rss(fn: Callable[[], object]) -> int | None:
     return status("VmHWM") - before
 
 
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def md_table(headers: Sequence[str] | str, rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table; ``headers`` may be one string with the names separated by "|"."""
+    if isinstance(headers, str):
+        headers = headers.split("|")
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
 
@@ -245,3 +225,12 @@ def fmt_ms(s: float) -> str:
 
 def fmt_s(s: float) -> str:
     return f"{s:.3f}" if s < 10 else f"{s:.1f}"
+
+
+def parser(doc: str, **kw):
+    """An ArgumentParser whose description is ``doc``'s first paragraph, the rest its epilog."""
+    import argparse
+
+    head, _, rest = doc.partition("\n\n")
+    fmt = argparse.RawDescriptionHelpFormatter
+    return argparse.ArgumentParser(description=head, epilog=rest, formatter_class=fmt, **kw)

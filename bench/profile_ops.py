@@ -11,7 +11,7 @@ Each prints the top operators by self time, grouped by input shape, after warm-u
 
 from __future__ import annotations
 
-import argparse
+import functools
 import sys
 
 import common as C
@@ -43,11 +43,7 @@ def top_ops(fn, rows: int, by_shape: bool) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
+    ap = C.parser(__doc__)
     ap.add_argument("what", choices=["mapper", "train", "generate"])
     ap.add_argument("--impl", default="ours-ft", help="train: an implementation of bench_train.py")
     ap.add_argument("--shape", default=None, help="train/generate shape (default d256-L8)")
@@ -58,7 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=12)
     ap.add_argument("--write", action="store_true", help="add/replace this profile in RESULTS.md")
     args = ap.parse_args(argv)
-    C.setup_threads(args.threads)
+    torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
     header = C.machine_line(cpu)
     shape = args.shape or "d256-L8"
@@ -77,11 +73,10 @@ def main(argv=None) -> int:
     elif args.what == "train":
         import bench_train as BT
 
-        cfg, T, B = {n: (c, T, B) for n, c, T, B in theory.bench_train_shapes(args.bits)}[shape]
-        runner = BT.build(
-            args.impl, cfg, T, B, cpu, lambda: torch.autocast("cpu", enabled=False), False
-        )
-        for _ in range(2):
+        cfg, T, B = theory.bench_shape(shape, args.bits)
+        amp = functools.partial(torch.autocast, "cpu", enabled=False)
+        runner = BT.build(args.impl, cfg, T, B, cpu, amp, False)
+        for _ in range(2):  # warm-up
             runner.zero()
             runner.step()
         runner.zero()
@@ -93,7 +88,7 @@ def main(argv=None) -> int:
         from freeformer.latent import uniform_codes
 
         shape = args.shape or "d128-L4"
-        cfg = {n: c for n, c, _, _ in theory.bench_train_shapes(args.bits)}[shape]
+        cfg = theory.bench_shape(shape, args.bits)[0]
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, cfg.vocab_size, (1, 16), generator=g)
         codes = uniform_codes((1, 528), cfg.latent_bits, generator=g)

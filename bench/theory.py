@@ -11,8 +11,7 @@ tokens (paper Section 3, Algorithm 2):
 Per token, a block's matmuls cost 2·(D·q + 2·D·kv + q·D + 2·D·F + F·D) forward (q = n_heads
 ·head_dim, kv = n_kv_heads·head_dim, F = SwiGLU width); attention 4·T·q per token
 non-causal and half of it causal; backward = 2 × forward. Elementwise work (norms, RoPE,
-softmax, SwiGLU gating, cross-entropy) is not counted: it scales like the blocks, so it
-barely moves the ratio except at toy sizes, where per-op overhead dominates instead.
+softmax, gating, cross-entropy) is not counted: it barely moves the ratio except at toy sizes.
 
     python bench/theory.py                   # the table, with measured ratios if present
     python bench/theory.py --write           # also update bench/RESULTS.md
@@ -20,222 +19,126 @@ barely moves the ratio except at toy sizes, where per-op overhead dominates inst
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import common as C
 
-MEASURED = C.BENCH_DIR / "train_results.json"
+MEASURED = C.BENCH_DIR / "train_results.json"  # written by bench_train.py --write
 
 
-@dataclass(frozen=True)
-class Shape:
-    """What the cost depends on: model shape, latent bits, sequence length and batch."""
-
-    name: str
-    vocab: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    hidden: int
-    T: int
-    B: int
-    H: int
-    encoder_layers: int = 1
-
-    @property
-    def N(self) -> int:
-        return self.B * self.T
-
-    @classmethod
-    def from_config(cls, name: str, cfg, T: int, B: int, H: int | None = None) -> Shape:
-        """From a freeformer ModelConfig."""
-        return cls(
-            name,
-            cfg.vocab_size,
-            cfg.dim,
-            cfg.n_layers,
-            cfg.n_heads,
-            cfg.n_kv_heads,
-            cfg.mlp_hidden,
-            T,
-            B,
-            cfg.latent_bits if H is None else H,
-            cfg.encoder_layers,
-        )
-
-
-def costs(s: Shape) -> dict[str, float]:
-    """Training-step FLOPs of each part (forward + backward)."""
-    hd = s.dim // s.n_heads
-    q, kv = s.n_heads * hd, s.n_kv_heads * hd
-    block_mm = 2 * (
-        s.dim * q + 2 * s.dim * kv + q * s.dim + 2 * s.dim * s.hidden + s.hidden * s.dim
-    )  # per token, forward
-    attn_full = 4 * s.T * q  # per token, forward, non-causal
-    N = s.N
-    base = 3 * N * (s.n_layers * (block_mm + attn_full / 2) + 2 * s.dim * s.vocab)
-    encoder = 3 * N * s.encoder_layers * (block_mm + attn_full) + 3 * N * 2 * s.dim * s.H
-    mapper = 2 * N * (1 << s.H) * s.dim
+def costs(cfg, T: int, B: int) -> dict[str, float]:
+    """Training-step FLOPs of each part (forward + backward) of a ModelConfig at B × T."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    D, F, H, N = cfg.dim, cfg.mlp_hidden, cfg.latent_bits, B * T
+    block_mm = 2 * (D * q + 2 * D * kv + q * D + 2 * D * F + F * D)  # per token, forward
+    attn_full = 4 * T * q  # per token, forward, non-causal
+    base = 3 * N * (cfg.n_layers * (block_mm + attn_full / 2) + 2 * D * cfg.vocab_size)
+    encoder = 3 * N * cfg.encoder_layers * (block_mm + attn_full) + 3 * N * 2 * D * H
+    mapper = 2 * N * (1 << H) * D
     return dict(base=base, encoder=encoder, mapper=mapper, ft=base + encoder + mapper)
 
 
-def ratio(s: Shape) -> float:
-    c = costs(s)
+def ratio(cfg, T: int, B: int) -> float:
+    c = costs(cfg, T, B)
     return c["ft"] / c["base"]
 
 
-def dense_mapper_ratio(s: Shape) -> float:
+def dense_mapper_ratio(cfg, T: int, B: int) -> float:
     """Same, for a dense mapper: forward (Y+G−sg G) @ W plus two backward GEMMs (3× ours),
     plus building G from the logits (2·N·2^H·2H FLOPs forward, twice that backward)."""
-    c = costs(s)
-    dense = 3 * 2 * s.N * (1 << s.H) * s.dim + 3 * 2 * s.N * (1 << s.H) * 2 * s.H
+    c, N, H = costs(cfg, T, B), B * T, cfg.latent_bits
+    dense = 3 * 2 * N * (1 << H) * cfg.dim + 3 * 2 * N * (1 << H) * 2 * H
     return (c["base"] + c["encoder"] + dense) / c["base"]
 
 
-def shapes() -> list[Shape]:
+def calibrated(c: dict[str, float], t) -> float:
+    """FT / base at this machine's achieved rates (median over rounds of ``t``, a
+    common.Timings with "ours-base" and "mapper-gemm"): the encoder at the baseline step's
+    FLOP rate, the mapper backward at the rate of its GEMMs timed in the same round."""
+    preds = (
+        1 + c["encoder"] / c["base"] + g / b
+        for g, b in zip(t.times["mapper-gemm"], t.times["ours-base"])
+    )
+    return sorted(preds)[len(t.loads) // 2]
+
+
+CPU_SHAPES = ("debug", "d128-L4", "d256-L8", "d512-L8")  # bench_train.py's
+PAPER_SHAPES = ("paper-1.5b", "paper-8b")
+
+
+def bench_shape(name: str, H: int):
+    """(ModelConfig, T, B) of a benchmark shape: one of CPU_SHAPES (vocab 256 but debug, the
+    preset) or a paper preset at T = 4096, B = 1. Kept here so every script agrees."""
     from freeformer import ModelConfig
 
-    out = []
-    for H in (8, 16):
-        for name, cfg, T, B in bench_train_shapes(H):
-            out.append(Shape.from_config(name, cfg, T, B, H))
-    for preset, T in (("paper-1.5b", 4096), ("paper-8b", 4096)):
-        cfg = ModelConfig.preset(preset)
-        for H in (8, 16):
-            out.append(Shape.from_config(preset, cfg, T, 1, H))
-    return out
+    if name in ("debug", *PAPER_SHAPES):
+        T, B = (128, 8) if name == "debug" else (4096, 1)
+        return ModelConfig.preset(name, latent_bits=H), T, B
+    dims = {
+        "d128-L4": (128, 4, 4, 2, 256),
+        "d256-L8": (256, 8, 8, 4, 256),
+        "d512-L8": (512, 8, 8, 4, 512),
+    }
+    if name not in dims:
+        raise SystemExit(
+            f"unknown shape {name!r}; choose from {', '.join(CPU_SHAPES + PAPER_SHAPES)}"
+        )
+    dim, L, heads, kv, T = dims[name]
+    kw = dict(dim=dim, n_layers=L, n_heads=heads, n_kv_heads=kv, max_seq_len=T)
+    return ModelConfig(vocab_size=256, latent_bits=H, **kw), T, 4
 
 
-def bench_train_shapes(H: int):
-    """The CPU shapes of bench_train.py (name, ModelConfig, T, B); kept here so both agree."""
-    from freeformer import ModelConfig
-
-    return [
-        ("debug", ModelConfig.preset("debug", latent_bits=H), 128, 8),
-        (
-            "d128-L4",
-            ModelConfig(
-                vocab_size=256,
-                dim=128,
-                n_layers=4,
-                n_heads=4,
-                n_kv_heads=2,
-                max_seq_len=256,
-                latent_bits=H,
-            ),
-            256,
-            4,
-        ),
-        (
-            "d256-L8",
-            ModelConfig(
-                vocab_size=256,
-                dim=256,
-                n_layers=8,
-                n_heads=8,
-                n_kv_heads=4,
-                max_seq_len=256,
-                latent_bits=H,
-            ),
-            256,
-            4,
-        ),
-        (
-            "d512-L8",
-            ModelConfig(
-                vocab_size=256,
-                dim=512,
-                n_layers=8,
-                n_heads=8,
-                n_kv_heads=4,
-                max_seq_len=512,
-                latent_bits=H,
-            ),
-            512,
-            4,
-        ),
-    ]
+def shapes():
+    """The table's rows (name, ModelConfig, T, B): the CPU shapes, then the paper's."""
+    cpu = [(n, *bench_shape(n, H)) for H in (8, 16) for n in CPU_SHAPES]
+    return cpu + [(p, *bench_shape(p, H)) for p in PAPER_SHAPES for H in (8, 16)]
 
 
 def table(measured: dict | None) -> str:
     rows, sources = [], []
-    for s in shapes():
-        c, m = costs(s), (measured or {}).get(f"{s.name}/H{s.H}")
+    for name, cfg, T, B in shapes():
+        c, r, H = costs(cfg, T, B), ratio(cfg, T, B), cfg.latent_bits
+        m = (measured or {}).get(f"{name}/H{H}")
         meas = cal = "—"
         if m:
-            meas = f"{m['ratio']:.2f} ({m['ratio'] / ratio(s) - 1:+.0%})"
+            meas = f"{m['ratio']:.2f} ({m['ratio'] / r - 1:+.0%})"
             if "calibrated" in m:
                 cal = f"{m['calibrated']:.2f} ({m['ratio'] / m['calibrated'] - 1:+.0%})"
             if m.get("command") and m["command"] not in sources:
                 sources.append(m["command"])
         rows.append(
             [
-                s.name,
-                s.H,
-                f"{s.dim}/{s.n_layers}/{s.n_heads}:{s.n_kv_heads}",
-                f"{s.B}×{s.T}",
-                f"{c['base'] / s.N / 1e6:,.1f}",
+                name,
+                H,
+                f"{cfg.dim}/{cfg.n_layers}/{cfg.n_heads}:{cfg.n_kv_heads}",
+                f"{B}×{T}",
+                f"{c['base'] / (B * T) / 1e6:,.1f}",
                 f"{c['encoder'] / c['base']:.1%}",
                 f"{c['mapper'] / c['base']:.1%}",
-                f"{ratio(s):.3f}",
+                f"{r:.3f}",
                 meas,
                 cal,
-                f"{dense_mapper_ratio(s):.2f}",
+                f"{dense_mapper_ratio(cfg, T, B):.2f}",
             ]
         )
     out = C.md_table(
-        [
-            "shape",
-            "H",
-            "D/L/heads:kv",
-            "B×T",
-            "baseline MFLOP/token",
-            "encoder / base",
-            "mapper bwd / base",
-            "FT / base (theory)",
-            "FT / base (measured, vs theory)",
-            "theory at measured rates (measured vs it)",
-            "dense-mapper FT / base (theory)",
-        ],
+        "shape|H|D/L/heads:kv|B×T|baseline MFLOP/token|encoder / base|mapper bwd / base|"
+        "FT / base (theory)|FT / base (measured, vs theory)|"
+        "theory at measured rates (measured vs it)|dense-mapper FT / base (theory)",
         rows,
     )
     if sources:
-        out += (
-            "\n\nMeasured ratios from: "
-            + "; ".join(f"`{c}`" for c in sources)
-            + " (1 thread, FP32; see the training section)."
-        )
+        out += "\n\nMeasured ratios from: " + "; ".join(f"`{c}`" for c in sources)
+        out += " (1 thread, FP32; see the training section)."
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    ap.add_argument(
-        "--measured",
-        type=Path,
-        default=MEASURED,
-        help=f"measured ratios written by bench_train.py --write (default {MEASURED.name})",
-    )
-    ap.add_argument(
-        "--write", action="store_true", help="update the theory section of bench/RESULTS.md"
-    )
-    ap.add_argument("--json", action="store_true", help="print the per-shape costs as JSON")
+    ap = C.parser(__doc__)
+    ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = ap.parse_args(argv)
-    if args.json:
-        print(
-            json.dumps([{**asdict(s), **costs(s), "ratio": ratio(s)} for s in shapes()], indent=1)
-        )
-        return 0
-    measured = json.loads(args.measured.read_text()) if args.measured.exists() else None
+    measured = json.loads(MEASURED.read_text()) if MEASURED.exists() else None
     body = "\n\n".join(
         [
             "## Theoretical FT / baseline training cost (`bench/theory.py`)",
