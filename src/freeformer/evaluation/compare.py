@@ -34,17 +34,7 @@ def _task_value(entry, spec: TaskSpec) -> float | None:
     return None
 
 
-def load_results(path: str | Path, tasks: Sequence[TaskSpec] = TASKS) -> Results:
-    """Read a results JSON into ``(model name, {task: value})`` for the registry tasks it has.
-
-    Accepts what ``lm_eval.simple_evaluate`` returns (``"results"`` -> task -> ``{"acc,none":
-    ...}``; group entries such as ``mmlu`` are read from ``"results"`` or ``"groups"``), or the
-    simpler ``{"model": name, "results": {task: {metric: value}}}`` where metric keys may omit
-    the ``,filter`` suffix and a task may map straight to a number. The value read per task is
-    its :attr:`TaskSpec.metric`. The name is ``"model"`` or ``"model_name"`` when present as a
-    string, else the file's stem.
-    """
-    p = Path(path)
+def _read(p: Path) -> dict:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -65,6 +55,10 @@ def load_results(path: str | Path, tasks: Sequence[TaskSpec] = TASKS) -> Results
             f'results file {p} has no "results" object; expected lm-eval\'s output '
             '(or {"model": NAME, "results": {TASK: {METRIC: VALUE}}})'
         )
+    return data
+
+
+def _parse(data: dict, p: Path, tasks: Sequence[TaskSpec]) -> Results:
     entries = {
         **(data.get("groups") if isinstance(data.get("groups"), dict) else {}),
         **data["results"],
@@ -80,6 +74,30 @@ def load_results(path: str | Path, tasks: Sequence[TaskSpec] = TASKS) -> Results
         p.stem,
     )
     return name, values
+
+
+def load_results(path: str | Path, tasks: Sequence[TaskSpec] = TASKS) -> Results:
+    """Read a results JSON into ``(model name, {task: value})`` for the registry tasks it has.
+
+    Accepts what ``lm_eval.simple_evaluate`` returns (``"results"`` -> task -> ``{"acc,none":
+    ...}``; group entries such as ``mmlu`` are read from ``"results"`` or ``"groups"``), or the
+    simpler ``{"model": name, "results": {task: {metric: value}}}`` where metric keys may omit
+    the ``,filter`` suffix and a task may map straight to a number. The value read per task is
+    its :attr:`TaskSpec.metric`. The name is ``"model"`` or ``"model_name"`` when present as a
+    string, else the file's stem.
+    """
+    p = Path(path)
+    return _parse(_read(p), p, tasks)
+
+
+_UNKNOWN = object()
+
+
+def _limit(data: dict):
+    """lm-eval's ``--limit`` as recorded in ``config.limit`` (None: every document), or
+    ``_UNKNOWN`` for a file that does not record it (the simpler hand-written format)."""
+    config = data.get("config")
+    return config["limit"] if isinstance(config, dict) and "limit" in config else _UNKNOWN
 
 
 def _relative(value: float, base: float) -> str:
@@ -139,8 +157,21 @@ def compare_table(
 
 
 def compare_files(paths: Sequence[str | Path], tasks: Sequence[TaskSpec] = TASKS) -> str:
-    """``compare_table`` over results files: the first is the baseline."""
+    """``compare_table`` over results files: the first is the baseline. Files scored with
+    different ``--limit`` values (lm-eval's ``config.limit``) are refused."""
     if len(paths) < 2:
         raise UserError("compare needs a baseline results file and at least one more to compare")
-    base, *others = (load_results(p, tasks) for p in paths)
+    files = [(Path(p), _read(Path(p))) for p in paths]
+    # Scores over the first N documents and over all of them (or another N) are different
+    # samples of a task: their difference is not the models'. Files without the record pass.
+    limits = [(p, _limit(d)) for p, d in files if _limit(d) is not _UNKNOWN]
+    if any(lim != limits[0][1] for _, lim in limits):
+        each = "; ".join(
+            f"{p}: " + ("no --limit" if lim is None else f"--limit {lim}") for p, lim in limits
+        )
+        raise UserError(
+            f"results scored on different documents ({each}); "
+            "run `freeformer eval` with the same --limit for every model"
+        )
+    base, *others = (_parse(d, p, tasks) for p, d in files)
     return compare_table(base, others, tasks)
