@@ -440,3 +440,16 @@ def test_trained_synthetic_run_with_bit_post_sampler(tmp_path):
         other = ours(x, latents=(z + 1) % cfg.model.n_codes).logits
     assert _max_abs(a, b) < 1e-5 * max(1.0, float(a.abs().max()))
     assert _max_abs(a, other) > 1e-4
+
+
+def test_residual_injection_variant_is_refused_in_one_line(tmp_path, capsys):
+    from freeformer.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--preset", "debug", "--out", str(run), "--train.max_steps=1"]
+    assert main(argv + ["--model.latent_injection=residual", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("freeformer: error:") and "latent_injection" in err[-1]
+    assert not (tmp_path / "hf").exists()

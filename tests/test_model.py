@@ -508,3 +508,38 @@ def test_empty_construction_draws_no_init_and_loads_exactly(monkeypatch):
     assert torch.equal(
         loaded(x, latents="prior", generator=torch.Generator().manual_seed(1)).logits, want
     )
+
+
+def test_residual_injection_variant_adds_r_to_the_stream_entering_the_block():
+    """model.latent_injection = "residual" (opt-in, not the paper): block L/2+1 is the
+    ordinary block on x + r — queries, keys, values and skip path all see r; the paper's
+    "kv" injection on the same weights gives other logits."""
+    cfg = CFG.replace(n_layers=6, latent_injection="residual")
+    m = FreeTransformer(cfg, seed=1)
+    B, T = 2, 10
+    x = tokens(B=B, T=T)
+    seen = {}
+    blk = m.blocks[cfg.inject_layer]
+    hook = blk.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0].detach()))
+    codes = torch.randint(0, cfg.n_codes, (B, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = m(x, latents=codes)
+        hook.remove()
+        r = m.post_sampler.weight[codes]
+        paper = FreeTransformer(CFG.replace(n_layers=6), seed=1)
+        paper.load_state_dict(m.state_dict())
+        xin = seen["x"] - r  # the hook saw the block's input, x + r
+        cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+        h = hand_block(blk, xin + r, xin + r, cos, sin)
+        for b in m.blocks[cfg.inject_layer + 1 :]:
+            h = b(h, cos, sin)
+        torch.testing.assert_close(out.logits, m.head(m.norm(h)), rtol=1e-4, atol=1e-5)
+        assert (paper(x, latents=codes).logits - out.logits).abs().max() > 1e-2
+        # Cached decoding equals the full forward under the variant too.
+        from freeformer.generate import new_cache
+
+        cache = new_cache(m, B, T)
+        steps = [m(x[:, :4], latents=codes[:, :4], cache=cache).logits]
+        for t in range(4, T):
+            steps.append(m(x[:, t : t + 1], latents=codes[:, t : t + 1], cache=cache).logits)
+        torch.testing.assert_close(torch.cat(steps, 1), out.logits, rtol=1e-5, atol=1e-5)

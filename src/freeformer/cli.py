@@ -237,6 +237,22 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "codes (default), or at the residual stream's scale, for fine-tuning with "
         "train.latent_ramp_steps (docs/latent-study.md)",
     )
+    p.add_argument(
+        "--latent-init-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="with --latent-init residual: the rows' std as a fraction of the residual "
+        "stream's RMS (default 1)",
+    )
+    p.add_argument(
+        "--latent-injection",
+        default="kv",
+        choices=["kv", "residual"],
+        help="kv: r enters the injection block's keys/values (the paper; default); "
+        "residual: r joins the residual stream there (opt-in variant that a pretrained "
+        "decoder learns to read; docs/latent-study.md)",
+    )
     p.set_defaults(func=cmd_convert)
 
 
@@ -254,6 +270,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
         max_seq_len=args.max_seq_len,
         seed=args.seed,
         latent_init=args.latent_init,
+        latent_init_scale=args.latent_init_scale,
+        latent_injection=args.latent_injection,
     )
     from freeformer.checkpoint import load_checkpoint
 

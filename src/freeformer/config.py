@@ -15,6 +15,7 @@ from typing import Any
 from freeformer.errors import ConfigError
 
 LATENT_EMBEDDINGS = ("table", "bits")
+LATENT_INJECTIONS = ("kv", "residual")
 ROPE_SCALINGS = ("none", "llama3")
 # Defaults of the llama3 RoPE-scaling fields; with rope_scaling = "none" they must stay so
 # (a factor that silently does nothing would be a wrong result, not a setting).
@@ -81,6 +82,12 @@ class ModelConfig:
     """Non-causal encoder blocks queried by ζ (paper: 1)."""
     latent_embedding: str = "table"
     """"table": the paper's 2^H × D post-sampler; "bits": linear in ±1 bits (ablation)."""
+    latent_injection: str = "kv"
+    """"kv": the paper — r enters only the keys/values of block inject_layer, never the
+    residual stream. "residual": an opt-in variant (not the paper's) for fine-tuning
+    pretrained decoders — r is added to the residual stream entering that block (its queries,
+    keys, values and skip path), which a pretrained decoder learns to read within tens of
+    steps where it does not learn to read the keys/values path (docs/latent-study.md)."""
     latent_init_std: float | None = None
     """Init std of the post-sampler rows; None means the token embedding's std, so r
     starts at the scale of the residual stream — a table at std 0.02 next to activations of
@@ -224,6 +231,12 @@ class ModelConfig:
             "latent_embedding",
             self.latent_embedding,
             f"one of {', '.join(LATENT_EMBEDDINGS)}",
+        )
+        _require(
+            self.latent_injection in LATENT_INJECTIONS,
+            "latent_injection",
+            self.latent_injection,
+            f"one of {', '.join(LATENT_INJECTIONS)}",
         )
         lis = self.latent_init_std
         _require(

@@ -329,7 +329,10 @@ class FreeTransformer(nn.Module):
                 r = self.post_sampler.embed(codes)
             if self.post_sampler.r_scale != 1.0:  # training's latent warm-up only
                 r = r * self.post_sampler.r_scale
-            kv = x + r.to(x.dtype)  # r enters only the keys/values of block L/2+1
+            if c.latent_injection == "residual":  # opt-in variant: r joins the stream
+                x = x + r.to(x.dtype)
+            else:
+                kv = x + r.to(x.dtype)  # the paper: r enters only block L/2+1's keys/values
         elif isinstance(latents, Tensor):
             raise DataError("latent codes given to a baseline model (latent=false), which has none")
         elif latents not in (None, "prior"):

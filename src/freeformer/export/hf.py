@@ -163,6 +163,11 @@ def plain_config(mc: ModelConfig, arch: str) -> dict[str, Any]:
 def freeformer_config(mc: ModelConfig) -> dict[str, Any]:
     from freeformer.pretrained.convert import FREEFORMER_FIELDS
 
+    if mc.latent_injection != "kv":
+        raise ExportError(
+            f"model.latent_injection = {mc.latent_injection!r} (an opt-in variant) has no "
+            "Hugging Face export yet; only the paper's 'kv' injection is exported"
+        )
     return {
         "architectures": ["FreeformerForCausalLM"],
         "model_type": "freeformer",

@@ -19,6 +19,7 @@ docs/design.md, "Starting from a pretrained decoder").
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -340,6 +341,8 @@ def convert(
     max_seq_len: int | None = None,
     seed: int = 0,
     latent_init: str = "zero",
+    latent_init_scale: float = 1.0,
+    latent_injection: str = "kv",
 ) -> Path:
     """Convert ``src`` (Hugging Face directory or .gguf) into the run directory ``out``.
 
@@ -348,10 +351,13 @@ def convert(
     ``latent_init``: "zero" (the post-sampler at 0: the model computes the source's function
     under any codes) or "residual" (its rows at the residual stream's scale at the injection
     block, for fine-tuning with the latent warm-up's ramp on r, which alone keeps step 0 at
-    the source's function: docs/latent-study.md).
+    the source's function: docs/latent-study.md), times ``latent_init_scale``.
+    ``latent_injection``: "kv" (the paper) or "residual" (opt-in variant; ModelConfig).
     """
     if latent_init not in LATENT_INITS:
         raise ConvertError(f"latent init {latent_init!r}: use one of {', '.join(LATENT_INITS)}")
+    if not (latent_init_scale > 0 and math.isfinite(latent_init_scale)):
+        raise ConvertError(f"--latent-init-scale {latent_init_scale}: expected a number > 0")
     from freeformer import __version__
     from freeformer.checkpoint import atomic_directory, save_checkpoint, write_json_atomic
     from freeformer.model import FreeTransformer
@@ -369,6 +375,7 @@ def convert(
             free_bits=free_bits,
             inject_layer=inject_layer,
             encoder_layers=encoder_layers,
+            latent_injection=latent_injection,
         )
     )
     if source.arch == "freeformer":
@@ -398,7 +405,7 @@ def convert(
     if mc.latent and source.arch != "freeformer":
         # The latent path's init on a pretrained decoder (docs/design.md, "Starting from a
         # pretrained decoder"): the model computes the source's function at step 0.
-        std = residual_rms(model) if latent_init == "residual" else 0.0
+        std = residual_rms(model) * latent_init_scale if latent_init == "residual" else 0.0
         model.init_latent_path(
             torch.Generator().manual_seed(seed), from_decoder=True, post_sampler_std=std
         )
