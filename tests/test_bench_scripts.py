@@ -47,14 +47,15 @@ def test_gpu_check_smoke_runs_every_step_on_cpu(tmp_path):
 
 def test_every_bench_script_and_study_imports():
     """Every benchmark imports (no reference to a removed candidate or moved module), and so
-    does the likelihood study that moved to scripts/."""
+    do the studies in scripts/ (likelihood estimators, the latent oracle probe)."""
     code = (
         "import importlib, importlib.util, sys\n"
         "sys.path.insert(0, 'bench')\n"
         "for m in sys.argv[2:]:\n"
         "    importlib.import_module(m)\n"
-        "spec = importlib.util.spec_from_file_location('study', sys.argv[1])\n"
-        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "for path in sys.argv[1].split(','):\n"
+        "    spec = importlib.util.spec_from_file_location('study', path)\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
     )
     modules = sorted(p.stem for p in (REPO / "bench").glob("*.py"))
     assert {"bench_mapper", "bench_train", "synthetic_cost"} <= set(modules)
@@ -64,7 +65,13 @@ def test_every_bench_script_and_study_imports():
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
     }
     p = subprocess.run(
-        [sys.executable, "-c", code, "scripts/likelihood_estimators.py", *modules],
+        [
+            sys.executable,
+            "-c",
+            code,
+            "scripts/likelihood_estimators.py,scripts/latent_oracle_probe.py",
+            *modules,
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
