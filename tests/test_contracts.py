@@ -185,6 +185,7 @@ TRAIN_DEFAULTS = dict(
     latent_lr_scale=1.0,
     latent_ramp_steps=0,
     free_bits_warmup_steps=0,
+    code_balance_weight=0.0,
     lora_rank=0,
     lora_alpha=16.0,
     lora_targets="wq,wkv,wo,w_in,w_out",

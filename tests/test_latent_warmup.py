@@ -97,3 +97,43 @@ def test_warmed_up_resume_is_bit_identical(loud_source, tmp_path):
 def test_a_warm_up_longer_than_the_run_is_one_line():
     with pytest.raises(ConfigError, match="latent_ramp_steps"):
         cfg_with(max_steps=5, latent_ramp_steps=6)
+
+
+def test_bit_balance_is_the_per_bit_aggregate_kl_and_bounds_the_mismatch():
+    from freeformer.diagnostics import pooled_split
+    from freeformer.latent import bit_balance_kl
+
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(6, 9, 5, generator=g) * 2 + torch.linspace(-1.5, 1.0, 5)
+    q = torch.sigmoid(L.double()).reshape(-1, 5).mean(0)
+    want = float((q * (2 * q).log() + (1 - q) * (2 * (1 - q)).log()).sum())
+    got = float(bit_balance_kl(L))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got <= pooled_split(L)["mismatch_bits"] * math.log(2) + 1e-6
+    # Every token the same sharp code: H·log 2; codes spread evenly: 0.
+    same = torch.full((4, 8, 5), 30.0)
+    assert float(bit_balance_kl(same)) == pytest.approx(5 * math.log(2), rel=1e-4)
+    codes = torch.arange(32)
+    spread = ((codes[:, None] >> torch.arange(5)) & 1).float() * 60 - 30
+    assert float(bit_balance_kl(spread[None])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_code_balance_weight_adds_lambda_times_the_term_to_the_loss(loud_source, tmp_path):
+    import json
+
+    from freeformer.latent import bit_balance_kl
+
+    lam = 3.0
+    cfg = cfg_with(init_from=str(loud_source), max_steps=1, code_balance_weight=lam)
+    train(cfg, tmp_path / "ft", quiet=True)
+    ref, _ = load_model(loud_source)
+    x, y = SyntheticBatches(cfg.train.batch_size, cfg.train.seed, 0, 1).next_batch()
+    noise = global_bit_noise(
+        cfg, torch.Generator().manual_seed(cfg.train.seed + 1), DistInfo(), torch.device("cpu")
+    )
+    with torch.no_grad():
+        out = ref.train()(x, y, bit_noise=noise)
+    term = float(bit_balance_kl(out.bit_logits))
+    assert term > 1e-4
+    first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(float(out.loss) + lam * term, abs=1e-5)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from freeformer.checkpoint import Checkpoint, load_checkpoint, load_run_tokenizer
 from freeformer.errors import CheckpointError, ConfigError
-from freeformer.model import FreeTransformer
+from freeformer.latent import bit_balance_kl, free_bits_loss
+from freeformer.model import FreeTransformer, ModelOutput
 from freeformer.runconfig import RunConfig, TrainConfig
 
 # The latent path's weights that a converted pretrained model does not have: the encoder
@@ -102,3 +103,15 @@ def latent_warmup(model: FreeTransformer, step: int, tc: TrainConfig) -> float |
         frac = step / tc.free_bits_warmup_steps
         return (c.latent_bits + frac * (c.free_bits - c.latent_bits)) * math.log(2.0)
     return None
+
+
+def opt_in_latent_loss(out: ModelOutput, tc: TrainConfig, free_bits_nats: float | None) -> None:
+    """Rewrite ``out.loss`` (and ``out.kl_loss``) with the opt-in terms, in place: the KL
+    warm-up's threshold ``free_bits_nats`` (from ``latent_warmup``) instead of the model's κ,
+    and ``train.code_balance_weight`` × ``latent.bit_balance_kl``. Both off: the paper's
+    loss, untouched."""
+    if free_bits_nats is not None and out.kl_tokens is not None:
+        out.kl_loss = free_bits_loss(out.kl_tokens, free_bits_nats)
+        out.loss = out.ce + out.kl_loss
+    if tc.code_balance_weight and out.bit_logits is not None:
+        out.loss = out.loss + tc.code_balance_weight * bit_balance_kl(out.bit_logits)

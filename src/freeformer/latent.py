@@ -274,6 +274,18 @@ def token_mean(values: Tensor, scored: Tensor | None = None) -> Tensor:
     return torch.where(reaching_codes(scored), values, 0).sum() / scored.sum()
 
 
+def bit_balance_kl(bit_logits: Tensor) -> Tensor:
+    """Σ_h KL(q̄_h || ½) in nats, q̄_h = the mean over every position of P(bit h = 1): how far
+    each bit's *aggregate* is from the uniform prior's. A lower bound on the prior mismatch
+    KL(Q̄ || uniform) (it ignores correlations between bits), cheap at any H. Used only by
+    the opt-in ``train.code_balance_weight`` (not the paper's objective): it is 0 when the
+    codes are spread evenly over tokens and H·log 2 when every token gets the same code —
+    the collapse docs/latent-study.md measured."""
+    q = torch.sigmoid(bit_logits.float()).reshape(-1, bit_logits.shape[-1]).mean(0)
+    q = q.clamp(1e-6, 1 - 1e-6)
+    return (q * torch.log(2 * q) + (1 - q) * torch.log(2 * (1 - q))).sum()
+
+
 def free_bits_loss(kl_tokens: Tensor, kappa_nats: float, scored: Tensor | None = None) -> Tensor:
     """Token-wise free bits: (1/T) Σ_t max(0, KL_t − κ), normalised like the KL (see
     :func:`token_mean`). No β, no schedule (paper Section 3.3)."""

@@ -121,6 +121,11 @@ class TrainConfig:
     al. 2016): the free-bits threshold starts at H bits — the largest KL a code can have
     against the uniform prior, so no KL is penalised — and falls linearly to model.free_bits
     over N steps, leaving the paper's objective from step N on. 0: off."""
+    code_balance_weight: float = 0.0
+    """λ of an opt-in term λ·Σ_h KL(q̄_h || ½) added to the loss (not the paper's objective):
+    q̄_h = P(bit h = 1) averaged over the batch's positions (``latent.bit_balance_kl``), a
+    penalty on prior mismatch that keeps the encoder from giving every token the same code
+    (docs/latent-study.md). Per micro-batch and process. 0: off."""
     lora_rank: int = 0
     """LoRA rank r of the decoder's adapters (PEFT; the 'lora' extra); 0 = no LoRA. The
     latent path's new weights train in full beside them (freeformer.lora)."""
@@ -164,6 +169,13 @@ class TrainConfig:
             # A run that ended mid-ramp would save weights meant for a scaled r.
             v = getattr(self, n)
             _check(v <= self.max_steps, s, n, v, f"at most train.max_steps = {self.max_steps}")
+        _check(
+            _is_num(self.code_balance_weight) and self.code_balance_weight >= 0,
+            s,
+            "code_balance_weight",
+            self.code_balance_weight,
+            "a number ≥ 0 (0: off)",
+        )
         _check(
             _is_num(self.latent_lr_scale) and self.latent_lr_scale > 0,
             s,

@@ -31,9 +31,9 @@ from freeformer.finetune import (
     check_same_tokenizer,
     latent_warmup,
     load_init_checkpoint,
+    opt_in_latent_loss,
     set_trainable,
 )
-from freeformer.latent import free_bits_loss
 from freeformer.likelihood import LOG2
 from freeformer.metrics import LatentMonitor, MetricsLog
 from freeformer.model import FreeTransformer
@@ -151,9 +151,7 @@ def train_step(
         with D.accumulating(model, sync=i == n_micro - 1):
             with ctx:
                 out = model(xs[i], ys[i], bit_noise=ns[i], return_logits=False)
-                if free_bits_nats is not None and out.kl_tokens is not None:
-                    out.kl_loss = free_bits_loss(out.kl_tokens, free_bits_nats)
-                    out.loss = out.ce + out.kl_loss
+                opt_in_latent_loss(out, tc, free_bits_nats)  # off by default (finetune.py)
             (out.loss / n_micro).backward()
         for k in ("loss", "ce", "kl", "kl_loss"):
             v = getattr(out, k).detach().float() / n_micro
@@ -181,7 +179,7 @@ class TrainResult:
 # Training fields a resumed run must keep: they shape the data, the draws or the optimizer.
 _RESUME_SAME = (
     "batch_size seq_len seed trainable latent_lr_scale latent_ramp_steps "
-    "free_bits_warmup_steps lora_rank lora_alpha lora_targets lora_injection"
+    "free_bits_warmup_steps code_balance_weight lora_rank lora_alpha lora_targets lora_injection"
 ).split()
 
 
