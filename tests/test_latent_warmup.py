@@ -137,3 +137,38 @@ def test_code_balance_weight_adds_lambda_times_the_term_to_the_loss(loud_source,
     assert term > 1e-4
     first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(float(out.loss) + lam * term, abs=1e-5)
+
+
+def test_a_warm_up_as_long_as_the_run_validates_the_saved_function(loud_source, tmp_path):
+    """Ramp N = max_steps: the last step trains with r × (N−1)/N, but the final validation
+    (and the checkpoint, used at scale 1) must be the model at full scale."""
+    import json
+
+    from freeformer.validation import evaluate
+
+    cfg = cfg_with(init_from=str(loud_source), max_steps=2, latent_ramp_steps=2)
+    train(cfg, tmp_path / "ft", quiet=True)
+    model, _ = load_model(tmp_path / "ft")
+    assert model.post_sampler.r_scale == 1.0
+    from freeformer.train import build_data
+
+    _, val = build_data(cfg, DistInfo())
+    want = evaluate(
+        model,
+        val,
+        latent=True,
+        n_bits=6,
+        k=cfg.train.importance_samples,
+        seed=cfg.train.seed + 2,
+        device=torch.device("cpu"),
+    )
+    lines = (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()
+    got = [json.loads(ln) for ln in lines if '"val"' in ln][-1]
+    assert got["ce_prior"] == pytest.approx(want["ce_prior"], abs=1e-6)
+
+
+def test_latent_options_on_a_baseline_are_one_line():
+    with pytest.raises(ConfigError, match="code_balance_weight"):
+        load_run_config(
+            preset="debug", overrides=["model.latent=false", "train.code_balance_weight=1"]
+        )

@@ -344,6 +344,9 @@ class RunConfig:
             self.train.trainable,
             "'all' for a baseline (model.latent = false has no latent path to train)",
         )
+        for n in ("latent_ramp_steps", "free_bits_warmup_steps", "code_balance_weight"):
+            v = getattr(self.train, n)
+            _check(self.model.latent or not v, "train", n, v, "0 for a baseline (no latent)")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {

@@ -389,6 +389,7 @@ def _train(
     elapsed = time.perf_counter() - t0
     end = max(start, tc.max_steps)
     if start < tc.max_steps:
+        latent_warmup(model, end, tc)  # r at its final scale: the saved model's function
         val = validate(end)
         checkpoint(end)
         if not quiet and info.is_main:
