@@ -8,6 +8,14 @@ benchmark: it prints one JSON line per evaluation.
 
     python scripts/latent_oracle_probe.py RUN_DIR --data DIR [--steps 100] [--ramp 30]
         [--latent-lr-scale 100] [--trainable all]
+
+``--handoff K`` turns the probe into a candidate recipe (not the paper's procedure): for the
+first K steps the decoder trains on oracle codes while the encoder runs on the same tokens
+and learns to predict the oracle's bits (binary cross-entropy; the sampled codes are forced
+to the oracle's through the sampler's uniforms, so Eq. 8's gradient flows too); from step K
+on, the paper's objective (CE + free bits at the model's κ) with the encoder's own samples.
+Each evaluation then also reports ``freeformer validate``'s figures (CE with prior and
+encoder codes, the KL split).
 """
 
 from __future__ import annotations
@@ -17,12 +25,15 @@ import json
 import time
 
 import torch
+import torch.nn.functional as F
 
 from freeformer.checkpoint import load_model
 from freeformer.data.loader import TokenWindows
 from freeformer.finetune import latent_warmup, set_trainable
+from freeformer.latent import codes_to_bits
 from freeformer.optim import build_optimizer, lr_at
 from freeformer.runconfig import TrainConfig
+from freeformer.validation import evaluate as validate
 
 
 def evaluate(model, val, perm, seed: int = 1) -> dict[str, float]:
@@ -56,6 +67,7 @@ def main(argv=None) -> None:
     ap.add_argument("--trainable", default="all", choices=["all", "latent"])
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--handoff", type=int, default=0, help="oracle steps before the encoder")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.run, "cpu")
@@ -77,14 +89,26 @@ def main(argv=None) -> None:
     train = TokenWindows(args.data, "train", tc.seq_len, tc.batch_size, 0, 0, 1)
     val = TokenWindows(args.data, "val", tc.seq_len, tc.batch_size, 0, 0, 1).fixed_batches(4)
     print(json.dumps({"step": 0, **evaluate(model, val, perm)}), flush=True)
+    gen, cpu = torch.Generator().manual_seed(1), torch.device("cpu")
     t0 = time.time()
     for step in range(tc.max_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc) * g["lr_scale"]
         latent_warmup(model, step, tc)  # the ramp on r, as training applies it
         x, y = train.next_batch()
-        out = model(x, y, latents=perm[y], return_logits=False)
-        out.ce.backward()
+        if not args.handoff:
+            out = model(x, y, latents=perm[y], return_logits=False)
+            loss = out.ce
+        elif step < args.handoff:
+            bits = codes_to_bits(perm[y], c.latent_bits)
+            # u = 0 sets a bit, u = 1 clears it: the encoder's sample is the oracle's code.
+            out = model(x, y, bit_noise=1 - bits, return_logits=False)
+            assert torch.equal(out.codes, perm[y])
+            loss = out.ce + F.binary_cross_entropy_with_logits(out.bit_logits, bits)
+        else:
+            out = model(x, y, generator=gen, return_logits=False)
+            loss = out.loss  # the paper's: CE + free bits
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -94,6 +118,10 @@ def main(argv=None) -> None:
                 "train_ce": float(out.ce.detach()),
                 "s": round(time.time() - t0),
             }
+            if args.handoff:
+                row.update(
+                    validate(model, val, latent=True, n_bits=c.latent_bits, k=2, seed=2, device=cpu)
+                )
             print(json.dumps({**row, **evaluate(model, val, perm)}), flush=True)
 
 
