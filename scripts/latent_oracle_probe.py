@@ -16,6 +16,14 @@ to the oracle's through the sampler's uniforms, so Eq. 8's gradient flows too); 
 on, the paper's objective (CE + free bits at the model's κ) with the encoder's own samples.
 Each evaluation then also reports ``freeformer validate``'s figures (CE with prior and
 encoder codes, the KL split).
+
+``--oracle`` picks the map from the next token to its code. ``hash`` (default): a fixed random
+permutation of the vocabulary mod 2^H — easy for the decoder (a code row can raise its ~V/2^H
+tokens' logits) but, for the encoder, a memorised random function of the token. ``pca``: bit
+h = [the next token's input embedding, projected on the embedding table's h-th principal
+direction, lies above that projection's median over training tokens] — a linear function of
+the embedding, which the encoder's linear bit readout can compute once it attends to the next
+position, and a code that groups similar tokens.
 """
 
 from __future__ import annotations
@@ -56,6 +64,18 @@ def evaluate(model, val, perm, seed: int = 1) -> dict[str, float]:
     return out
 
 
+def pca_codes(emb: torch.Tensor, n_bits: int, batches) -> torch.Tensor:
+    """Token id → code whose bit h says which side of its median (over the tokens of
+    ``batches``, so each bit is balanced on data) the embedding's projection on the h-th
+    principal direction of the embedding table falls."""
+    centred = emb.float() - emb.float().mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    proj = centred @ v[:n_bits].T  # (V, H)
+    seen = torch.cat([y.flatten() for _, y in batches])
+    bits = (proj > proj[seen].median(0).values).long()
+    return (bits << torch.arange(n_bits)).sum(-1)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="a converted Free Transformer run directory")
@@ -68,6 +88,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--handoff", type=int, default=0, help="oracle steps before the encoder")
+    ap.add_argument("--oracle", default="hash", choices=["hash", "pca"], help="next token → code")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.run, "cpu")
@@ -84,9 +105,11 @@ def main(argv=None) -> None:
     )
     set_trainable(model, tc.trainable)
     opt = build_optimizer(model, tc)
-    # The oracle: a fixed random map from token ids to codes (the same for every run).
-    perm = torch.randperm(c.vocab_size, generator=torch.Generator().manual_seed(0)) % c.n_codes
     train = TokenWindows(args.data, "train", tc.seq_len, tc.batch_size, 0, 0, 1)
+    if args.oracle == "hash":  # a fixed random map from token ids to codes (the same for every run)
+        perm = torch.randperm(c.vocab_size, generator=torch.Generator().manual_seed(0)) % c.n_codes
+    else:
+        perm = pca_codes(model.tok_emb.weight.detach(), c.latent_bits, train.fixed_batches(50))
     val = TokenWindows(args.data, "val", tc.seq_len, tc.batch_size, 0, 0, 1).fixed_batches(4)
     print(json.dumps({"step": 0, **evaluate(model, val, perm)}), flush=True)
     gen, cpu = torch.Generator().manual_seed(1), torch.device("cpu")
