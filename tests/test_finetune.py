@@ -2,10 +2,10 @@
 freezes everything outside the latent path; bad inputs are one line."""
 
 import json
-import shutil
 
 import pytest
 import torch
+from resume import assert_same_final_weights, train_then_resume
 from smollm2 import smollm2_gguf
 
 from freeformer.checkpoint import list_checkpoints, load_checkpoint, load_model
@@ -157,13 +157,7 @@ def test_trainable_latent_resume_is_bit_identical(source, tmp_path, trainable, s
         keep_last=5,
         latent_lr_scale=scale,
     )
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    train(cfg, full, quiet=True)
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_00000006")
-    train(cfg, cut, resume=True, quiet=True)
-    a, b = load_checkpoint(full).model_state, load_checkpoint(cut).model_state
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_final_weights(*train_then_resume(cfg, tmp_path, keep_step=3))
 
 
 def test_latent_lr_scale_groups_only_the_new_latent_weights(source):

@@ -4,12 +4,12 @@ resume bit-identically; merged adapters compute the unmerged model; export merge
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 pytest.importorskip("peft", reason="LoRA goes through PEFT (the 'lora' extra)")
+
+from resume import assert_same_final_weights, train_then_resume  # noqa: E402
 
 from freeformer import lora  # noqa: E402
 from freeformer.checkpoint import load_checkpoint, load_model  # noqa: E402
@@ -75,8 +75,7 @@ def test_lora_trains_merges_resumes_and_exports(source, tmp_path):
         lr=0.02,
         warmup_steps=1,
     )
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    train(cfg, full, quiet=True)
+    full, cut = train_then_resume(cfg, tmp_path, keep_step=3)
     ck, src = load_checkpoint(full), load_checkpoint(source).model_state
     st = ck.model_state
     # Plain names: the frozen base untouched, the adapters beside it, the latent path trained.
@@ -116,12 +115,7 @@ def test_lora_trains_merges_resumes_and_exports(source, tmp_path):
     )
     assert all(torch.equal(t, merged.state_dict()[k]) for k, t in again.state_dict().items())
 
-    # Exact resume from step 3.
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_00000006")
-    train(cfg, cut, resume=True, quiet=True)
-    a_st, b_st = load_checkpoint(full).model_state, load_checkpoint(cut).model_state
-    assert a_st.keys() == b_st.keys() and all(torch.equal(a_st[k], b_st[k]) for k in a_st)
+    assert_same_final_weights(full, cut)  # exact resume from step 3
 
     # Export folds the adapters: the exported weights are the merged model's.
     from freeformer.export import export

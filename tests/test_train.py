@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from resume import assert_same_final_weights, train_then_resume
 
 import freeformer.runtime as runtime_mod
 from freeformer import FreeTransformer, ModelConfig
-from freeformer.checkpoint import list_checkpoints, load_checkpoint
+from freeformer.checkpoint import list_checkpoints
 from freeformer.metrics import LatentMonitor
 from freeformer.optim import lr_at, param_groups
 from freeformer.runconfig import TrainConfig, available_presets, load_run_config
@@ -33,25 +34,13 @@ def test_resume_is_bit_identical_to_uninterrupted(tmp_path, precision):
     cfg = debug_cfg(
         max_steps=12, ckpt_every=6, eval_every=6, log_every=1, keep_last=5, precision=precision
     )
-    full = tmp_path / "full"
-    train(cfg, full, quiet=True)
-    # Simulate a crash right after the step-6 checkpoint: drop later checkpoints and logs.
-    import shutil
-
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    for ck in list_checkpoints(cut):
-        if ck.name != "step_00000006":
-            shutil.rmtree(ck)
-    train(cfg, cut, resume=True, quiet=True)
+    full, cut = train_then_resume(cfg, tmp_path, keep_step=6)
     a, b = records(full), records(cut)
     assert len(a) == len(b) and [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         for key in ("loss", "ce", "kl_bits", "lr", "ce_prior", "nll_is"):
             assert ra.get(key) == rb.get(key), (ra["step"], key)  # exact, not approximate
-    wa = load_checkpoint(full).model_state
-    wb = load_checkpoint(cut).model_state
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_final_weights(full, cut)
 
 
 def test_training_reduces_loss_and_writes_run(tmp_path):
