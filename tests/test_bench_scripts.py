@@ -69,7 +69,8 @@ def test_every_bench_script_and_study_imports():
             sys.executable,
             "-c",
             code,
-            "scripts/likelihood_estimators.py,scripts/latent_oracle_probe.py",
+            "scripts/likelihood_estimators.py,scripts/latent_oracle_probe.py,"
+            "scripts/attention_self_mass.py",
             *modules,
         ],
         cwd=REPO,
