@@ -1,5 +1,6 @@
 """The `freeformer synthetic` runner: outputs, resumability, regime checks."""
 
+import argparse
 import json
 
 import pytest
@@ -7,7 +8,10 @@ import pytest
 from freeformer.cli import main
 from freeformer.errors import UserError
 from freeformer.experiments.synthetic import (
+    QUICK_OVERRIDES,
+    add_arguments,
     kappa_key,
+    make_plan,
     parse_kappas,
     plain_summary,
     regime_checks,
@@ -92,39 +96,35 @@ def test_parallel_models_give_the_sequential_results(tmp_path, capsys):
 
 
 def test_quick_trains_the_quick_config(tmp_path, capsys):
-    """--quick is κ = 2 bits and the baseline: the shipped config with the quick overrides."""
+    """--quick is κ = 2 bits alone: the shipped config with the quick overrides."""
     from freeformer.runconfig import load_run_config
 
     shipped = load_run_config(preset="synthetic").to_dict()
     out = tmp_path / "q"
-    assert (
-        main(
-            [
-                "synthetic",
-                "--quick",
-                "--steps",
-                "2",
-                "--groups",
-                "1",
-                "--jobs",
-                "1",
-                "--threads",
-                "1",
-                "--reconstruction",
-                "4",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    assert set(json.loads((out / "samples.json").read_text())) == {"2", "baseline"}
-    for run in ("kappa_2", "baseline"):
-        cfg = json.loads((out / "runs" / run / "config.json").read_text())
-        assert cfg["train"]["lr"] == 4.5e-3 != shipped["train"]["lr"]
-        assert cfg["train"]["max_steps"] == 2 and cfg["train"]["batch_size"] == 64
-        assert cfg["model"]["dim"] == shipped["model"]["dim"]
-    assert cfg["model"]["latent"] is False
+    argv = ["synthetic", "--quick", "--groups", "1", "--reconstruction", "4"]
+    assert main([*argv, "--steps", "2", "--jobs", "1", "--threads", "1", "--out", str(out)]) == 0
+    assert set(json.loads((out / "samples.json").read_text())) == {"2"}
+    cfg = json.loads((out / "runs" / "kappa_2" / "config.json").read_text())
+    assert cfg["train"]["lr"] == shipped["train"]["lr"]
+    assert cfg["train"]["max_steps"] == 2 and cfg["train"]["batch_size"] == 64
+    assert cfg["model"]["dim"] == shipped["model"]["dim"] and cfg["model"]["latent"]
+    # Without --steps the quick overrides set the length (the demo's 1600 steps).
+    quick = load_run_config(preset="synthetic", overrides=QUICK_OVERRIDES)
+    assert quick.train.max_steps == 1600 != shipped["train"]["max_steps"]
+
+
+def test_quick_skips_the_baseline_unless_asked():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def plan(*flags):
+        return make_plan(parser.parse_args(list(flags)), 100)
+
+    assert plan("--quick").baseline is False and plan("--quick").kappas == (2.0,)
+    assert plan("--quick", "--baseline").baseline is True
+    assert plan().baseline is True and plan("--no-baseline").baseline is False
+    with pytest.raises(UserError, match="contradict"):
+        plan("--baseline", "--no-baseline")
 
 
 def test_rounds_give_the_leftover_models_the_idle_cores():
