@@ -38,9 +38,10 @@ QUICK_KAPPAS = "2"
 # on every core. Its bar (shared-Z agreement ≥ 0.3 above independent, validity ≥ 0.5) was
 # cleared in 6 of seeds 0–9 (the tuning seeds), against 3 of 10 for the previous demo (1000
 # steps at lr 4.5e-3 next to the baseline, on the current code). The longer training is
-# what moves the effect (+0.26 to +0.65 against +0.15 to +0.42); what it still misses on is
-# mostly validity (3 seeds below 0.5). Fresh seeds and every setting tried:
-# docs/synthetic/results.md, "The quick demo". --baseline brings the baseline back.
+# what moves the effect (+0.26 to +0.65 against +0.15 to +0.42); it misses on validity
+# (seeds 6, 7 below 0.5) or just short (+0.26, +0.27). Then 7 of 10 fresh seeds, all three
+# misses on validity: docs/synthetic/results.md, "The quick demo". --baseline brings the
+# baseline back.
 QUICK_OVERRIDES = ("train.max_steps=1600",)
 
 
