@@ -70,7 +70,7 @@ def test_every_bench_script_and_study_imports():
             "-c",
             code,
             "scripts/likelihood_estimators.py,scripts/latent_oracle_probe.py,"
-            "scripts/attention_self_mass.py",
+            "scripts/attention_self_mass.py,scripts/shared_z_text.py",
             *modules,
         ],
         cwd=REPO,
