@@ -44,8 +44,12 @@ def main(argv=None) -> None:
     ap.add_argument("--examples", type=int, default=2, help="example groups to print (2)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    if min(args.prompts, args.prompt_tokens, args.threads) < 1 or args.examples < 0:
-        raise UserError("--prompts, --prompt-tokens and --threads must be ≥ 1, --examples ≥ 0")
+    if min(args.prompts, args.prompt_tokens, args.threads, args.new_tokens) < 1:
+        raise UserError("--prompts, --prompt-tokens, --new-tokens and --threads must be ≥ 1")
+    if args.group_size < 2 or args.examples < 0 or args.temperature <= 0:
+        raise UserError("--group-size must be ≥ 2, --examples ≥ 0 and --temperature > 0")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UserError(f"--json {args.json}: no directory {args.json.parent}; create it first")
     torch.set_num_threads(args.threads)
     model, ck = load_model(args.run, "cpu")
     tok = load_run_tokenizer(ck)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from freeformer.errors import DataError, UserError
+from freeformer.experiments.scoring import jaccard
 
 METRICS = ("first_line", "prefix_tokens", "similarity", "ngram_jaccard")
 NGRAM = 4
@@ -56,13 +57,11 @@ def pair_similarity(a: Sequence[int], b: Sequence[int], a_text: str, b_text: str
         if x != y:
             break
         prefix += 1
-    ga, gb = _ngrams(a), _ngrams(b)
-    union = len(ga | gb)
     return {
         "first_line": float(first_line(a_text) == first_line(b_text)),
         "prefix_tokens": float(prefix),
         "similarity": difflib.SequenceMatcher(None, list(a), list(b), autojunk=False).ratio(),
-        "ngram_jaccard": 1.0 if union == 0 else len(ga & gb) / union,
+        "ngram_jaccard": jaccard(_ngrams(a), _ngrams(b)),
     }
 
 
