@@ -66,17 +66,20 @@ def _next_self_perplexity(a: torch.Tensor) -> torch.Tensor:
     return torch.stack([nxt, own, ent.exp()])
 
 
-def encoder_mass(model, batches, betas=(1.0, 10.0, 100.0)) -> tuple[torch.Tensor, dict]:
-    """The first encoder block's attention (as printed by --encoder) and, per β, the
-    ideal constant query's (see the module docstring)."""
+def encoder_mass(model, batches, betas=(1.0, 10.0, 100.0)) -> tuple[list[torch.Tensor], dict]:
+    """Each encoder block's attention (rows of --encoder; block 0's queries are ζ, later
+    blocks' come from the block before) and, per β, the ideal constant query's at block 0
+    (see the module docstring)."""
     c = model.config
-    blk, rec, xs = model.encoder.blocks[0], [], []
+    blk, xs = model.encoder.blocks[0], []
+    rec: dict[int, list] = {i: [] for i in range(len(model.encoder.blocks))}
+    which = {id(b.attn): i for i, b in enumerate(model.encoder.blocks)}
     orig = layers.Attention._attend
 
     def attend(self, q, k, v, mask, causal):
-        if self is blk.attn:
+        if id(self) in which:
             kk = k.repeat_interleave(self.n_heads // self.n_kv_heads, 1)
-            rec.append(
+            rec[which[id(self)]].append(
                 _next_self_perplexity(
                     ((q @ kk.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(-1)
                 )
@@ -105,7 +108,7 @@ def encoder_mass(model, batches, betas=(1.0, 10.0, 100.0)) -> tuple[torch.Tensor
             q = apply_rope((beta * q1).expand(T, -1, -1)[None], cos, sin).transpose(1, 2)
             a = ((q @ kr.transpose(-1, -2)) / math.sqrt(at.head_dim)).softmax(-1)
             ideal[beta] = _next_self_perplexity(a)
-    return torch.stack(rec).mean(0), ideal
+    return [torch.stack(r).mean(0) for r in rec.values()], ideal
 
 
 def main(argv=None) -> None:
@@ -121,7 +124,9 @@ def main(argv=None) -> None:
     if args.encoder:
         m, ideal = encoder_mass(model, val)
         print(f"uniform: {1 / 256:.3f} on any one of 256 keys")
-        rows = [("encoder", m)] + [(f"ideal β {b:g}", v) for b, v in ideal.items()]
+        rows = [(f"encoder {i}" if len(m) > 1 else "encoder", v) for i, v in enumerate(m)] + [
+            (f"ideal β {b:g}", v) for b, v in ideal.items()
+        ]
         for name, v in rows:
             print(
                 f"{name:>12}  t+1 max {v[0].max():.3f} mean {v[0].mean():.3f}  "
