@@ -442,14 +442,17 @@ def test_trained_synthetic_run_with_bit_post_sampler(tmp_path):
     assert _max_abs(a, other) > 1e-4
 
 
-def test_residual_injection_variant_is_refused_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "variant", ["latent_injection=residual", "encoder_window=2"], ids=["residual", "window"]
+)
+def test_opt_in_variants_are_refused_in_one_line(tmp_path, capsys, variant):
     from freeformer.cli import main
 
     run = tmp_path / "run"
     argv = ["train", "--preset", "debug", "--out", str(run), "--train.max_steps=1"]
-    assert main(argv + ["--model.latent_injection=residual", "--quiet"]) == 0
+    assert main(argv + [f"--model.{variant}", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("freeformer: error:") and "latent_injection" in err[-1]
+    assert err[-1].startswith("freeformer: error:") and variant.split("=")[0] in err[-1]
     assert not (tmp_path / "hf").exists()

@@ -23,7 +23,10 @@ def z_matters(seed: int = 0, bits: int = 1) -> FreeTransformer:
     """H = ``bits`` (1 by default) and weights scaled so that the code sequence visibly changes the predictions:
     r large, the injection block's attention output (where r enters) and the readout
     amplified, and an encoder posterior far from uniform."""
-    cfg = ModelConfig.preset("debug", latent_bits=bits)
+    return z_matters_cfg(ModelConfig.preset("debug", latent_bits=bits), seed)
+
+
+def z_matters_cfg(cfg: ModelConfig, seed: int = 0) -> FreeTransformer:
     m = FreeTransformer(cfg, seed=seed).eval()
     with torch.no_grad():
         m.post_sampler.weight.mul_(30)
@@ -227,3 +230,33 @@ def test_prior_log_weights_are_log_p_of_s_under_uniform_codes(tiny):
         want = token_log_probs(model(x, latents=z).logits, y)
     assert torch.equal(lp, want) and torch.equal(lw, want.double().sum(-1))
     assert lw.dtype == torch.float64 and len(set(lw.tolist())) > 1  # the draws differ
+
+
+@pytest.mark.parametrize("inject", ["kv", "residual"])
+def test_draws_share_the_first_half_and_equal_separate_forwards(inject):
+    """forward(draws=m) runs the first L/2 blocks and the encoder once and the rest on m·B
+    rows: every output equals the plain forward over the m-times repeated batch with the same
+    codes (prior) or the same uniforms (encoder) — what lets validation batch its k draws."""
+    cfg = ModelConfig.preset("debug", latent_bits=3, latent_injection=inject)
+    model = z_matters_cfg(cfg)
+    g = torch.Generator().manual_seed(3)
+    m, B, T = 4, 2, 9
+    x = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    codes = uniform_codes((m * B, T), cfg.latent_bits, generator=g)
+    noise = torch.rand(m * B, T, cfg.latent_bits, generator=g)
+    with torch.no_grad():
+        want = model(x.repeat(m, 1), latents=codes).logits
+        got = model(x, latents=codes, draws=m).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        want = model(x.repeat(m, 1), y.repeat(m, 1), bit_noise=noise)
+        got = model(x, y, bit_noise=noise, draws=m)
+    for name in ("logits", "codes", "bit_logits", "kl_tokens", "kl", "ce"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
+    # the draws differ from each other (the test would pass trivially if Z changed nothing)
+    assert (got.logits[:B] - got.logits[B : 2 * B]).abs().max() > 1e-2
+    lw, _, _ = posterior_log_weights(model, x, y, bit_noise=noise, draws=m)
+    ref, _, _ = posterior_log_weights(model, x.repeat(m, 1), y.repeat(m, 1), bit_noise=noise)
+    torch.testing.assert_close(lw, ref, rtol=1e-5, atol=1e-4)
+    with pytest.raises(Exception, match="bit_noise has shape"):
+        model(x, bit_noise=noise[:B], draws=m)

@@ -63,6 +63,25 @@ def encoder_logits(m, x):
     return m.encoder(h, cos, sin)
 
 
+@pytest.mark.parametrize("window", [1, 3])
+def test_encoder_window_reads_positions_t_to_t_plus_w_only(window):
+    """The opt-in window (ModelConfig.encoder_window = W): Z_t's posterior depends on tokens
+    up to t + W and on none after; the paper's encoder (W = 0) reads all of them."""
+    T, t = 16, 5
+    x = tokens(B=1, T=T)
+    for w in (window, 0):
+        m = FreeTransformer(CFG.replace(encoder_window=w))
+        base = encoder_logits(m, x)
+        for s in range(t + 1, T):
+            y = x.clone()
+            y[0, s] = (y[0, s] + 1) % CFG.vocab_size
+            moved = (encoder_logits(m, y)[0, t] - base[0, t]).abs().max()
+            if w and s > t + w:
+                assert moved == 0, (w, s)  # beyond the window: exactly nothing
+            else:
+                assert moved > 1e-6, (w, s)  # inside it (or the paper's encoder): visible
+
+
 def test_encoder_is_non_causal_and_position_dependent():
     m = FreeTransformer(CFG)
     x = tokens(B=1, T=16)
@@ -438,6 +457,8 @@ def test_bits_embedding_model_trains_a_step():
         (dict(inject_layer=0), "inject_layer"),
         (dict(inject_layer=4), "inject_layer"),
         (dict(latent_embedding="onehot"), "latent_embedding"),
+        (dict(encoder_window=-1), "encoder_window"),
+        (dict(encoder_window=True), "encoder_window"),
         (dict(dim="64"), "dim"),
         (dict(latent="yes"), "latent"),
         (dict(bogus=1), "bogus"),

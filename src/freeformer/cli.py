@@ -221,6 +221,14 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--encoder-layers", type=int, default=1, metavar="N", help="default 1")
     p.add_argument(
+        "--encoder-window",
+        type=int,
+        default=0,
+        metavar="W",
+        help="0: the encoder reads every position (the paper; default); W > 0: position t "
+        "reads only t … t+W (opt-in variant for fine-tuning; docs/latent-study.md)",
+    )
+    p.add_argument(
         "--max-seq-len",
         type=int,
         default=None,
@@ -267,6 +275,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         free_bits=args.free_bits,
         inject_layer=args.inject_layer,
         encoder_layers=args.encoder_layers,
+        encoder_window=args.encoder_window,
         max_seq_len=args.max_seq_len,
         seed=args.seed,
         latent_init=args.latent_init,

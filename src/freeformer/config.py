@@ -80,6 +80,12 @@ class ModelConfig:
     """0-based index of the block whose keys/values read x + r; None means n_layers // 2."""
     encoder_layers: int = 1
     """Non-causal encoder blocks queried by ζ (paper: 1)."""
+    encoder_window: int = 0
+    """0: the paper — the encoder's query at position t reads every position. W > 0: an
+    opt-in variant (not the paper's) for fine-tuning pretrained decoders — it reads only
+    positions t … t+W, the tokens Z_t can tell the decoder that it has not yet seen. A
+    converted encoder's constant query cannot address t+1 and collapses onto one key for all
+    positions (docs/latent-study.md); a window leaves it nothing else to read."""
     latent_embedding: str = "table"
     """"table": the paper's 2^H × D post-sampler; "bits": linear in ±1 bits (ablation)."""
     latent_injection: str = "kv"
@@ -124,6 +130,14 @@ class ModelConfig:
             "encoder_layers",
         ):
             positive_int(name)
+        _require(
+            isinstance(self.encoder_window, int)
+            and not isinstance(self.encoder_window, bool)
+            and self.encoder_window >= 0,
+            "encoder_window",
+            self.encoder_window,
+            "an integer ≥ 0 (0: the paper's encoder, reading every position)",
+        )
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         positive_int("n_kv_heads")

@@ -313,8 +313,10 @@ class LatentEncoder(nn.Module):
         n_blocks: int,
         n_bits: int,
         qkv_bias: bool = False,
+        window: int = 0,
     ) -> None:
         super().__init__()
+        self.window = window  # 0: the paper (every position); W: positions t … t+W only
         self.zeta = nn.Parameter(torch.zeros(dim))
         self.blocks = nn.ModuleList(
             Block(dim, n_heads, n_kv_heads, hidden, eps, qkv_bias) for _ in range(n_blocks)
@@ -324,9 +326,14 @@ class LatentEncoder(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         h = self.zeta.to(x.dtype).expand_as(x)
+        mask = None
+        if self.window:  # opt-in variant (ModelConfig.encoder_window): keys t … t+W
+            d = torch.arange(x.shape[1], device=x.device)
+            d = d[None, :] - d[:, None]
+            mask = (d >= 0) & (d <= self.window)
         for block in self.blocks:
             # Every encoder block reads the decoder's x; its queries carry the encoder state.
-            h = block(h, cos, sin, kv=x, causal=False)
+            h = block(h, cos, sin, kv=x, causal=False, mask=mask)
         return self.readout(self.norm(h))
 
 

@@ -155,13 +155,17 @@ class Attention(nn.Module):
         causal: bool,
         cache: LayerKV | None = None,
         pos: int | Tensor = 0,
+        mask: Tensor | None = None,
     ) -> Tensor:
+        """``mask`` (T, T) bool, True where query i may read key j: only without a cache and
+        with ``causal=False`` (the encoder's window)."""
         B, T, _ = xq.shape
         q = self.wq(xq).view(B, T, self.n_heads, self.head_dim)
         k, v = self.wkv(xkv).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
-        mask = None
+        if mask is not None and (cache is not None or causal):
+            raise ValueError("an attention mask is for the non-causal, uncached encoder only")
         if cache is not None:
             k, v = cache.update(pos, k, v)
         S = k.shape[2]
@@ -246,10 +250,11 @@ class Block(nn.Module):
         causal: bool = True,
         cache: LayerKV | None = None,
         pos: int | Tensor = 0,
+        mask: Tensor | None = None,
     ) -> Tensor:
         h = self.attn_norm(x)
         hkv = h if kv is None else self.attn_norm(kv)
-        x = x + self.attn(h, hkv, cos, sin, causal, cache, pos)
+        x = x + self.attn(h, hkv, cos, sin, causal, cache, pos, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -100,6 +100,7 @@ def posterior_log_weights(
     *,
     generator: torch.Generator | None = None,
     bit_noise: Tensor | None = None,
+    draws: int = 1,
 ):
     """One draw Z ~ Q(· | tokens) per row (the encoder over the row) and its log weight
     log P(targets | tokens, Z) + log P(Z) − log Q(Z | tokens), shape (B,) float32.
@@ -107,9 +108,12 @@ def posterior_log_weights(
     Returns (log_w, token_log_probs (B, T), model output). The encoder reads every token of
     the row, so rows must not be padded *inside* the part whose codes are scored; right
     padding with ignored targets is exact only when the encoder's view does not matter —
-    callers that can, batch rows of equal length.
+    callers that can, batch rows of equal length. ``draws`` = m: m draws per row in one
+    forward that shares the part no code changes (``FreeTransformer.forward``); every
+    output then has m·B rows, row j·B + b being draw j of row b.
     """
-    out = model(tokens, generator=generator, bit_noise=bit_noise)
+    out = model(tokens, generator=generator, bit_noise=bit_noise, draws=draws)
+    targets = targets.repeat(draws, 1)
     lp = token_log_probs(out.logits, targets)
     ratio = log_prior_ratio(out.bit_logits, out.codes).masked_fill(~code_mask(targets), 0.0)
     return lp.sum(-1) + ratio.sum(-1), lp, out
@@ -117,12 +121,19 @@ def posterior_log_weights(
 
 @torch.no_grad()
 def prior_log_weights(
-    model: nn.Module, tokens: Tensor, targets: Tensor, *, generator: torch.Generator | None = None
+    model: nn.Module,
+    tokens: Tensor,
+    targets: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    draws: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """One draw Z ~ P(Z) (uniform codes) per row and its log weight log P(targets | tokens, Z),
     shape (B,) float64: the prior proposal's document estimate is log (1/k) Σ_j of these
-    weights' exponentials. Returns (log_w, token_log_probs (B, T))."""
-    lp = token_log_probs(model(tokens, latents="prior", generator=generator).logits, targets)
+    weights' exponentials. Returns (log_w, token_log_probs (B, T)); ``draws`` as in
+    ``posterior_log_weights``."""
+    logits = model(tokens, latents="prior", generator=generator, draws=draws).logits
+    lp = token_log_probs(logits, targets.repeat(draws, 1))
     return lp.double().sum(-1), lp
 
 
@@ -146,6 +157,8 @@ def conditional_scores(
     n_ctx: Tensor,
     codes: Tensor | None,
     ctx_log_ratio: Tensor | None = None,
+    *,
+    draws: int = 1,
 ) -> DrawScores:
     """Score rows whose first ``n_ctx`` tokens are the context, with pinned ``codes``.
 
@@ -153,9 +166,12 @@ def conditional_scores(
     shifted by one (``IGNORE_INDEX`` on padding); positions t < n_ctx − 1 predict context
     tokens, the others continuation tokens. ``ctx_log_ratio`` (B, T): log P(Z_t) − log Q(Z_t)
     for codes drawn from a proposal other than the prior (0 elsewhere), or None.
-    ``codes=None``: a baseline (no latents).
+    ``codes=None``: a baseline (no latents). ``draws`` = m: ``codes`` (and
+    ``ctx_log_ratio``) hold m·B rows, m draws per row scored in one forward that shares the
+    part no code changes; the scores then have m·B rows (row j·B + b: draw j of row b).
     """
-    logits = model(tokens, latents=codes).logits
+    logits = model(tokens, latents=codes, draws=draws).logits
+    targets, n_ctx = targets.repeat(draws, 1), n_ctx.repeat(draws)
     lp = token_log_probs(logits, targets)
     pos = torch.arange(tokens.shape[1], device=tokens.device)
     in_ctx = pos[None, :] < (n_ctx.to(tokens.device)[:, None] - 1)
@@ -173,19 +189,31 @@ def encoder_proposal(
     ctx: Tensor,
     bit_noise: Tensor | None = None,
     generator: torch.Generator | None = None,
+    *,
+    draws: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Codes (B, Tc) drawn from the encoder over ``ctx`` alone (never a continuation token;
-    rows of equal length, unpadded) and their log P(Z_t) − log Q(Z_t | ctx)."""
-    out = model(ctx, latents=None, bit_noise=bit_noise, generator=generator, last_logits_only=True)
+    rows of equal length, unpadded) and their log P(Z_t) − log Q(Z_t | ctx); with ``draws``
+    = m, m draws per row (m·B rows, row j·B + b: draw j of row b)."""
+    out = model(
+        ctx,
+        latents=None,
+        bit_noise=bit_noise,
+        generator=generator,
+        last_logits_only=True,
+        draws=draws,
+    )
     return out.codes, log_prior_ratio(out.bit_logits, out.codes)
 
 
 # ---------------------------------------------------------------------------------------
-# Whole estimators over K draws (each of the K·B rows in batched forwards)
+# Whole estimators over K draws (the draws of a row share one forward's first half)
 # ---------------------------------------------------------------------------------------
-def _chunks(n: int, rows: int | None):
-    step = n if rows is None else max(1, rows)
-    return [(s, min(n, s + step)) for s in range(0, n, step)]
+def draw_chunks(k: int, rows: int, max_rows: int | None) -> list[int]:
+    """Split k draws of ``rows`` rows into forwards of at most ``max_rows`` rows (at least one
+    draw each; all k in one forward when ``max_rows`` is None): the draws per forward."""
+    step = k if max_rows is None else max(1, min(k, max_rows // rows))
+    return [min(step, k - s) for s in range(0, k, step)]
 
 
 @torch.no_grad()
@@ -201,13 +229,12 @@ def log_likelihood(
     """(B,) float64 estimate of log P(targets | tokens[:, :1]) with the encoder over each row
     as the proposal: log (1/k) Σ_j P(S | Z_j) P(Z_j) / Q(Z_j | S)."""
     B = tokens.shape[0]
-    x, y = tokens.repeat(k, 1), targets.repeat(k, 1)  # row j·B + b: draw j of sequence b
     lw = torch.cat(
         [
-            posterior_log_weights(model, x[s:e], y[s:e], generator=generator)[0]
-            for s, e in _chunks(k * B, max_rows)
+            posterior_log_weights(model, tokens, targets, generator=generator, draws=m)[0]
+            for m in draw_chunks(k, B, max_rows)
         ]
-    )
+    )  # row j·B + b: draw j of sequence b
     return log_mean_exp(lw.double().view(k, B), 0)
 
 
@@ -229,20 +256,23 @@ def conditional_log_likelihood(
         raise ValueError(f"proposal={proposal!r}: expected one of {', '.join(PROPOSALS)}")
     c = model.config
     B, T = tokens.shape
-    x, y = tokens.repeat(k, 1), targets.repeat(k, 1)
     codes = uniform_codes((k * B, T), c.latent_bits, tokens.device, generator)
+    bounds, s = [], 0
+    for m in draw_chunks(k, B, max_rows):
+        bounds.append((m, s, s + m * B))
+        s += m * B
     ratio = None
     if proposal == "encoder":
         ratio = torch.zeros(k * B, T, device=tokens.device)
-        for s, e in _chunks(k * B, max_rows):
-            enc, r = encoder_proposal(model, x[s:e, :n_ctx], generator=generator)
+        for m, s, e in bounds:
+            enc, r = encoder_proposal(model, tokens[:, :n_ctx], generator=generator, draws=m)
             codes[s:e, :n_ctx], ratio[s:e, :n_ctx] = enc, r
-    n = torch.full((k * B,), n_ctx, device=tokens.device)
+    n = torch.full((B,), n_ctx, device=tokens.device)
     parts = [
         conditional_scores(
-            model, x[s:e], y[s:e], n[s:e], codes[s:e], None if ratio is None else ratio[s:e]
+            model, tokens, targets, n, codes[s:e], None if ratio is None else ratio[s:e], draws=m
         )
-        for s, e in _chunks(k * B, max_rows)
+        for m, s, e in bounds
     ]
     a = torch.cat([p.log_w for p in parts]).view(k, B)
     b = torch.cat([p.log_cont for p in parts]).view(k, B)
@@ -263,5 +293,6 @@ __all__ = [
     "encoder_proposal",
     "log_likelihood",
     "conditional_log_likelihood",
+    "draw_chunks",
     "DrawScores",
 ]

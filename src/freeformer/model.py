@@ -107,6 +107,7 @@ class FreeTransformer(nn.Module):
                 c.encoder_layers,
                 c.latent_bits,
                 c.qkv_bias,
+                c.encoder_window,
             )
             self.post_sampler = PostSampler(c.dim, c.latent_bits, c.latent_embedding)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -248,6 +249,7 @@ class FreeTransformer(nn.Module):
         last_logits_only: bool = False,
         check_inputs: bool = True,
         return_logits: bool = True,
+        draws: int = 1,
     ) -> ModelOutput:
         """Run the model on ``tokens`` (B, T) or (T,).
 
@@ -263,6 +265,12 @@ class FreeTransformer(nn.Module):
         as generation's decode steps do. ``return_logits=False`` (with targets: training)
         computes the cross-entropy chunk by chunk without ever storing the (B, T, V) logits
         (``layers.linear_cross_entropy``); ``logits`` is then None.
+
+        ``draws`` = m > 1 runs m independent draws of Z for every row in one call (importance
+        sampling's k draws, ``freeformer.likelihood``): no code changes the first L/2 blocks
+        or the encoder, so they run once on the B rows and the rest on m·B rows — row j·B + b
+        of every output is draw j of row b. Given codes and ``bit_noise`` then have m·B rows;
+        ``targets`` keep B. Not with a cache.
 
         Targets equal to ``IGNORE_INDEX`` are not scored by the cross-entropy. The KL and the
         free-bits hinge count every position whose code reaches a scored target (all
@@ -298,6 +306,11 @@ class FreeTransformer(nn.Module):
         x = self.tok_emb(tokens)
         for i in range(c.inject_layer):
             x = self.blocks[i](x, cos, sin, cache=layer_cache(i), pos=pos)
+        if draws != 1:
+            if draws < 1 or cache is not None or not c.latent:
+                raise ValueError("draws > 1 needs a Free Transformer (latent) and no cache")
+            B = B * draws  # the rows from the injection block on
+            targets = targets.repeat(draws, 1) if targets is not None else None
 
         zero = x.new_zeros((), dtype=torch.float32)
         kl = kl_loss = zero
@@ -311,6 +324,13 @@ class FreeTransformer(nn.Module):
                         "(the encoder is non-causal); pass codes or 'prior'"
                     )
                 bit_logits = self.encoder(x, cos, sin)
+                if draws != 1:
+                    bit_logits = bit_logits.repeat(draws, 1, 1)
+                if bit_noise is not None and bit_noise.shape != bit_logits.shape:
+                    raise DataError(
+                        f"bit_noise has shape {tuple(bit_noise.shape)}; expected "
+                        f"{tuple(bit_logits.shape)} (draws·B, T, H)"
+                    )
                 r, codes = self.post_sampler.sample(bit_logits, generator, bit_noise)
                 kl_tokens = kl_per_token(bit_logits)
                 # Per scored target, over the codes that reach one (latent.token_mean).
@@ -327,6 +347,8 @@ class FreeTransformer(nn.Module):
                 else:
                     codes = check_codes(latents, c.latent_bits, B, T, x.device, check_inputs)
                 r = self.post_sampler.embed(codes)
+            if draws != 1:
+                x = x.repeat(draws, 1, 1)
             if self.post_sampler.r_scale != 1.0:  # training's latent warm-up only
                 r = r * self.post_sampler.r_scale
             if c.latent_injection == "residual":  # opt-in variant: r joins the stream

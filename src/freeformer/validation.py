@@ -17,12 +17,16 @@ from freeformer.diagnostics import pooled_split
 from freeformer.likelihood import (
     LOG2,
     code_mask,
+    draw_chunks,
     log_mean_exp,
     posterior_log_weights,
     prior_log_weights,
     scored,
     token_log_probs,
 )
+
+LOGIT_BUDGET = 1 << 27
+"""Logit elements per validation forward (512 MiB in float32): bounds the draws batched."""
 
 
 @torch.no_grad()
@@ -78,18 +82,23 @@ def evaluate(
             if not latent:
                 vals = {"ce": -float(token_log_probs(model(x).logits, y).sum()) / n}
             else:
-                weights, prior_weights, ce_prior, ce_enc, kl = [], [], 0.0, 0.0, 0.0
-                for _ in range(k):
-                    lw, lp = prior_log_weights(model, x, y, generator=gen)
-                    prior_weights.append(lw)  # log P(S | Z), Z ~ P(Z)
+                weights, prior_weights, ce_prior, ce_enc = [], [], 0.0, 0.0
+                # m draws per forward, sharing the first L/2 blocks and the encoder (no
+                # code changes them); m bounded so the logits stay ~LOGIT_BUDGET elements.
+                V = getattr(model, "module", model).config.vocab_size  # DDP wraps .module
+                for m in draw_chunks(k, x.shape[0], max(1, LOGIT_BUDGET // (x.shape[1] * V))):
+                    lw, lp = prior_log_weights(model, x, y, generator=gen, draws=m)
+                    prior_weights.append(lw.view(m, -1))  # log P(S | Z), Z ~ P(Z)
                     ce_prior -= float(lp.sum()) / (n * k)
-                    lw, lp, out = posterior_log_weights(model, x, y, generator=gen)
-                    weights.append(lw.double())
+                    lw, lp, out = posterior_log_weights(model, x, y, generator=gen, draws=m)
+                    weights.append(lw.double().view(m, -1))
                     ce_enc -= float(lp.sum()) / (n * k)
-                    kl += float(out.kl_tokens.float()[code_mask(y)].sum()) / (n * k)
-                posteriors.append(out.bit_logits.float()[code_mask(y)])
-                log_ps = log_mean_exp(torch.stack(weights), 0)  # (B,) log P̂(S)
-                log_ps_prior = log_mean_exp(torch.stack(prior_weights), 0)
+                # The posteriors are the same in every draw (rows 0..B-1: the first draw's).
+                bits = out.bit_logits[: x.shape[0]]
+                kl = float(out.kl_tokens[: x.shape[0]].float()[code_mask(y)].sum()) / n
+                posteriors.append(bits.float()[code_mask(y)])
+                log_ps = log_mean_exp(torch.cat(weights), 0)  # (B,) log P̂(S)
+                log_ps_prior = log_mean_exp(torch.cat(prior_weights), 0)
                 vals = {
                     "ce_prior": ce_prior,
                     "ce_encoder": ce_enc,

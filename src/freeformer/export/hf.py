@@ -168,6 +168,11 @@ def freeformer_config(mc: ModelConfig) -> dict[str, Any]:
             f"model.latent_injection = {mc.latent_injection!r} (an opt-in variant) has no "
             "Hugging Face export yet; only the paper's 'kv' injection is exported"
         )
+    if mc.encoder_window:
+        raise ExportError(
+            f"model.encoder_window = {mc.encoder_window} (an opt-in variant) has no Hugging "
+            "Face export yet; only the paper's encoder (encoder_window = 0) is exported"
+        )
     return {
         "architectures": ["FreeformerForCausalLM"],
         "model_type": "freeformer",

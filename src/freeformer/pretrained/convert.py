@@ -338,6 +338,7 @@ def convert(
     free_bits: float = 0.5,
     inject_layer: int | None = None,
     encoder_layers: int = 1,
+    encoder_window: int = 0,
     max_seq_len: int | None = None,
     seed: int = 0,
     latent_init: str = "zero",
@@ -352,7 +353,8 @@ def convert(
     under any codes) or "residual" (its rows at the residual stream's scale at the injection
     block, for fine-tuning with the latent warm-up's ramp on r, which alone keeps step 0 at
     the source's function: docs/latent-study.md), times ``latent_init_scale``.
-    ``latent_injection``: "kv" (the paper) or "residual" (opt-in variant; ModelConfig).
+    ``latent_injection``: "kv" (the paper) or "residual" (opt-in variant; ModelConfig);
+    ``encoder_window``: 0 (the paper) or W (opt-in variant; ModelConfig).
     """
     if latent_init not in LATENT_INITS:
         raise ConvertError(f"latent init {latent_init!r}: use one of {', '.join(LATENT_INITS)}")
@@ -375,6 +377,7 @@ def convert(
             free_bits=free_bits,
             inject_layer=inject_layer,
             encoder_layers=encoder_layers,
+            encoder_window=encoder_window,
             latent_injection=latent_injection,
         )
     )
