@@ -117,21 +117,16 @@ def main(argv=None) -> int:
         "preset|model|shape|B×T|FP32 step (ms)|bf16 autocast step (ms)|"
         "speed-up fp32/bf16 (range)|precision=auto picks (this CPU)|load"
     )
-    body = "\n\n".join(
-        [
-            "## CPU precision: FP32 vs bf16 autocast (`bench/bench_precision.py`)",
-            f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}; native bf16 matmul "
-            f"(AVX512-BF16 or AMX-BF16): {'yes' if native else 'no'}  \n{rounds} alternating "
-            "rounds; one step = `train.train_step` (forward, loss, backward, clip, AdamW) at the "
-            "preset's batch, on random tokens; speed-up = median of per-round fp32 / bf16 ratios.",
-            C.md_table(head, rows),
-        ]
+    C.report(
+        "## CPU precision: FP32 vs bf16 autocast (`bench/bench_precision.py`)",
+        f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}; native bf16 matmul "
+        f"(AVX512-BF16 or AMX-BF16): {'yes' if native else 'no'}  \n{rounds} alternating "
+        "rounds; one step = `train.train_step` (forward, loss, backward, clip, AdamW) at the "
+        "preset's batch, on random tokens; speed-up = median of per-round fp32 / bf16 ratios.",
+        head,
+        rows,
+        args,
     )
-    print()
-    print(body)
-    if args.write and not args.smoke:
-        C.write_section(args.section, body)
-        print(f"\nwrote {C.RESULTS}")
     return 0
 
 

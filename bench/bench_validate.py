@@ -81,21 +81,16 @@ def main(argv=None) -> int:
         )
         print(rows[-1], flush=True)
     head = "preset|model|B×T|k|per-draw loop (s)|evaluate (s)|speed-up (range)|load"
-    body = "\n\n".join(
-        [
-            "## Validation: k importance draws sharing the first half (`bench/bench_validate.py`)",
-            f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}  \n{rounds} alternating "
-            "rounds; one call = one validation batch of the preset's B×T with k prior and k "
-            "encoder draws; speed-up = median of per-round ratios. The per-draw loop is what "
-            "`validation.evaluate` did before `forward(draws=m)`.",
-            C.md_table(head, rows),
-        ]
+    C.report(
+        "## Validation: k importance draws sharing the first half (`bench/bench_validate.py`)",
+        f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}  \n{rounds} alternating "
+        "rounds; one call = one validation batch of the preset's B×T with k prior and k "
+        "encoder draws; speed-up = median of per-round ratios. The per-draw loop is what "
+        "`validation.evaluate` did before `forward(draws=m)`.",
+        head,
+        rows,
+        args,
     )
-    print()
-    print(body)
-    if args.write and not args.smoke:
-        C.write_section(args.section, body)
-        print(f"\nwrote {C.RESULTS}")
     return 0
 
 

@@ -215,6 +215,17 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     path.write_text(text)
 
 
+def report(title: str, intro: str, head: str, rows: Sequence[Sequence[object]], args) -> None:
+    """Print a benchmark's section (title, intro, table) and, with ``args.write`` and without
+    ``args.smoke``, write it to RESULTS.md as section ``args.section``."""
+    body = "\n\n".join([title, intro, md_table(head, rows)])
+    print()
+    print(body)
+    if args.write and not args.smoke:
+        write_section(args.section, body)
+        print(f"\nwrote {RESULTS}")
+
+
 def command_line(argv: Sequence[str]) -> str:
     return "python " + " ".join(argv)
 
