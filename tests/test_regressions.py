@@ -449,3 +449,18 @@ def test_resume_after_a_crash_mid_checkpoint_continues_from_the_last_complete_on
     assert res.step == 4 and load_checkpoint(run).step == 4
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 4]  # steps 3-4 re-done once, then the final validation
+
+
+def test_a_concurrent_writer_of_the_same_out_is_one_clear_error(tmp_path):
+    """Two `convert`/`export` runs to one --out: the one that finishes second says so in one
+    line, leaves the first one's directory intact and removes its own temporary."""
+    from freeformer.errors import CheckpointError
+
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="another process"):
+        with ckpt_mod.atomic_directory(out) as tmp:
+            (tmp / "mine").write_text("x")
+            out.mkdir()  # the other process renamed its directory into place first
+            (out / "theirs").write_text("y")
+    assert [p.name for p in out.iterdir()] == ["theirs"]
+    assert not list(tmp_path.glob(".run.tmp-*"))

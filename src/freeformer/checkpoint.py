@@ -86,7 +86,13 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         tmp.mkdir()
         yield tmp
         if out.exists():
-            out.rmdir()  # empty (checked by the caller)
+            try:
+                out.rmdir()  # empty (checked by the caller)
+            except OSError:  # filled meanwhile: another process wrote the same --out
+                raise CheckpointError(
+                    f"{out} was filled by another process while this one was writing it; "
+                    "nothing was written: choose another --out"
+                ) from None
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
