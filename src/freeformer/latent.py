@@ -300,7 +300,9 @@ class LatentEncoder(nn.Module):
 
     ζ is the same for every position, but RoPE rotates the queries by their position, so
     the attention pattern — hence the posterior — differs by position (a ζ without position
-    would give every token the same Q). Output: H bit logits per position.
+    would give every token the same Q). Output: H bit logits per position. ``window`` W > 0
+    (``ModelConfig.encoder_window``, an opt-in variant) masks position t's attention to keys
+    t … t+W.
     """
 
     def __init__(
