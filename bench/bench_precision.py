@@ -119,10 +119,10 @@ def main(argv=None) -> int:
     )
     C.report(
         "## CPU precision: FP32 vs bf16 autocast (`bench/bench_precision.py`)",
-        f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}; native bf16 matmul "
-        f"(AVX512-BF16 or AMX-BF16): {'yes' if native else 'no'}  \n{rounds} alternating "
-        "rounds; one step = `train.train_step` (forward, loss, backward, clip, AdamW) at the "
-        "preset's batch, on random tokens; speed-up = median of per-round fp32 / bf16 ratios.",
+        f"{header}; native bf16 matmul (AVX512-BF16 or AMX-BF16): {'yes' if native else 'no'}",
+        f"{rounds} alternating rounds; one step = `train.train_step` (forward, loss, backward, "
+        "clip, AdamW) at the preset's batch, on random tokens; speed-up = median of per-round "
+        "fp32 / bf16 ratios.",
         head,
         rows,
         args,

@@ -83,10 +83,10 @@ def main(argv=None) -> int:
     head = "preset|model|B×T|k|per-draw loop (s)|evaluate (s)|speed-up (range)|load"
     C.report(
         "## Validation: k importance draws sharing the first half (`bench/bench_validate.py`)",
-        f"Command: `{C.command_line(sys.argv)}`  \nMachine: {header}  \n{rounds} alternating "
-        "rounds; one call = one validation batch of the preset's B×T with k prior and k "
-        "encoder draws; speed-up = median of per-round ratios. The per-draw loop is what "
-        "`validation.evaluate` did before `forward(draws=m)`.",
+        header,
+        f"{rounds} alternating rounds; one call = one validation batch of the preset's B×T with "
+        "k prior and k encoder draws; speed-up = median of per-round ratios. The per-draw loop "
+        "is what `validation.evaluate` did before `forward(draws=m)`.",
         head,
         rows,
         args,

@@ -10,6 +10,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -215,9 +216,13 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     path.write_text(text)
 
 
-def report(title: str, intro: str, head: str, rows: Sequence[Sequence[object]], args) -> None:
-    """Print a benchmark's section (title, intro, table) and, with ``args.write`` and without
-    ``args.smoke``, write it to RESULTS.md as section ``args.section``."""
+def report(
+    title: str, machine: str, method: str, head: str, rows: Sequence[Sequence[object]], args
+) -> None:
+    """Print a benchmark's section (title; the command, ``machine`` and ``method`` lines; the
+    table) and, with ``args.write`` and without ``args.smoke``, write it to RESULTS.md as
+    section ``args.section``."""
+    intro = f"Command: `{command_line(sys.argv)}`  \nMachine: {machine}  \n{method}"
     body = "\n\n".join([title, intro, md_table(head, rows)])
     print()
     print(body)
